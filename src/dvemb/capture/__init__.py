@@ -1,0 +1,1 @@
+"""Capturing projected per-sample gradients during training."""

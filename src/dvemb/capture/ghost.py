@@ -1,0 +1,178 @@
+"""Projected per-sample gradients from layer inputs and output gradients (the ghost trick).
+
+For a tracked layer with input a (b x n_tok x d_in) and output gradient ds
+(b x n_tok x d_out), sample j's projected weight-and-bias gradient is
+    sum_tok (P_out ds_jt) (P_in [a_jt, 1])^T,
+a k_out x k_in matrix, so the cost is O(n_tok (d_in k_in + d_out k_out + k_in k_out))
+and the full gradient is never formed. A forward hook keeps a and registers a hook
+on the layer's output tensor, which fires with ds during backward.
+
+Micro-batches (gradient accumulation) are told apart by the phase: the first forward
+after a backward starts a new micro-batch whose rows follow the previous ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from .selection import LayerSpec
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+@dataclass
+class _Projector:
+    """The two projection matrices of a layer, built lazily on the data's device/dtype."""
+
+    spec: LayerSpec
+    _cache: dict = field(default_factory=dict)
+
+    def matrices(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(P_in, P_out), None for a side kept exact."""
+        key = (dtype, device)
+        if key not in self._cache:
+            p_in, p_out = self.spec.proj_in, self.spec.proj_out
+            self._cache[key] = (
+                None if p_in.is_identity else p_in.matrix(dtype, device),
+                None if p_out.is_identity else p_out.matrix(dtype, device),
+            )
+        return self._cache[key]
+
+    def project(self, a: torch.Tensor, ds: torch.Tensor) -> torch.Tensor:
+        """Per-sample projected gradients [b, k_out * k_in] from a [b, ..., d_in], ds [b, ..., d_out]."""
+        if a.dtype in _LOW_PRECISION:
+            a = a.float()
+        ds = ds.to(a.dtype)
+        b = a.shape[0]
+        a = a.reshape(b, -1, a.shape[-1])
+        ds = ds.reshape(b, -1, ds.shape[-1])
+        p_in, p_out = self.matrices(a.dtype, a.device)
+        if p_in is None:
+            if self.spec.bias:
+                a = torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], dim=-1)
+        else:
+            proj = a @ p_in[:, : self.spec.d_in].t()
+            a = proj + p_in[:, self.spec.d_in] if self.spec.bias else proj
+        if p_out is not None:
+            ds = ds @ p_out.t()
+        if a.shape[1] == 1:  # one token: an outer product
+            out = ds[:, 0, :, None] * a[:, 0, None, :]
+        else:
+            out = torch.bmm(ds.transpose(1, 2), a)
+        return out.reshape(b, -1)
+
+
+class GhostCapture:
+    """Hooks on tracked modules that accumulate projected per-sample gradients by row."""
+
+    def __init__(self, model: nn.Module, modules: Sequence[nn.Module], specs: Sequence[LayerSpec]) -> None:
+        self.model = model
+        self.modules = list(modules)
+        self.specs = list(specs)
+        self._projectors = [_Projector(s) for s in self.specs]
+        self._handles: list[RemovableHandle] = []
+        self._active = False
+        self._reset()
+
+    # -- lifecycle -------------------------------------------------------------------
+    def attach(self) -> None:
+        """Register the forward hooks (idempotent)."""
+        if self._handles:
+            return
+        for idx, module in enumerate(self.modules):
+            self._handles.append(module.register_forward_hook(self._forward_hook(idx)))
+
+    def detach(self) -> None:
+        """Remove every hook; the model behaves exactly as before."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._active = False
+        self._reset()
+
+    def begin(self) -> None:
+        """Start collecting a fresh set of rows."""
+        self._reset()
+        self._active = True
+
+    def abort(self) -> None:
+        """Stop collecting and drop everything gathered."""
+        self._active = False
+        self._reset()
+
+    def collect(self, n_rows: int | None = None) -> list[torch.Tensor]:
+        """Stop collecting and return per-layer [n_rows, dim] gradients of the rows seen."""
+        self._active = False
+        rows = self._offset + (self._mb_rows or 0)
+        if rows == 0:
+            raise RuntimeError("no gradients were captured: run forward and backward through the model inside the step")
+        if n_rows is not None and rows != n_rows:
+            raise ValueError(f"the forward passes of this step covered {rows} samples but {n_rows} ids were given")
+        out = []
+        for spec, parts in zip(self.specs, self._parts):
+            if not parts:
+                raise RuntimeError(
+                    f"layer {spec.name!r} received no gradient in this step; track only layers used in the "
+                    "forward pass (modules=...), and keep its output connected to the loss")
+            out.append(self._assemble(spec, parts, rows))
+        self._reset()
+        return out
+
+    # -- internals -------------------------------------------------------------------
+    def _reset(self) -> None:
+        self._parts: list[dict[int, torch.Tensor]] = [{} for _ in self.specs]
+        self._offset = 0
+        self._mb_rows: int | None = None
+        self._in_backward = False
+
+    @staticmethod
+    def _assemble(spec: LayerSpec, parts: dict[int, torch.Tensor], rows: int) -> torch.Tensor:
+        """Rows of all micro-batches in order; micro-batches that missed this layer are zero."""
+        first = next(iter(parts.values()))
+        full = first.new_zeros(rows, spec.dim)
+        for offset, block in parts.items():
+            full[offset: offset + block.shape[0]] = block
+        return full
+
+    def _forward_hook(self, idx: int):
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            if not (self._active and torch.is_grad_enabled() and isinstance(output, torch.Tensor)
+                    and output.requires_grad):
+                return
+            if torch._C._current_graph_task_id() != -1:  # forward recomputed inside backward
+                return
+            a = inputs[0].detach()
+            self._start_rows(a.shape[0], self.specs[idx].name)
+            offset = self._offset
+            output.register_hook(lambda ds: self._on_grad(idx, a, offset, ds))
+
+        return hook
+
+    def _start_rows(self, batch: int, name: str) -> None:
+        """Place this forward call's rows: a forward after a backward starts a micro-batch."""
+        if self._in_backward:
+            self._offset += self._mb_rows or 0
+            self._mb_rows = None
+            self._in_backward = False
+        if self._mb_rows is None:
+            self._mb_rows = batch
+        elif batch != self._mb_rows:
+            raise ValueError(
+                f"layer {name!r} saw a batch of {batch} rows but this micro-batch has {self._mb_rows}; "
+                "tracked layers must take inputs whose first dimension is the sample")
+
+    def _on_grad(self, idx: int, a: torch.Tensor, offset: int, ds: torch.Tensor) -> None:
+        self._in_backward = True
+        if not self._active:
+            return
+        block = self._projectors[idx].project(a, ds.detach())
+        parts = self._parts[idx]
+        if offset in parts:
+            parts[offset] += block  # the module was used more than once in this micro-batch
+        else:
+            parts[offset] = block

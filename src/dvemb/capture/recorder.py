@@ -1,0 +1,159 @@
+"""The Recorder: captures projected per-sample gradients during training into a store."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from typing import Iterator, Literal, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..store import StoreConfig, StoreWriter, dtype_name
+from .ghost import GhostCapture
+from .projection import ProjectionKind
+from .selection import ModuleSelection, layer_spec, select_modules
+
+Reduction = Literal["mean", "sum"]
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """A step produced NaN or infinite per-sample gradients; nothing was committed."""
+
+
+def as_ids(ids: object) -> np.ndarray:
+    """Sample ids (list, array or tensor) as a 1-D int64 array."""
+    if isinstance(ids, torch.Tensor):
+        ids = ids.detach().cpu().numpy()
+    arr = np.asarray(ids)
+    if arr.ndim != 1 or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
+        raise TypeError(f"ids must be a 1-D sequence of integers, got {arr.dtype} with shape {arr.shape}")
+    return arr.astype(np.int64)
+
+
+class Recorder:
+    """Records each SGD step's per-sample projected gradients of the tracked layers.
+
+    Use ``with rec.step(ids, lr=lr): loss.backward()`` around each optimizer step's
+    forward and backward passes (several passes for gradient accumulation; their
+    samples follow ``ids`` in order). A step is committed to disk when the block exits.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        path: str | os.PathLike,
+        projection_dim: int | None = None,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+        *,
+        modules: ModuleSelection = None,
+        reduction: Reduction = "mean",
+        optimizer: torch.optim.Optimizer | None = None,
+        projection: ProjectionKind = "gaussian",
+        fsync: bool = False,
+    ) -> None:
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        if projection not in ("gaussian", "rademacher"):
+            raise ValueError(f"projection must be 'gaussian' or 'rademacher', got {projection!r}")
+        if projection_dim is not None and projection_dim < 1:
+            raise ValueError(f"projection_dim must be a positive int or None, got {projection_dim}")
+        self.model = model
+        self.reduction: Reduction = reduction
+        self.optimizer = optimizer
+        if optimizer is not None:
+            _warn_if_not_plain_sgd(optimizer)
+        chosen = select_modules(model, modules)
+        specs = [layer_spec(name, m, projection_dim, seed, projection) for name, m in chosen]
+        config = StoreConfig(tuple(specs), dtype_name(dtype), reduction, projection=projection, seed=seed)
+        self._writer = StoreWriter(path, config, fsync=fsync)
+        self._modules = [m for _, m in chosen]
+        self._capture = GhostCapture(model, self._modules, specs)
+        self._capture.attach()
+        self._in_step = False
+        self._closed = False
+
+    @property
+    def path(self):
+        """Directory of the store being written."""
+        return self._writer.path
+
+    @property
+    def layers(self) -> list[str]:
+        """Names of the tracked layers."""
+        return [s.name for s in self._writer.config.layers]
+
+    @property
+    def steps(self) -> int:
+        """Number of committed steps."""
+        return self._writer.n_steps
+
+    @contextlib.contextmanager
+    def step(self, ids: Sequence[int] | np.ndarray | torch.Tensor, lr: float | None = None) -> Iterator[None]:
+        """Capture one optimizer step over the samples ``ids`` and commit it on exit."""
+        if self._closed:
+            raise RuntimeError("Recorder is closed")
+        if self._in_step:
+            raise RuntimeError("Recorder.step blocks cannot be nested")
+        sample_ids = as_ids(ids)
+        if len(sample_ids) == 0:
+            raise ValueError("a step needs at least one sample id")
+        self._in_step = True
+        self._capture.begin()
+        try:
+            yield
+            grads = self._capture.collect(n_rows=len(sample_ids))
+        except BaseException:
+            self._capture.abort()
+            raise
+        finally:
+            self._in_step = False
+        step_lr = self._resolve_lr(lr)
+        weight = 1.0 / len(sample_ids) if self.reduction == "mean" else 1.0
+        for name, g in zip(self.layers, grads):
+            if not torch.isfinite(g).all():
+                raise NonFiniteGradientError(
+                    f"non-finite per-sample gradient in layer {name!r} at step {self.steps}; the step was not recorded")
+        # Hooks see the weighted loss's gradient w * g; the store keeps the sample's own g.
+        unweighted = [g / weight for g in grads] if weight != 1.0 else grads
+        self._writer.append_step(sample_ids, np.full(len(sample_ids), weight), step_lr, unweighted)
+
+    def _resolve_lr(self, lr: float | None) -> float:
+        if lr is not None:
+            return float(lr)
+        if self.optimizer is None:
+            raise ValueError("give lr= to Recorder.step, or pass optimizer= to the Recorder")
+        lrs = set()
+        for module in self._modules:
+            for group in self.optimizer.param_groups:
+                if any(p is module.weight for p in group["params"]):
+                    lrs.add(float(group["lr"]))
+        if len(lrs) != 1:
+            raise ValueError(f"tracked layers are in optimizer groups with learning rates {sorted(lrs)}; "
+                             "dvemb needs one lr per step (or pass lr= explicitly)")
+        return lrs.pop()
+
+    def close(self) -> None:
+        """Remove all hooks and close the store; the model behaves exactly as before."""
+        if not self._closed:
+            self._capture.detach()
+            self._writer.close()
+            self._closed = True
+
+    def __enter__(self) -> "Recorder":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _warn_if_not_plain_sgd(optimizer: torch.optim.Optimizer) -> None:
+    plain = isinstance(optimizer, torch.optim.SGD) and all(
+        g.get("momentum", 0) == 0 and g.get("weight_decay", 0) == 0 for g in optimizer.param_groups)
+    if not plain:
+        warnings.warn(
+            f"{type(optimizer).__name__} with momentum or weight decay is not plain SGD; data value embeddings "
+            "assume theta <- theta - lr * grad, so scores are an approximation for this optimizer", stacklevel=3)

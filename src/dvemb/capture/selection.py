@@ -1,0 +1,126 @@
+"""Choosing the tracked layers of a model and describing them for the manifest."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Sequence
+
+from torch import nn
+
+from .layers import has_bias, rule_for
+from .projection import FactorProjection, ProjectionKind, layer_projections
+
+ModuleSelection = None | str | Sequence[str]
+
+# Wrapper prefixes that do not belong to a layer's identity (DDP, torch.compile).
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def canonical_name(name: str) -> str:
+    """Layer name without wrapper prefixes such as DDP's ``module.``."""
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in _WRAPPER_PREFIXES:
+            if name.startswith(prefix):
+                name, stripped = name[len(prefix):], True
+    return name
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """A tracked layer as recorded in the manifest: sizes and projections."""
+
+    name: str
+    kind: str
+    d_in: int
+    d_out: int
+    bias: bool
+    proj_in: FactorProjection
+    proj_out: FactorProjection
+
+    @property
+    def dim(self) -> int:
+        """Projected size of this layer's per-sample gradient (k_out * k_in)."""
+        return self.proj_in.k * self.proj_out.k
+
+    def to_dict(self) -> dict:
+        """JSON form for the manifest."""
+        return {
+            "name": self.name, "kind": self.kind, "d_in": self.d_in, "d_out": self.d_out, "bias": self.bias,
+            "proj_in": self.proj_in.to_dict(), "proj_out": self.proj_out.to_dict(), "dim": self.dim,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LayerSpec":
+        """Inverse of :meth:`to_dict`."""
+        return cls(d["name"], d["kind"], d["d_in"], d["d_out"], d["bias"],
+                   FactorProjection(**d["proj_in"]), FactorProjection(**d["proj_out"]))
+
+    def describe(self) -> str:
+        """Shape summary used in error messages."""
+        return f"{self.kind} {self.d_in}->{self.d_out}{' +bias' if self.bias else ''}"
+
+
+def select_modules(model: nn.Module, modules: ModuleSelection = None) -> list[tuple[str, nn.Module]]:
+    """Tracked (canonical name, module) pairs in model order.
+
+    ``None`` tracks every trainable supported layer; a string is a glob pattern over
+    names; a sequence lists names exactly (each must exist and be supported).
+    """
+    named = [(canonical_name(n), m) for n, m in model.named_modules() if n]
+    supported = [(n, m) for n, m in named if rule_for(m) is not None]
+    if modules is None:
+        chosen = [(n, m) for n, m in supported if m.weight.requires_grad]
+    elif isinstance(modules, str):
+        chosen = [(n, m) for n, m in supported if fnmatch.fnmatchcase(n, modules)]
+        if not chosen:
+            raise ValueError(f"no supported layer (nn.Linear, GPT-2 Conv1D) matches {modules!r}; "
+                             f"supported layers: {[n for n, _ in supported]}")
+    else:
+        by_name = dict(named)
+        chosen = []
+        for n in modules:
+            n = canonical_name(n)
+            if n not in by_name:
+                raise ValueError(f"model has no module named {n!r}")
+            if rule_for(by_name[n]) is None:
+                raise ValueError(f"module {n!r} ({type(by_name[n]).__name__}) is not a supported layer type")
+            chosen.append((n, by_name[n]))
+    for n, m in chosen:
+        if not m.weight.requires_grad:
+            raise ValueError(f"layer {n!r} is frozen (weight.requires_grad is False) and cannot be tracked")
+    if not chosen:
+        raise ValueError("model has no trainable nn.Linear or GPT-2 Conv1D layer to track")
+    return chosen
+
+
+def layer_spec(name: str, module: nn.Module, budget: int | None, seed: int, kind: ProjectionKind) -> LayerSpec:
+    """Describe one tracked module, with projections seeded per layer and side."""
+    rule = rule_for(module)
+    assert rule is not None
+    d_in, d_out = rule.sizes(module)
+    bias = has_bias(module)
+    proj_in, proj_out = layer_projections(name, d_in + int(bias), d_out, budget, seed, kind)
+    return LayerSpec(name, rule.kind, d_in, d_out, bias, proj_in, proj_out)
+
+
+def match_specs(model: nn.Module, specs: Sequence[LayerSpec]) -> list[nn.Module]:
+    """Modules of ``model`` for recorded layer specs; a clear error names any mismatch."""
+    named = {canonical_name(n): m for n, m in model.named_modules() if n}
+    found = []
+    for spec in specs:
+        module = named.get(spec.name)
+        if module is None:
+            raise ValueError(f"store tracks layer {spec.name!r} ({spec.describe()}) but the model has no such module")
+        rule = rule_for(module)
+        actual = None
+        if rule is not None:
+            d_in, d_out = rule.sizes(module)
+            actual = (rule.kind, d_in, d_out, has_bias(module))
+        if actual != (spec.kind, spec.d_in, spec.d_out, spec.bias):
+            got = type(module).__name__ if actual is None else f"{actual[0]} {actual[1]}->{actual[2]}{' +bias' if actual[3] else ''}"
+            raise ValueError(f"layer {spec.name!r} does not match the store: recorded {spec.describe()}, model has {got}")
+        found.append(module)
+    return found

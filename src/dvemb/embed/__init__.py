@@ -1,0 +1,1 @@
+"""Computing data value embeddings from a store."""

@@ -1,0 +1,27 @@
+"""Ground truth for evaluating attribution: exact TSLOO by replaying training."""
+
+from dvemb.evaluate.replay import (
+    Params,
+    Record,
+    Trajectory,
+    TrainingSpec,
+    all_epoch_removal,
+    per_example_cross_entropy,
+    records_of,
+    single_records,
+    train,
+    tsloo,
+)
+
+__all__ = [
+    "Params",
+    "Record",
+    "Trajectory",
+    "TrainingSpec",
+    "all_epoch_removal",
+    "per_example_cross_entropy",
+    "records_of",
+    "single_records",
+    "train",
+    "tsloo",
+]

@@ -1,0 +1,372 @@
+"""The on-disk store: a directory of append-only .npy arrays and a JSON manifest.
+
+Layout::
+
+    manifest.json          format, tracked layers (sizes, projection seeds), dtype, committed counts
+    records.npy            one row per record: step, sample_id, weight, lr, rank
+    grads/<layer>.npy      per-layer projected per-sample gradients, rows = records
+    embeddings/            manifest.json + <layer>.npy once computed
+
+A step is committed when its rows are written and flushed, the .npy headers carry
+the new row count, and ``manifest.json`` is atomically replaced (temp file + rename).
+Readers trust only the manifest's counts, so a store whose writer died opens with
+exactly its committed steps, and a new writer truncates what lies beyond them.
+Nothing is ever pickled: arrays are plain .npy, metadata is JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from ._version import __version__
+from .capture.selection import LayerSpec
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+HEADER_BYTES = 256  # fixed .npy header size so the shape can be rewritten in place
+
+RECORD_DTYPE = np.dtype([("step", "<i8"), ("sample_id", "<i8"), ("weight", "<f8"), ("lr", "<f8"), ("rank", "<i4")])
+
+# Storage dtypes. numpy has no bfloat16: it is stored as its raw 16 bits.
+_STORAGE = {
+    "float16": (np.dtype("<f2"), torch.float16),
+    "bfloat16": (np.dtype("<u2"), torch.bfloat16),
+    "float32": (np.dtype("<f4"), torch.float32),
+    "float64": (np.dtype("<f8"), torch.float64),
+}
+
+
+class StoreError(RuntimeError):
+    """The store is missing, corrupt, or does not fit the request."""
+
+
+def dtype_name(dtype: torch.dtype | str) -> str:
+    """Canonical storage dtype name ('float32', ...) for a torch dtype or name."""
+    name = str(dtype).removeprefix("torch.")
+    if name not in _STORAGE:
+        raise ValueError(f"unsupported storage dtype {dtype}; use one of {sorted(_STORAGE)}")
+    return name
+
+
+def to_torch(array: np.ndarray, dtype: str) -> torch.Tensor:
+    """View stored rows as a torch tensor of the store's dtype (no copy where possible)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    return tensor.view(torch.bfloat16) if dtype == "bfloat16" else tensor
+
+
+def to_numpy(tensor: torch.Tensor, dtype: str) -> np.ndarray:
+    """Convert rows to the store's numpy storage dtype."""
+    tensor = tensor.detach().to(device="cpu", dtype=_STORAGE[dtype][1]).contiguous()
+    return (tensor.view(torch.int16).numpy().view(np.uint16) if dtype == "bfloat16" else tensor.numpy())
+
+
+def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
+    descr = np.lib.format.dtype_to_descr(dtype)
+    text = repr({"descr": descr, "fortran_order": False, "shape": tuple(shape)})
+    body = text.encode("latin1")
+    prefix = b"\x93NUMPY\x01\x00"
+    pad = HEADER_BYTES - len(prefix) - 2 - len(body) - 1
+    if pad < 0:
+        raise StoreError("array header too long")
+    header_len = HEADER_BYTES - len(prefix) - 2
+    return prefix + header_len.to_bytes(2, "little") + body + b" " * pad + b"\n"
+
+
+class AppendableArray:
+    """A 2-D (or record) .npy file that grows by rows and is read through a memmap."""
+
+    def __init__(self, path: Path, dtype: np.dtype, row_shape: tuple[int, ...]) -> None:
+        self.path, self.dtype, self.row_shape = path, np.dtype(dtype), tuple(row_shape)
+        self.row_bytes = self.dtype.itemsize * int(np.prod(row_shape, dtype=np.int64))
+        self._file = None
+
+    def open_for_append(self, committed_rows: int) -> None:
+        """Open for writing after ``committed_rows``; anything beyond them is discarded."""
+        if not self.path.exists():
+            self.path.write_bytes(_npy_header(self.dtype, (0, *self.row_shape)))
+        self._file = open(self.path, "r+b")
+        self._file.truncate(HEADER_BYTES + committed_rows * self.row_bytes)
+        self._file.seek(0, os.SEEK_END)
+
+    def append(self, rows: np.ndarray) -> None:
+        """Write rows at the end (not yet committed)."""
+        assert self._file is not None, "array not open for appending"
+        rows = np.ascontiguousarray(rows, dtype=self.dtype)
+        if rows.shape[1:] != self.row_shape:
+            raise StoreError(f"{self.path.name}: row shape {rows.shape[1:]} != {self.row_shape}")
+        self._file.write(rows.tobytes())
+
+    def rollback(self, committed_rows: int) -> None:
+        """Drop uncommitted rows."""
+        assert self._file is not None
+        self._file.truncate(HEADER_BYTES + committed_rows * self.row_bytes)
+        self._file.seek(0, os.SEEK_END)
+
+    def flush(self, rows: int, fsync: bool) -> None:
+        """Rewrite the header for ``rows`` rows and flush the data to the OS (or disk)."""
+        assert self._file is not None
+        self._file.seek(0)
+        self._file.write(_npy_header(self.dtype, (rows, *self.row_shape)))
+        self._file.seek(0, os.SEEK_END)
+        self._file.flush()
+        if fsync:
+            os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        """Close the file handle."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def allocate(self, rows: int) -> np.ndarray | None:
+        """Create the file at its full size and return a writable memmap (None when empty)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "wb") as f:
+            f.write(_npy_header(self.dtype, (rows, *self.row_shape)))
+            f.truncate(HEADER_BYTES + rows * self.row_bytes)
+        if rows == 0:
+            return None
+        return np.memmap(self.path, dtype=self.dtype, mode="r+", offset=HEADER_BYTES, shape=(rows, *self.row_shape))
+
+    def read(self, rows: int) -> np.ndarray:
+        """Read-only memmap of the first ``rows`` rows."""
+        if rows == 0:
+            return np.empty((0, *self.row_shape), dtype=self.dtype)
+        return np.memmap(self.path, dtype=self.dtype, mode="r", offset=HEADER_BYTES, shape=(rows, *self.row_shape))
+
+
+def write_json_atomic(path: Path, data: dict, fsync: bool = False) -> None:
+    """Replace ``path`` with ``data`` atomically (temp file in the same directory + rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+        f.flush()
+        if fsync:
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict:
+    """Load a JSON file, as a clear StoreError when missing or corrupt."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise StoreError(f"{path} not found: not a dvemb store (or not yet written)") from None
+    except json.JSONDecodeError as exc:
+        raise StoreError(f"{path} is corrupt: {exc}") from None
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Settings fixed when a store is created."""
+
+    layers: tuple[LayerSpec, ...]
+    dtype: str
+    reduction: str
+    curvature: str = "gradient_outer"
+    projection: str = "gaussian"
+    seed: int = 0
+
+
+class Store:
+    """Read access to a store's committed records, gradients and embeddings."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.manifest = read_json(self.path / MANIFEST)
+        version = self.manifest.get("format_version")
+        if version != FORMAT_VERSION:
+            raise StoreError(f"{self.path}: store format {version} is not supported (expected {FORMAT_VERSION})")
+        self.layers = [LayerSpec.from_dict(d) for d in self.manifest["layers"]]
+        self.dtype: str = self.manifest["dtype"]
+        self.n_steps: int = self.manifest["committed_steps"]
+        self.n_records: int = self.manifest["committed_records"]
+        self._step_starts: np.ndarray | None = None
+
+    # -- layout ------------------------------------------------------------------------
+    @staticmethod
+    def records_array(path: Path) -> AppendableArray:
+        """The records table of the store at ``path``."""
+        return AppendableArray(path / "records.npy", RECORD_DTYPE, ())
+
+    @staticmethod
+    def grads_array(path: Path, spec: LayerSpec, dtype: str) -> AppendableArray:
+        """The gradient rows of one layer."""
+        return AppendableArray(path / "grads" / f"{spec.name}.npy", _STORAGE[dtype][0], (spec.dim,))
+
+    @property
+    def config(self) -> StoreConfig:
+        """The creation settings."""
+        m = self.manifest
+        return StoreConfig(tuple(self.layers), m["dtype"], m["reduction"], m["curvature"], m["projection"], m["seed"])
+
+    # -- records -------------------------------------------------------------------------
+    @property
+    def records(self) -> np.ndarray:
+        """Structured array of committed records: step, sample_id, weight, lr, rank."""
+        return self.records_array(self.path).read(self.n_records)
+
+    @property
+    def step_starts(self) -> np.ndarray:
+        """Row index where each committed step starts, plus the total at the end ([n_steps + 1])."""
+        if self._step_starts is None:
+            steps = np.asarray(self.records["step"])
+            self._step_starts = np.searchsorted(steps, np.arange(self.n_steps + 1), side="left")
+        return self._step_starts
+
+    def grads(self, layer: int) -> np.ndarray:
+        """Read-only [n_records, dim] memmap of one layer's stored gradients (storage dtype)."""
+        return self.grads_array(self.path, self.layers[layer], self.dtype).read(self.n_records)
+
+    def iter_steps_backward(
+        self, arrays: Sequence[np.ndarray], chunk_rows: int, start: int = 0, stop: int | None = None
+    ) -> Iterator[tuple[int, int, int, list[np.ndarray]]]:
+        """Yield (step, row_begin, row_end, [rows of each array]) from step stop-1 down to start.
+
+        Rows are read in chunks of whole steps of about ``chunk_rows`` rows, so memory
+        stays bounded by one chunk however long the run.
+        """
+        stop = self.n_steps if stop is None else stop
+        starts = self.step_starts
+        hi = stop
+        while hi > start:
+            lo = hi - 1
+            while lo > start and starts[hi] - starts[lo - 1] <= chunk_rows:
+                lo -= 1
+            base = starts[lo]
+            chunk = [np.array(a[base: starts[hi]]) for a in arrays]
+            for t in range(hi - 1, lo - 1, -1):
+                r0, r1 = starts[t], starts[t + 1]
+                yield t, r0, r1, [c[r0 - base: r1 - base] for c in chunk]
+            hi = lo
+
+    def nbytes(self) -> int:
+        """Bytes on disk of the whole store directory."""
+        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+
+    def summary(self) -> str:
+        """Human-readable description (used by ``dvemb info``)."""
+        m = self.manifest
+        lines = [
+            f"store      {self.path}",
+            f"format     v{m['format_version']} (dvemb {m['library_version']})",
+            f"steps      {self.n_steps}",
+            f"records    {self.n_records}  ({len(np.unique(self.records['sample_id'])) if self.n_records else 0} distinct samples)",
+            f"dtype      {self.dtype}   reduction {m['reduction']}   curvature {m['curvature']}   "
+            f"projection {m['projection']} (seed {m['seed']})",
+            f"layers     {len(self.layers)}, {sum(s.dim for s in self.layers)} values per record",
+        ]
+        for s in self.layers:
+            lines.append(f"  {s.name:<32} {s.describe():<24} k_in={s.proj_in.k:<6} k_out={s.proj_out.k:<6} dim={s.dim}")
+        per_record = sum(s.dim for s in self.layers) * _STORAGE[self.dtype][0].itemsize + RECORD_DTYPE.itemsize
+        emb = self.path / "embeddings" / MANIFEST
+        if emb.exists():
+            info = read_json(emb)
+            fresh = "up to date" if info["committed_steps"] == self.n_steps else f"stale: {info['committed_steps']} steps"
+            lines.append(f"embeddings {fresh} ({info['precision']} recursion)")
+        else:
+            lines.append("embeddings not computed (dvemb embed STORE)")
+        lines.append(f"bytes      {self.nbytes():,} on disk, {per_record:,} per record")
+        return "\n".join(lines)
+
+
+class StoreWriter:
+    """Appends committed steps to a store; creates it or resumes after its last commit."""
+
+    def __init__(self, path: str | os.PathLike, config: StoreConfig, *, fsync: bool = False) -> None:
+        self.path = Path(path)
+        self.fsync = fsync
+        manifest_path = self.path / MANIFEST
+        if manifest_path.exists():
+            store = Store(self.path)
+            self._check_resume(store.config, config)
+            self.manifest = store.manifest
+        else:
+            if self.path.exists() and any(self.path.iterdir()):
+                raise StoreError(f"{self.path} exists, is not empty and holds no dvemb store")
+            (self.path / "grads").mkdir(parents=True, exist_ok=True)
+            self.manifest = {
+                "format_version": FORMAT_VERSION,
+                "library_version": __version__,
+                "created": time.time(),
+                "dtype": config.dtype,
+                "reduction": config.reduction,
+                "curvature": config.curvature,
+                "projection": config.projection,
+                "seed": config.seed,
+                "layers": [s.to_dict() for s in config.layers],
+                "committed_steps": 0,
+                "committed_records": 0,
+            }
+        self.config = config
+        self._records = Store.records_array(self.path)
+        self._grads = [Store.grads_array(self.path, s, config.dtype) for s in config.layers]
+        for arr in (self._records, *self._grads):
+            arr.open_for_append(self.n_records)
+        if not manifest_path.exists():
+            self._write_manifest()
+
+    @property
+    def n_steps(self) -> int:
+        """Committed steps."""
+        return self.manifest["committed_steps"]
+
+    @property
+    def n_records(self) -> int:
+        """Committed records."""
+        return self.manifest["committed_records"]
+
+    @staticmethod
+    def _check_resume(found: StoreConfig, wanted: StoreConfig) -> None:
+        for a, b in zip(found.layers, wanted.layers):
+            if a != b:
+                raise StoreError(f"cannot resume: layer {b.name!r} differs from the store's {a.name!r} "
+                                 f"({a.describe()}, dim {a.dim} vs {b.describe()}, dim {b.dim})")
+        if len(found.layers) != len(wanted.layers):
+            names = {s.name for s in found.layers} ^ {s.name for s in wanted.layers}
+            raise StoreError(f"cannot resume: tracked layers differ ({sorted(names)})")
+        for key in ("dtype", "reduction", "curvature", "projection", "seed"):
+            if getattr(found, key) != getattr(wanted, key):
+                raise StoreError(f"cannot resume: store has {key}={getattr(found, key)!r}, "
+                                 f"recorder asks {getattr(wanted, key)!r}")
+
+    def append_step(self, sample_ids: np.ndarray, weights: np.ndarray, lr: float,
+                    grads: Sequence[torch.Tensor], rank: int = 0) -> int:
+        """Write one step's records and per-layer gradients, then commit; returns the step index."""
+        step = self.n_steps
+        n = len(sample_ids)
+        records = np.zeros(n, dtype=RECORD_DTYPE)
+        records["step"], records["sample_id"], records["weight"] = step, sample_ids, weights
+        records["lr"], records["rank"] = lr, rank
+        try:
+            self._records.append(records)
+            for arr, g in zip(self._grads, grads):
+                arr.append(to_numpy(g, self.config.dtype))
+        except BaseException:
+            for arr in (self._records, *self._grads):
+                arr.rollback(self.n_records)
+            raise
+        total = self.n_records + n
+        for arr in (self._records, *self._grads):
+            arr.flush(total, self.fsync)
+        self.manifest["committed_steps"] = step + 1
+        self.manifest["committed_records"] = total
+        self._write_manifest()
+        return step
+
+    def _write_manifest(self) -> None:
+        self.manifest["updated"] = time.time()
+        write_json_atomic(self.path / MANIFEST, self.manifest, self.fsync)
+
+    def close(self) -> None:
+        """Close all files (committed data stays)."""
+        for arr in (self._records, *self._grads):
+            arr.close()
