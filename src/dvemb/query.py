@@ -109,6 +109,6 @@ def influence(
         r1 = min(r0 + chunk_rows, store.n_records)
         acc = torch.from_numpy(scores[:, r0:r1])
         for test, emb in zip(tests, embeddings):
-            acc.addmm_(test, torch.from_numpy(np.asarray(emb[r0:r1])).t())
+            acc.addmm_(test, torch.from_numpy(np.array(emb[r0:r1])).t())
     records = store.records
     return Influence(scores, np.asarray(records["step"]).copy(), np.asarray(records["sample_id"]).copy())

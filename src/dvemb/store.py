@@ -58,6 +58,8 @@ def dtype_name(dtype: torch.dtype | str) -> str:
 
 def to_torch(array: np.ndarray, dtype: str) -> torch.Tensor:
     """View stored rows as a torch tensor of the store's dtype (no copy where possible)."""
+    if not array.flags.writeable:  # torch tensors cannot be read-only: copy memmapped rows
+        array = np.array(array)
     tensor = torch.from_numpy(np.ascontiguousarray(array))
     return tensor.view(torch.bfloat16) if dtype == "bfloat16" else tensor
 

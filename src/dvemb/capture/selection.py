@@ -28,6 +28,14 @@ def canonical_name(name: str) -> str:
     return name
 
 
+ROOT_NAME = "root"  # name of the model itself when it is a single supported layer
+
+
+def named_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(canonical name, module) pairs, the root included as ``root``."""
+    return [(canonical_name(n) if n else ROOT_NAME, m) for n, m in model.named_modules()]
+
+
 @dataclass(frozen=True)
 class LayerSpec:
     """A tracked layer as recorded in the manifest: sizes and projections."""
@@ -69,7 +77,7 @@ def select_modules(model: nn.Module, modules: ModuleSelection = None) -> list[tu
     ``None`` tracks every trainable supported layer; a string is a glob pattern over
     names; a sequence lists names exactly (each must exist and be supported).
     """
-    named = [(canonical_name(n), m) for n, m in model.named_modules() if n]
+    named = named_modules(model)
     supported = [(n, m) for n, m in named if rule_for(m) is not None]
     if modules is None:
         chosen = [(n, m) for n, m in supported if m.weight.requires_grad]
@@ -108,7 +116,7 @@ def layer_spec(name: str, module: nn.Module, budget: int | None, seed: int, kind
 
 def match_specs(model: nn.Module, specs: Sequence[LayerSpec]) -> list[nn.Module]:
     """Modules of ``model`` for recorded layer specs; a clear error names any mismatch."""
-    named = {canonical_name(n): m for n, m in model.named_modules() if n}
+    named = dict(named_modules(model))
     found = []
     for spec in specs:
         module = named.get(spec.name)

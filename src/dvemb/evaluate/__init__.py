@@ -25,3 +25,8 @@ __all__ = [
     "train",
     "tsloo",
 ]
+
+from dvemb.evaluate.metrics import pearson, spearman
+from dvemb.evaluate.recorded import record_run
+
+__all__ += ["pearson", "spearman", "record_run"]

@@ -15,12 +15,13 @@ If a sample id occurs more than once in the same batch, removing ``(t, i)`` remo
 run replayed with the removal: same initial parameters, batches, order and learning rates.
 Positive means the removed records helped: removing them raised the target loss.
 
-The replay is exact (float64 by default). Each removal is replayed from the parameters at its
-earliest removed step, so only the steps after it are recomputed. Many removals run together with
-:func:`torch.func.vmap` over stacked parameter copies, each with its own per-step weight vector.
-A replica joins the batched replay at its own first removed step as a copy of a base replica that
-replays the unmodified run alongside; that base replica is also the reference ``theta_T`` of its
-chunk, so the round-off of batching cancels in the difference.
+The replay is exact (float64 by default). Removals are sorted by their earliest removed step and
+replayed in chunks with :func:`torch.func.vmap` over stacked parameter copies, each copy with its
+own per-step weight vector. A chunk starts from the latest kept checkpoint at or before its
+earliest removed step with a single base replica that replays the unmodified run; each removal
+joins as a copy of the base replica at its own earliest removed step, so the steps before it are
+never recomputed per removal. The base replica is also the chunk's reference ``theta_T``, so the
+round-off of batching cancels in the difference.
 
 The model runs in eval mode (dropout off) and nothing in a replay draws random numbers.
 Parameters with ``requires_grad=False`` and buffers stay fixed at their initial values; models
@@ -39,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
-from tqdm.auto import tqdm
+from ..progress import ProgressBar
 
 Record = tuple[int, int]
 """One use of one sample: ``(step, sample_id)``."""
@@ -181,7 +182,10 @@ def single_records(records: Iterable[Record]) -> list[list[Record]]:
 
 
 def all_epoch_removal(spec: TrainingSpec, sample_ids: Iterable[int]) -> list[list[Record]]:
-    """One removal per sample id, holding every record of that sample across the whole run."""
+    """One removal per sample id, holding every record of that sample across the whole run.
+
+    An id the run never uses gives an empty removal.
+    """
     by_id: dict[int, list[Record]] = {}
     for t, i in records_of(spec):
         by_id.setdefault(i, []).append((t, i))
@@ -191,7 +195,7 @@ def all_epoch_removal(spec: TrainingSpec, sample_ids: Iterable[int]) -> list[lis
 def train(
     spec: TrainingSpec, keep_steps: Iterable[int] = (), *, show_progress: bool = False
 ) -> Trajectory:
-    """Runs the base training of ``spec``, keeping theta_t (before step t) at 0 and at keep_steps."""
+    """Runs the base training of ``spec``, keeping theta_t (before step t) at 0 and keep_steps."""
     keep = {int(t) for t in keep_steps} | {0}
     if min(keep) < 0 or max(keep) > spec.num_steps:
         raise ValueError(f"keep_steps must lie in [0, {spec.num_steps}]")
@@ -199,10 +203,11 @@ def train(
     params, fixed = _split_state(model)
     step = _make_step(model, spec.loss, fixed)
     checkpoints: dict[int, Params] = {}
-    for t in tqdm(range(spec.num_steps), desc="train", unit="step", disable=not show_progress):
-        if t in keep:
-            checkpoints[t] = params
-        params = step(params, *spec.step_data(t), spec.weights(t), spec.lr(t))
+    with _deterministic():
+        for t in ProgressBar(range(spec.num_steps), desc="train", unit="step", disable=not show_progress):
+            if t in keep:
+                checkpoints[t] = params
+            params = step(params, *spec.step_data(t), spec.weights(t), spec.lr(t))
     return Trajectory(spec, checkpoints, params, fixed)
 
 
@@ -217,8 +222,9 @@ def tsloo(
 ) -> np.ndarray:
     """Exact TSLOO of each removal by replaying training: ``[n_target, n_removals]`` float64.
 
-    Each removal is a set of records ``(step, sample_id)``. ``target(model)`` returns a 1-D tensor
-    of per-test-point losses (a scalar counts as one target); it runs under ``torch.no_grad``.
+    Each removal is a set of records ``(step, sample_id)``; an empty one scores 0.
+    ``target(model)`` returns a 1-D tensor of per-test-point losses (a scalar counts as one
+    target); it runs under ``torch.no_grad`` on a model in eval mode holding the replayed weights.
     ``trajectory`` is a base run of this very ``spec`` (trained here when omitted); a removal
     replays from the latest kept step at or before the earliest step of its chunk.
     ``chunk_size`` removals are replayed at once with ``vmap``, bounding memory.
@@ -239,7 +245,7 @@ def tsloo(
     begins = [trajectory.latest_kept(plans[chunk[0]].start) for chunk in chunks]
     step = vmap(_make_step(model, spec.loss, trajectory.fixed), in_dims=(0, None, None, 0, None))
     total = sum(spec.num_steps - b for b in begins)
-    with _deterministic(), tqdm(
+    with _deterministic(), ProgressBar(
         total=total, desc="TSLOO replay", unit="step", disable=not show_progress
     ) as bar:
         for chunk, begin in zip(chunks, begins):

@@ -1,0 +1,207 @@
+"""Captured per-sample gradients against torch.func, for every capture path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dvemb
+from dvemb.store import Store, to_torch
+from reference import per_sample_gradients, project, rel_err
+
+# float32 capture vs a float64 reference: sums of <100 float32 products carry ~1e-7
+# relative error, so 1e-5 (the acceptance bound) leaves two orders of margin.
+TOL32 = 1e-5
+
+
+class Conv1D(nn.Module):
+    """Same contract as Hugging Face's GPT-2 Conv1D: weight (d_in, d_out), y = x W + b."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.3)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).reshape(*x.shape[:-1], self.nf)
+
+
+def mlp(d_in: int = 12, hidden: int = 9, d_out: int = 5, bias_last: bool = True, inplace: bool = False) -> nn.Module:
+    torch.manual_seed(0)
+    act = nn.ReLU(inplace=True) if inplace else nn.Tanh()
+    return nn.Sequential(nn.Linear(d_in, hidden), act, nn.Linear(hidden, d_out, bias=bias_last))
+
+
+def token_ce(out: torch.Tensor, y: torch.Tensor, reduction: str) -> torch.Tensor:
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), reduction=reduction)
+
+
+def record(model, path, batches, reduction="mean", accumulate=1, **kw):
+    """Record one step per (x, y) batch, optionally split into micro-batches."""
+    with dvemb.Recorder(model, path, reduction=reduction, **kw) as rec:
+        for x, y in batches:
+            with rec.step(range(len(x)), lr=0.1):
+                for xs, ys in zip(x.chunk(accumulate), y.chunk(accumulate)):
+                    loss = token_ce(model(xs), ys, reduction)
+                    (loss / accumulate if reduction == "mean" else loss).backward()
+            model.zero_grad()
+    return Store(path)
+
+
+def check_against_reference(store: Store, model: nn.Module, x, y, tol: float) -> None:
+    ref_model = model.double() if tol < 1e-8 else _float64_copy(model)
+    names = [s.name for s in store.layers]
+    ref = per_sample_gradients(ref_model, lambda o, t: token_ce(o, t, "mean"), x.double(), y, names)
+    for i, spec in enumerate(store.layers):
+        got = to_torch(store.grads(i), store.dtype).double()
+        want = project(spec, ref[spec.name])
+        assert got.shape == want.shape
+        assert rel_err(got, want) < tol, (spec.name, rel_err(got, want))
+
+
+def _float64_copy(model: nn.Module) -> nn.Module:
+    import copy
+    return copy.deepcopy(model).double()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("projection_dim", [None, 24])
+def test_linear_2d(tmp_path, reduction, projection_dim):
+    model = mlp()
+    x, y = torch.randn(7, 12), torch.randint(0, 5, (7,))
+    store = record(model, tmp_path / "s", [(x, y)], reduction, projection_dim=projection_dim)
+    if reduction == "sum":  # own loss is the same per-sample CE; w = 1 instead of 1/B
+        assert (store.records["weight"] == 1.0).all()
+    else:
+        assert (store.records["weight"] == 1 / 7).all()
+    check_against_reference(store, model, x, y, TOL32)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_linear_3d_sums_over_tokens(tmp_path, reduction):
+    model = mlp()
+    x, y = torch.randn(6, 4, 12), torch.randint(0, 5, (6, 4))
+    store = record(model, tmp_path / "s", [(x, y)], reduction, projection_dim=30)
+    names = [s.name for s in store.layers]
+    # a sample's own loss is its share of the batch loss divided by w: the token mean under
+    # reduction="mean" (w = 1/B), the token sum under reduction="sum" (w = 1)
+    own = "mean" if reduction == "mean" else "sum"
+    ref = per_sample_gradients(_float64_copy(model), lambda o, t: token_ce(o, t, own), x.double(), y, names)
+    for i, spec in enumerate(store.layers):
+        got = to_torch(store.grads(i), store.dtype).double()
+        assert rel_err(got, project(spec, ref[spec.name])) < TOL32
+
+
+def test_gradient_accumulation_matches_single_pass(tmp_path):
+    model = mlp()
+    x, y = torch.randn(8, 12), torch.randint(0, 5, (8,))
+    store = record(model, tmp_path / "s", [(x, y)], accumulate=4, projection_dim=20)
+    assert store.n_records == 8
+    check_against_reference(store, model, x, y, TOL32)
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "rademacher"])
+def test_float64_is_exact(tmp_path, kind):
+    model = mlp().double()
+    x, y = torch.randn(5, 12, dtype=torch.float64), torch.randint(0, 5, (5,))
+    store = record(model, tmp_path / "s", [(x, y)], projection_dim=16, dtype=torch.float64, projection=kind)
+    check_against_reference(store, model, x, y, 1e-10)  # float64 throughout: round-off only
+
+
+def test_hf_conv1d_and_no_bias(tmp_path):
+    torch.manual_seed(1)
+    model = nn.Sequential(Conv1D(9, 12), nn.GELU(), nn.Linear(9, 5, bias=False))
+    x, y = torch.randn(5, 3, 12), torch.randint(0, 5, (5, 3))
+    store = record(model, tmp_path / "s", [(x, y)], projection_dim=None)
+    assert [s.kind for s in store.layers] == ["conv1d", "linear"]
+    assert [s.bias for s in store.layers] == [True, False]
+    check_against_reference(store, model, x, y, TOL32)
+
+
+def test_inplace_activation_after_layer(tmp_path):
+    model = mlp(inplace=True)
+    x, y = torch.randn(6, 12), torch.randint(0, 5, (6,))
+    store = record(model, tmp_path / "s", [(x, y)], projection_dim=None)
+    check_against_reference(store, model, x, y, TOL32)
+
+
+def test_layer_used_twice_sums_both_uses(tmp_path):
+    torch.manual_seed(0)
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.shared = nn.Linear(6, 6)
+            self.head = nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.shared(torch.tanh(self.shared(x)))))
+
+    model = Twice()
+    x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
+    store = record(model, tmp_path / "s", [(x, y)], projection_dim=None)
+    check_against_reference(store, model, x, y, TOL32)
+
+
+def test_close_removes_hooks_and_model_is_unchanged(tmp_path):
+    model = mlp()
+    x = torch.randn(4, 12)
+    before = model(x).detach()
+    rec = dvemb.Recorder(model, tmp_path / "s")
+    assert any(m._forward_hooks for m in model.modules())
+    rec.close()
+    assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())
+    assert torch.equal(model(x), before)
+
+
+def test_module_selection(tmp_path):
+    model = nn.Sequential()
+    model.add_module("enc", nn.Sequential(nn.Linear(4, 4), nn.Tanh()))
+    model.add_module("head", nn.Linear(4, 2))
+    assert dvemb.Recorder(model, tmp_path / "a", modules="enc.*").layers == ["enc.0"]
+    assert dvemb.Recorder(model, tmp_path / "b", modules=["head"]).layers == ["head"]
+    with pytest.raises(ValueError, match="no supported layer"):
+        dvemb.Recorder(model, tmp_path / "c", modules="dec.*")
+    with pytest.raises(ValueError, match="not a supported layer"):
+        dvemb.Recorder(model, tmp_path / "d", modules=["enc.1"])
+    model.head.weight.requires_grad_(False)
+    assert dvemb.Recorder(model, tmp_path / "e").layers == ["enc.0"]
+
+
+def test_lr_from_optimizer_and_errors(tmp_path):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, y = torch.randn(4, 12), torch.randint(0, 5, (4,))
+    with dvemb.Recorder(model, tmp_path / "s", optimizer=opt) as rec:
+        with rec.step([0, 1, 2, 3]):
+            F.cross_entropy(model(x), y).backward()
+        opt.param_groups[0]["lr"] = 0.01
+        with rec.step([0, 1, 2, 3]):
+            F.cross_entropy(model(x), y).backward()
+        with pytest.raises(ValueError, match="ids were given"):
+            with rec.step([0, 1, 2]):
+                F.cross_entropy(model(x), y).backward()
+        with pytest.raises(RuntimeError, match="no gradients"):
+            with rec.step([0]):
+                pass
+    assert Store(tmp_path / "s").records["lr"].tolist() == [0.05] * 4 + [0.01] * 4
+    other = mlp()
+    with pytest.raises(ValueError, match="give lr"):
+        with dvemb.Recorder(other, tmp_path / "t") as rec, rec.step([0, 1, 2, 3]):
+            F.cross_entropy(other(x), y).backward()
+    with pytest.warns(UserWarning, match="not plain SGD"):
+        dvemb.Recorder(mlp(), tmp_path / "u", optimizer=torch.optim.Adam(model.parameters()))
+
+
+def test_no_grad_forward_inside_step_is_ignored(tmp_path):
+    model = mlp()
+    x, y = torch.randn(5, 12), torch.randint(0, 5, (5,))
+    with dvemb.Recorder(model, tmp_path / "s") as rec:
+        with rec.step(range(5), lr=0.1):
+            with torch.no_grad():
+                model(torch.randn(3, 12))  # e.g. an evaluation pass: not part of the step
+            F.cross_entropy(model(x), y).backward()
+    check_against_reference(Store(tmp_path / "s"), model, x, y, TOL32)
