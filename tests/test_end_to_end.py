@@ -46,3 +46,24 @@ def test_dvemb_matches_replayed_tsloo_on_validation_loss(tmp_path):
     rho = spearman(estimate[chosen], truth)
     print(f"\nSpearman(DVEmb, replayed TSLOO) over 50 last-epoch records: {rho:.4f}")
     assert rho >= SPEARMAN_FLOOR
+
+
+def test_checkpoint_influence_matches_tsloo_replayed_to_that_checkpoint(tmp_path):
+    spec, xv, yv = digits_spec()
+    b = 2 * spec.num_steps // 3  # end of epoch 2
+    model = record_run(spec, tmp_path / "s", projection_dim=None, dtype=torch.float64, save_checkpoints=[b])
+    dvemb.compute_embeddings(tmp_path / "s", checkpoints=[b], show_progress=False)
+    assert dvemb.checkpoint_steps(tmp_path / "s") == [b, spec.num_steps]
+    dvemb.load_checkpoint(tmp_path / "s", model, b)
+    inf = dvemb.influence(tmp_path / "s", model, lambda: F.cross_entropy(model(xv), yv, reduction="none"),
+                          checkpoint=0)
+    assert inf.steps.max() == b - 1
+    estimate = inf.scores.mean(axis=0)
+    epoch2 = np.flatnonzero(inf.steps >= b // 2)
+    chosen = np.random.default_rng(1).choice(epoch2, 50, replace=False)
+    removals = [[(int(inf.steps[r]), int(inf.sample_ids[r]))] for r in chosen]
+    truncated = TrainingSpec(spec.model_factory, spec.inputs, spec.targets, spec.batches[:b], spec.lrs)
+    truth = tsloo(truncated, removals, lambda m: F.cross_entropy(m(xv), yv), show_progress=False)[0]
+    rho = spearman(estimate[chosen], truth)
+    print(f"\nSpearman at checkpoint step {b}: {rho:.4f}")
+    assert rho >= 0.85

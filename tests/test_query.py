@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import dvemb
-from dvemb.embed.recursion import embedding_arrays
+from dvemb.embed.layout import final_arrays
 from dvemb.store import Store
 from reference import per_sample_gradients, project
 from test_recursion import train_recorded
@@ -23,7 +23,7 @@ def test_scores_are_test_gradient_dot_embedding(tmp_path):
     tests = per_sample_gradients(model, F.cross_entropy, xt, yt, names)
     want = sum(
         project(spec, tests[spec.name]) @ torch.from_numpy(np.array(arr.read(store.n_records))).t()
-        for spec, arr in zip(store.layers, embedding_arrays(store, "float64")))
+        for spec, arr in zip(store.layers, final_arrays(store, "float64")))
     np.testing.assert_allclose(inf.scores, want.numpy(), rtol=1e-10, atol=1e-14)
     assert inf.scores.shape == (3, store.n_records)
     np.testing.assert_array_equal(inf.steps, store.records["step"])

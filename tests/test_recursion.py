@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dvemb
-from dvemb.embed.recursion import embedding_arrays
+from dvemb.embed.layout import final_arrays
 from dvemb.store import Store, to_torch
 
 
@@ -35,12 +35,17 @@ def train_recorded(path, *, steps: int, batch: int, dtype, projection_dim, d=10,
     return model
 
 
-def explicit_embeddings(store: Store, layer: int) -> torch.Tensor:
-    """eta_t w_ti [prod_{k=t+1..T-1} (I - eta_k H_k)] g_ti with H_k = sum_i w_ki g_ki g_ki^T, term by term."""
-    g = to_torch(store.grads(layer), store.dtype).double()
-    rec = store.records
+def explicit_embeddings(store: Store, layer: int, until: int | None = None) -> torch.Tensor:
+    """eta_t w_ti [prod_{k=t+1..T-1} (I - eta_k H_k)] g_ti with H_k = sum_i w_ki g_ki g_ki^T, term by term.
+
+    ``until`` sets T (records of steps >= T are dropped): the embedding relative to theta_T.
+    """
+    T = store.n_steps if until is None else until
+    n = int(store.step_starts[T])
+    g = to_torch(store.grads(layer), store.dtype).double()[:n]
+    rec = store.records[:n]
     steps, w, lr = rec["step"], torch.from_numpy(rec["weight"].copy()), torch.from_numpy(rec["lr"].copy())
-    T, p = store.n_steps, g.shape[1]
+    p = g.shape[1]
     eye = torch.eye(p, dtype=torch.float64)
     hessians = []
     for k in range(T):
@@ -65,7 +70,7 @@ def test_algorithm1_equals_product_formula(tmp_path, reduction, projection_dim):
     info = dvemb.compute_embeddings(tmp_path / "s", show_progress=False)
     assert info.precision == "float64"
     store = Store(tmp_path / "s")
-    arrays = embedding_arrays(store, "float64")
+    arrays = final_arrays(store, "float64")
     for layer in range(len(store.layers)):
         got = torch.from_numpy(np.array(arrays[layer].read(store.n_records)))
         want = explicit_embeddings(store, layer)
@@ -83,7 +88,7 @@ def test_float32_recursion_matches_float64(tmp_path):
     for precision in ("float64", "float32"):
         dvemb.compute_embeddings(tmp_path / "s", precision=precision, show_progress=False)
         results[precision] = np.concatenate(
-            [np.array(a.read(store.n_records), dtype=np.float64) for a in embedding_arrays(store, precision)], 1)
+            [np.array(a.read(store.n_records), dtype=np.float64) for a in final_arrays(store, precision)], 1)
     diff = np.linalg.norm(results["float32"] - results["float64"]) / np.linalg.norm(results["float64"])
     assert diff < 1e-5, diff
 
@@ -94,7 +99,7 @@ def test_chunking_does_not_change_results(tmp_path):
     outs = []
     for chunk_rows in (1, 11, 10_000):  # one step per chunk, a few steps, everything
         dvemb.compute_embeddings(tmp_path / "s", chunk_rows=chunk_rows, show_progress=False)
-        outs.append(np.array(embedding_arrays(store, "float64")[0].read(store.n_records)))
+        outs.append(np.array(final_arrays(store, "float64")[0].read(store.n_records)))
     np.testing.assert_array_equal(outs[0], outs[1])
     np.testing.assert_array_equal(outs[0], outs[2])
 

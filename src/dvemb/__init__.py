@@ -5,12 +5,13 @@ leave-one-out effect of every (step, sample) record on a test loss.
 """
 
 from ._version import __version__
+from .capture.checkpoints import load_checkpoint, saved_checkpoints
 from .capture.recorder import NonFiniteGradientError, Recorder
-from .embed.recursion import EmbeddingInfo, compute_embeddings
-from .query import Influence, Ranking, TopK, influence
+from .embed.compute import EmbeddingInfo, compute_embeddings
+from .query import Influence, Ranking, TopK, checkpoint_steps, influence
 from .store import Store, StoreError
 
 __all__ = [
-    "__version__", "Recorder", "NonFiniteGradientError", "compute_embeddings", "EmbeddingInfo",
-    "influence", "Influence", "Ranking", "TopK", "Store", "StoreError",
+    "__version__", "Recorder", "load_checkpoint", "saved_checkpoints", "NonFiniteGradientError", "compute_embeddings", "EmbeddingInfo",
+    "influence", "checkpoint_steps", "Influence", "Ranking", "TopK", "Store", "StoreError",
 ]

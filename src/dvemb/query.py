@@ -13,7 +13,9 @@ from .progress import ProgressBar
 
 from .capture.ghost import GhostCapture
 from .capture.selection import match_specs
-from .embed.recursion import compute_embeddings, embedding_arrays, embedding_info, embeddings_are_current
+from .embed.checkpointing import Checkpoints, segment_boundaries
+from .embed.compute import compute_embeddings
+from .embed.layout import embedding_info, embeddings_are_current, final_arrays, propagator_arrays, segment_arrays
 from .store import Store
 
 LossClosure = Callable[[], torch.Tensor]
@@ -82,33 +84,77 @@ def query_gradients(store: Store, model: nn.Module, loss_fn: LossClosure) -> tup
     return grads, losses.shape[0]
 
 
+def checkpoint_steps(path: str | os.PathLike) -> list[int]:
+    """Steps t_l of the checkpoints available to ``influence(..., checkpoint=l)``; the last is T."""
+    info = embedding_info(Store(path))
+    if info is None:
+        raise ValueError(f"{path}: embeddings not computed; run compute_embeddings(path, checkpoints=K)")
+    return info["boundaries"][1:]
+
+
 def influence(
     path: str | os.PathLike,
     model: nn.Module,
     loss_fn: LossClosure,
     *,
+    checkpoint: int | None = None,
+    checkpoints: Checkpoints = None,
     chunk_rows: int = 65536,
     show_progress: bool = False,
 ) -> Influence:
-    """Score every stored record against the closure's per-example test losses.
+    """Score stored records against the closure's per-example test losses.
 
     The closure is evaluated at ``model`` as it is now and must return a 1-D tensor of
-    per-example losses. Embeddings are computed first if missing or stale.
+    per-example losses. Without ``checkpoint`` the model is the final one and every
+    record is scored. With ``checkpoint=l`` the model must hold theta at step
+    ``checkpoint_steps(path)[l]`` and the records before that step are scored by their
+    influence on that checkpoint. Embeddings are computed first if missing or stale
+    (with ``checkpoints`` segments when given).
     """
     store = Store(path)
-    if not embeddings_are_current(store):
-        compute_embeddings(store.path, show_progress=show_progress)
     info = embedding_info(store)
+    wanted = None if checkpoints is None else segment_boundaries(store.n_steps, checkpoints)
+    if not embeddings_are_current(store) or (wanted is not None and wanted != info["boundaries"]):
+        compute_embeddings(store.path, checkpoints=checkpoints, show_progress=show_progress)
+        info = embedding_info(store)
     assert info is not None
+    boundaries = info["boundaries"]
+    n_segments = len(boundaries) - 1
+    last = n_segments - 1 if checkpoint is None else _checkpoint_index(checkpoint, boundaries)
     grads, n_test = query_gradients(store, model, loss_fn)
     dtype = torch.float64 if info["precision"] == "float64" else torch.float32
     tests = [g.detach().to(device="cpu", dtype=dtype) for g in grads]
-    embeddings = [arr.read(store.n_records) for arr in embedding_arrays(store, info["precision"])]
-    scores = np.zeros((n_test, store.n_records), dtype=np.float64 if dtype == torch.float64 else np.float32)
-    for r0 in ProgressBar(range(0, store.n_records, chunk_rows), desc="scoring", disable=not show_progress):
-        r1 = min(r0 + chunk_rows, store.n_records)
+    starts = store.step_starts
+    n_rows = int(starts[boundaries[last + 1]])
+    scores = np.zeros((n_test, n_rows), dtype=np.float64 if dtype == torch.float64 else np.float32)
+    if last == n_segments - 1:  # relative to T: the composed embeddings
+        _score_rows(scores, tests, [a.read(store.n_records) for a in final_arrays(store, info["precision"])],
+                    0, n_rows, chunk_rows, show_progress)
+    else:  # relative to checkpoint `last`: carry the test gradients back through the propagators
+        local = [a.read(store.n_records) for a in segment_arrays(store, info["precision"])]
+        stacks = [a.read(n_segments) for a in propagator_arrays(store, info["precision"])]
+        for j in range(last, -1, -1):
+            _score_rows(scores, tests, local, int(starts[boundaries[j]]), int(starts[boundaries[j + 1]]),
+                        chunk_rows, show_progress)
+            if j > 0:
+                tests = [t @ torch.from_numpy(np.array(k[j])).to(dtype) for t, k in zip(tests, stacks)]
+    records = store.records[:n_rows]
+    return Influence(scores, np.asarray(records["step"]).copy(), np.asarray(records["sample_id"]).copy())
+
+
+def _checkpoint_index(checkpoint: int, boundaries: list[int]) -> int:
+    n = len(boundaries) - 1
+    if not -n <= checkpoint < n:
+        raise ValueError(f"checkpoint={checkpoint} out of range: the embeddings have {n} checkpoints at steps "
+                         f"{boundaries[1:]} (compute_embeddings(..., checkpoints=K) sets them)")
+    return checkpoint % n
+
+
+def _score_rows(scores: np.ndarray, tests: list[torch.Tensor], embeddings: list[np.ndarray], r_start: int,
+                r_stop: int, chunk_rows: int, show_progress: bool) -> None:
+    """scores[:, rows] += sum over layers of test @ embedding^T, in chunks of rows."""
+    for r0 in ProgressBar(range(r_start, r_stop, chunk_rows), desc="scoring", disable=not show_progress):
+        r1 = min(r0 + chunk_rows, r_stop)
         acc = torch.from_numpy(scores[:, r0:r1])
         for test, emb in zip(tests, embeddings):
             acc.addmm_(test, torch.from_numpy(np.array(emb[r0:r1])).t())
-    records = store.records
-    return Influence(scores, np.asarray(records["step"]).copy(), np.asarray(records["sample_id"]).copy())

@@ -134,6 +134,10 @@ class AppendableArray:
         with open(self.path, "wb") as f:
             f.write(_npy_header(self.dtype, (rows, *self.row_shape)))
             f.truncate(HEADER_BYTES + rows * self.row_bytes)
+        return self.writable(rows)
+
+    def writable(self, rows: int) -> np.ndarray | None:
+        """Writable memmap of an allocated file's ``rows`` rows (None when empty)."""
         if rows == 0:
             return None
         return np.memmap(self.path, dtype=self.dtype, mode="r+", offset=HEADER_BYTES, shape=(rows, *self.row_shape))

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..store import StoreConfig, StoreWriter, dtype_name
+from .checkpoints import save_checkpoint
 from .ghost import GhostCapture
 from .projection import ProjectionKind
 from .selection import ModuleSelection, layer_spec, select_modules
@@ -39,6 +40,8 @@ class Recorder:
     Use ``with rec.step(ids, lr=lr): loss.backward()`` around each optimizer step's
     forward and backward passes (several passes for gradient accumulation; their
     samples follow ``ids`` in order). A step is committed to disk when the block exits.
+    ``save_checkpoints`` (every N steps, or a list of steps) saves theta_t before those
+    steps, and theta_T on close, as safetensors files for checkpoint queries.
     """
 
     def __init__(
@@ -53,6 +56,7 @@ class Recorder:
         reduction: Reduction = "mean",
         optimizer: torch.optim.Optimizer | None = None,
         projection: ProjectionKind = "gaussian",
+        save_checkpoints: int | Sequence[int] | None = None,
         fsync: bool = False,
     ) -> None:
         if reduction not in ("mean", "sum"):
@@ -75,6 +79,10 @@ class Recorder:
         self._capture.attach()
         self._in_step = False
         self._closed = False
+        self._save_every = save_checkpoints if isinstance(save_checkpoints, int) else None
+        self._save_at = set() if save_checkpoints is None or self._save_every else {int(s) for s in save_checkpoints}
+        if self._save_every is not None and self._save_every < 1:
+            raise ValueError(f"save_checkpoints must be a positive interval or a list of steps, got {save_checkpoints}")
 
     @property
     def path(self):
@@ -101,6 +109,8 @@ class Recorder:
         sample_ids = as_ids(ids)
         if len(sample_ids) == 0:
             raise ValueError("a step needs at least one sample id")
+        if self._wants_checkpoint(self.steps):
+            save_checkpoint(self.path, self.model, self.steps)  # theta_t, before this step's update
         self._in_step = True
         self._capture.begin()
         try:
@@ -136,9 +146,14 @@ class Recorder:
                              "dvemb needs one lr per step (or pass lr= explicitly)")
         return lrs.pop()
 
+    def _wants_checkpoint(self, step: int) -> bool:
+        return step in self._save_at or (self._save_every is not None and step % self._save_every == 0)
+
     def close(self) -> None:
-        """Remove all hooks and close the store; the model behaves exactly as before."""
+        """Remove all hooks and close the store (saving theta_T if checkpoints are saved)."""
         if not self._closed:
+            if (self._save_every is not None or self._save_at) and self.steps > 0:
+                save_checkpoint(self.path, self.model, self.steps)
             self._capture.detach()
             self._writer.close()
             self._closed = True

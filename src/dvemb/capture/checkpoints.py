@@ -1,0 +1,62 @@
+"""Model checkpoints saved by the Recorder at chosen steps, as safetensors files.
+
+``checkpoints/step_00000100.safetensors`` holds theta_100: the parameters before
+step 100's update (after step 99's). Names are canonical (no ``module.`` prefix), so a
+checkpoint saved through a DDP wrapper loads into the bare model and the reverse.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .selection import canonical_name
+
+CHECKPOINT_DIR = "checkpoints"
+_PATTERN = re.compile(r"step_(\d+)\.safetensors$")
+
+
+def checkpoint_file(store_path: str | os.PathLike, step: int) -> Path:
+    """Path of the checkpoint of theta at ``step``."""
+    return Path(store_path) / CHECKPOINT_DIR / f"step_{step:08d}.safetensors"
+
+
+def save_checkpoint(store_path: str | os.PathLike, model: nn.Module, step: int) -> Path:
+    """Write the model's state at ``step`` (atomically: temp file + rename)."""
+    from safetensors.torch import save_file
+
+    path = checkpoint_file(store_path, step)
+    path.parent.mkdir(exist_ok=True)
+    state = {canonical_name(k): v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata={"step": str(step)})
+    os.replace(tmp, path)
+    return path
+
+
+def saved_checkpoints(store_path: str | os.PathLike) -> list[int]:
+    """Steps with a saved model checkpoint, ascending."""
+    folder = Path(store_path) / CHECKPOINT_DIR
+    if not folder.exists():
+        return []
+    return sorted(int(m.group(1)) for f in folder.iterdir() if (m := _PATTERN.match(f.name)))
+
+
+def load_checkpoint(store_path: str | os.PathLike, model: nn.Module, step: int) -> nn.Module:
+    """Load theta at ``step`` into ``model`` (in place) and return it; never executes code."""
+    from safetensors.torch import load_file
+
+    path = checkpoint_file(store_path, step)
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at step {step}; saved steps: {saved_checkpoints(store_path)}")
+    state = load_file(str(path))
+    own = {canonical_name(k): k for k in model.state_dict()}
+    missing = sorted(set(own) - set(state))
+    if missing:
+        raise ValueError(f"checkpoint at step {step} lacks {missing[:5]}")
+    model.load_state_dict({own[k]: v for k, v in state.items() if k in own})
+    return model

@@ -1,0 +1,179 @@
+"""compute_embeddings: Algorithm 1, or Algorithm 2 over parallel segments and layer groups."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..progress import ProgressBar
+from ..store import MANIFEST, Store, write_json_atomic
+from .checkpointing import Checkpoints, compose, segment_boundaries
+from .layout import SEGMENTS_DIR, embeddings_dir, final_arrays, propagator_arrays, segment_arrays
+from .recursion import TORCH_DTYPES, Precision, default_precision, run_recursion
+
+
+@dataclass(frozen=True)
+class EmbeddingInfo:
+    """Where and how a store's embeddings were computed."""
+
+    path: Path
+    committed_steps: int
+    committed_records: int
+    boundaries: tuple[int, ...]
+    precision: str
+    workers: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class _Task:
+    """One segment of steps for a group of layers."""
+
+    segment: int
+    start: int
+    stop: int
+    layers: tuple[int, ...]
+
+
+def compute_embeddings(
+    path: str | os.PathLike,
+    *,
+    checkpoints: Checkpoints = None,
+    workers: int = 1,
+    precision: Precision | None = None,
+    chunk_rows: int = 8192,
+    show_progress: bool = True,
+) -> EmbeddingInfo:
+    """Compute data value embeddings for the store at ``path`` and write them into it.
+
+    ``checkpoints`` splits the run into K evenly spaced segments (an int) or at given
+    steps (a sequence), run independently (Algorithm 2) and composed; their boundaries
+    become checkpoints for ``influence(..., checkpoint=l)``. ``workers`` processes share
+    the segments and, when there are more workers than segments, the layers.
+    """
+    store = Store(path)
+    boundaries = segment_boundaries(store.n_steps, checkpoints)
+    precision = precision or default_precision(store)
+    if precision not in TORCH_DTYPES:
+        raise ValueError(f"precision must be 'float32' or 'float64', got {precision!r}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    n_segments = len(boundaries) - 1
+    out_dir = embeddings_dir(store)
+    out_dir.mkdir(exist_ok=True)
+    (out_dir / MANIFEST).unlink(missing_ok=True)  # invalidate before overwriting
+    start = time.perf_counter()
+
+    finals = [a.allocate(store.n_records) for a in final_arrays(store, precision)]
+    if n_segments > 1:
+        (out_dir / SEGMENTS_DIR).mkdir(exist_ok=True)
+        for arr in segment_arrays(store, precision):
+            arr.allocate(store.n_records)
+        for arr in propagator_arrays(store, precision):
+            arr.allocate(n_segments)
+    tasks = _plan(store, boundaries, workers)
+    bar = ProgressBar(total=sum(t.stop - t.start for t in tasks), desc="embeddings", unit="step",
+                      disable=not show_progress)
+    if workers == 1:
+        for task in tasks:
+            _run_task(store, task, precision, chunk_rows, n_segments, lambda: bar.update(1))
+    else:
+        _run_parallel(store, tasks, precision, chunk_rows, n_segments, workers, bar)
+    bar.close()
+    if n_segments > 1:
+        _compose_final(store, boundaries, precision, finals, chunk_rows)
+    for sink in finals:
+        if sink is not None:
+            sink.flush()
+    seconds = time.perf_counter() - start
+    write_json_atomic(out_dir / MANIFEST, {
+        "committed_steps": store.n_steps, "committed_records": store.n_records, "boundaries": boundaries,
+        "precision": precision, "curvature": store.manifest["curvature"], "workers": workers, "seconds": seconds,
+    })
+    return EmbeddingInfo(out_dir, store.n_steps, store.n_records, tuple(boundaries), precision, workers, seconds)
+
+
+def _plan(store: Store, boundaries: Sequence[int], workers: int) -> list[_Task]:
+    """Segments x layer groups; layers are split only when workers outnumber segments."""
+    n_segments = len(boundaries) - 1
+    n_groups = min(len(store.layers), max(1, math.ceil(workers / n_segments)))
+    groups: list[list[int]] = [[] for _ in range(n_groups)]
+    loads = [0] * n_groups
+    for i in sorted(range(len(store.layers)), key=lambda i: -store.layers[i].dim):  # balance by dim^2
+        g = loads.index(min(loads))
+        groups[g].append(i)
+        loads[g] += store.layers[i].dim ** 2
+    return [_Task(j, boundaries[j], boundaries[j + 1], tuple(sorted(g)))
+            for j in range(n_segments) for g in groups]
+
+
+def _run_task(store: Store, task: _Task, precision: str, chunk_rows: int, n_segments: int, on_step) -> None:
+    """Run one task in this process, writing into the preallocated files."""
+    arrays = segment_arrays(store, precision) if n_segments > 1 else final_arrays(store, precision)
+    sinks = [arrays[i].writable(store.n_records) for i in task.layers]
+    propagators = run_recursion(store, task.layers, sinks, task.start, task.stop, precision, chunk_rows, on_step)
+    for sink in sinks:
+        sink.flush()
+    if n_segments > 1:
+        stacks = propagator_arrays(store, precision)
+        for i, k in zip(task.layers, propagators):
+            stack = stacks[i].writable(n_segments)
+            stack[task.segment] = k.numpy()
+            stack.flush()
+
+
+_counter = None
+
+
+def _init_worker(counter, threads: int) -> None:
+    global _counter
+    _counter = counter
+    torch.set_num_threads(threads)
+
+
+def _count_step() -> None:
+    with _counter.get_lock():
+        _counter.value += 1
+
+
+def _worker(path: str, task: _Task, precision: str, chunk_rows: int, n_segments: int) -> None:
+    _run_task(Store(path), task, precision, chunk_rows, n_segments, _count_step)
+
+
+def _run_parallel(store: Store, tasks: list[_Task], precision: str, chunk_rows: int, n_segments: int,
+                  workers: int, bar: ProgressBar) -> None:
+    """Run tasks in ``workers`` spawned processes, each with its share of the CPU threads."""
+    ctx = get_context("spawn")
+    counter = ctx.Value("q", 0)
+    threads = max(1, torch.get_num_threads() // workers)
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(counter, threads)) as pool:
+        pending = {pool.submit(_worker, str(store.path), t, precision, chunk_rows, n_segments) for t in tasks}
+        while pending:
+            done, pending = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
+            for fut in done:
+                fut.result()  # re-raise a worker's error here
+            bar.update(counter.value - bar.n)
+
+
+def _compose_final(store: Store, boundaries: Sequence[int], precision: str, finals: list, chunk_rows: int) -> None:
+    """Final embeddings: each segment's local embeddings mapped to T by the later propagators."""
+    dtype = TORCH_DTYPES[precision]
+    starts = store.step_starts
+    for layer, (local_arr, stack_arr) in enumerate(zip(segment_arrays(store, precision),
+                                                       propagator_arrays(store, precision))):
+        local = local_arr.read(store.n_records)
+        stack = stack_arr.read(len(boundaries) - 1)
+        maps = compose([torch.from_numpy(np.array(k)).to(dtype) for k in stack])
+        for j, c in enumerate(maps):
+            for r0 in range(starts[boundaries[j]], starts[boundaries[j + 1]], chunk_rows):
+                r1 = min(r0 + chunk_rows, starts[boundaries[j + 1]])
+                finals[layer][r0:r1] = (torch.from_numpy(np.array(local[r0:r1])) @ c.t()).numpy()

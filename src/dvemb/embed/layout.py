@@ -1,0 +1,56 @@
+"""Where a store keeps its embeddings.
+
+    embeddings/manifest.json         steps covered, segment boundaries, precision
+    embeddings/<layer>.npy           DVEmb relative to the final step T  [n_records, dim]
+    embeddings/segments/<layer>.npy  DVEmb relative to the end of each record's segment (K > 1)
+    embeddings/segments/<layer>.propagators.npy   K_j = prod_{t in segment j} (I - eta_t H_t)  [K, dim, dim]
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..store import MANIFEST, AppendableArray, Store, read_json
+
+EMBEDDINGS_DIR = "embeddings"
+SEGMENTS_DIR = "segments"
+
+
+def _float(precision: str) -> np.dtype:
+    return np.dtype("<f8" if precision == "float64" else "<f4")
+
+
+def embeddings_dir(store: Store) -> Path:
+    """The store's embeddings directory."""
+    return store.path / EMBEDDINGS_DIR
+
+
+def final_arrays(store: Store, precision: str) -> list[AppendableArray]:
+    """Per-layer embeddings relative to the last step."""
+    return [AppendableArray(embeddings_dir(store) / f"{s.name}.npy", _float(precision), (s.dim,)) for s in store.layers]
+
+
+def segment_arrays(store: Store, precision: str) -> list[AppendableArray]:
+    """Per-layer embeddings relative to the end of their segment."""
+    return [AppendableArray(embeddings_dir(store) / SEGMENTS_DIR / f"{s.name}.npy", _float(precision), (s.dim,))
+            for s in store.layers]
+
+
+def propagator_arrays(store: Store, precision: str) -> list[AppendableArray]:
+    """Per-layer stacks of segment propagators [K, dim, dim]."""
+    return [AppendableArray(embeddings_dir(store) / SEGMENTS_DIR / f"{s.name}.propagators.npy", _float(precision),
+                            (s.dim, s.dim)) for s in store.layers]
+
+
+def embedding_info(store: Store) -> dict | None:
+    """The embeddings manifest, or None when none were computed."""
+    path = embeddings_dir(store) / MANIFEST
+    return read_json(path) if path.exists() else None
+
+
+def embeddings_are_current(store: Store) -> bool:
+    """Whether embeddings exist and cover every committed step."""
+    info = embedding_info(store)
+    return info is not None and info["committed_steps"] == store.n_steps
