@@ -215,3 +215,9 @@ def test_info_summary(tmp_path):
     assert "steps      3" in text and "records    12" in text and "embeddings not computed" in text
     dvemb.compute_embeddings(tmp_path / "s", show_progress=False)
     assert "embeddings up to date" in Store(tmp_path / "s").summary()
+
+
+def test_manifest_missing_keys_is_a_store_error(tmp_path):
+    (tmp_path / "manifest.json").write_text('{"format_version": 1}')
+    with pytest.raises(StoreError, match="missing library_version"):
+        Store(tmp_path)

@@ -44,6 +44,10 @@ _STORAGE = {
 }
 
 
+_REQUIRED_KEYS = ("library_version", "dtype", "reduction", "curvature", "projection", "seed", "layers",
+                  "committed_steps", "committed_records")
+
+
 class StoreError(RuntimeError):
     """The store is missing, corrupt, or does not fit the request."""
 
@@ -191,6 +195,9 @@ class Store:
         version = self.manifest.get("format_version")
         if version != FORMAT_VERSION:
             raise StoreError(f"{self.path}: store format {version} is not supported (expected {FORMAT_VERSION})")
+        missing = [k for k in _REQUIRED_KEYS if k not in self.manifest]
+        if missing:
+            raise StoreError(f"{self.path / MANIFEST} is invalid: missing {', '.join(missing)}")
         self.layers = [LayerSpec.from_dict(d) for d in self.manifest["layers"]]
         self.dtype: str = self.manifest["dtype"]
         self.n_steps: int = self.manifest["committed_steps"]

@@ -1,0 +1,115 @@
+"""The `dvemb` command: run the demo, inspect a store, compute its embeddings."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Sequence
+
+from . import Store, StoreError, __version__, compute_embeddings
+from .experiments.demo import DEFAULT_PROJECTION_DIM, run_demo
+
+EXIT_ERROR = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the `dvemb` command line with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_ERROR
+    try:
+        return args.run(args)
+    except (StoreError, ValueError, ImportError, OSError) as exc:
+        print(f"dvemb {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"dvemb {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dvemb",
+        description="Training-data attribution with data value embeddings: estimate how much each "
+                    "(training step, sample) record changed a test loss.",
+        epilog="Exit status: 0 on success, 2 on an error (bad arguments, missing or invalid store, "
+               "missing optional dependency). Run 'dvemb COMMAND --help' for a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"dvemb {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    demo = sub.add_parser(
+        "demo", help="train a digits classifier, attribute test predictions to training records, save a figure",
+        description="Train a small MLP with SGD on scikit-learn's 8x8 digits while recording per-sample "
+                    "gradients, compute data value embeddings, print each test image's most helpful and "
+                    "most harmful training records and save DIR/demo.png (store in DIR/store, replaced on "
+                    "each run). Needs the 'demo' extra: pip install 'dvemb[demo]'.")
+    demo.add_argument("--out", metavar="DIR", default="dvemb-demo", help="output directory (default: ./dvemb-demo)")
+    demo.add_argument("--quick", action="store_true", help="train on a few hundred images only (a few seconds)")
+    demo.add_argument("--epochs", type=_positive_int, default=3, metavar="N", help="training epochs (default: 3)")
+    demo.add_argument("--projection-dim", type=_projection_dim, default=DEFAULT_PROJECTION_DIM, metavar="K|none",
+                      help="projected gradient size per layer, or 'none' for exact per-sample gradients "
+                           f"(default: {str(DEFAULT_PROJECTION_DIM).lower()})")
+    demo.add_argument("--seed", type=int, default=0, metavar="S", help="seed of data split, init and batch order "
+                                                                       "(default: 0)")
+    demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    demo.set_defaults(run=_demo)
+
+    info = sub.add_parser("info", help="describe a store: steps, records, layers, embeddings, size",
+                          description="Print a summary of the dvemb store in directory STORE.")
+    info.add_argument("store", metavar="STORE", help="store directory (as given to dvemb.Recorder)")
+    info.set_defaults(run=_info)
+
+    embed = sub.add_parser("embed", help="compute (or recompute) a store's data value embeddings",
+                           description="Run the backward recursion (Algorithm 1) over every committed step of "
+                                       "STORE, or Algorithm 2 with --checkpoints, and write the embeddings into it.")
+    embed.add_argument("store", metavar="STORE", help="store directory")
+    embed.add_argument("--precision", choices=("float32", "float64"), default=None,
+                       help="arithmetic of the recursion (default: float64 for float64 stores, else float32)")
+    embed.add_argument("--checkpoints", type=_positive_int, default=None, metavar="K",
+                       help="split the run into K segments computed independently and composed (Algorithm 2); "
+                            "their boundaries become checkpoints for influence(..., checkpoint=l)")
+    embed.add_argument("--workers", type=_positive_int, default=1, metavar="N",
+                       help="processes sharing the segments and layers (default: 1)")
+    embed.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    embed.set_defaults(run=_embed)
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _projection_dim(text: str) -> int | None:
+    if text.lower() == "none":
+        return None
+    try:
+        return _positive_int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer or 'none', got {text!r}") from None
+
+
+def _demo(args: argparse.Namespace) -> int:
+    run_demo(args.out, epochs=args.epochs, projection_dim=args.projection_dim, seed=args.seed, quick=args.quick,
+             show_progress=not args.no_progress)
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    print(Store(args.store).summary())
+    return 0
+
+
+def _embed(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    info = compute_embeddings(args.store, checkpoints=args.checkpoints, workers=args.workers,
+                              precision=args.precision, show_progress=not args.no_progress)
+    print(f"embeddings of {info.committed_records} records over {info.committed_steps} steps "
+          f"({info.precision}) written to {info.path} in {time.perf_counter() - start:.2f} s")
+    return 0
