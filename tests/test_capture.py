@@ -205,3 +205,22 @@ def test_no_grad_forward_inside_step_is_ignored(tmp_path):
                 model(torch.randn(3, 12))  # e.g. an evaluation pass: not part of the step
             F.cross_entropy(model(x), y).backward()
     check_against_reference(Store(tmp_path / "s"), model, x, y, TOL32)
+
+
+def test_tied_weights_are_skipped_by_default_and_refused_by_name(tmp_path):
+    class TiedLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte = nn.Embedding(11, 6)
+            self.mlp = nn.Linear(6, 6)
+            self.lm_head = nn.Linear(6, 11, bias=False)
+            self.lm_head.weight = self.wte.weight
+
+        def forward(self, ids):
+            return self.lm_head(torch.tanh(self.mlp(self.wte(ids))))
+
+    model = TiedLM()
+    with pytest.warns(UserWarning, match=r"'lm_head' shares its weight with \['wte'\]"):
+        assert dvemb.Recorder(model, tmp_path / "a").layers == ["mlp"]
+    with pytest.raises(ValueError, match="tied weights.*leave it out"):
+        dvemb.Recorder(model, tmp_path / "b", modules=["mlp", "lm_head"])

@@ -35,14 +35,20 @@ def train_recorded(path, *, steps: int, batch: int, dtype, projection_dim, d=10,
     return model
 
 
-def explicit_embeddings(store: Store, layer: int, until: int | None = None) -> torch.Tensor:
+def explicit_embeddings(store: Store, layer: int | list[int], until: int | None = None) -> torch.Tensor:
     """eta_t w_ti [prod_{k=t+1..T-1} (I - eta_k H_k)] g_ti with H_k = sum_i w_ki g_ki g_ki^T, term by term.
 
     ``until`` sets T (records of steps >= T are dropped): the embedding relative to theta_T.
+    A list of layers concatenates them (one M for the block); stored curvature rows c
+    replace g in H_k = sum_i w_ki sum_s c_kis c_kis^T.
     """
+    block = [layer] if isinstance(layer, int) else layer
     T = store.n_steps if until is None else until
     n = int(store.step_starts[T])
-    g = to_torch(store.grads(layer), store.dtype).double()[:n]
+    g = torch.cat([to_torch(store.grads(i), store.dtype) for i in block], 1).double()[:n]
+    passes = store.curvature_passes
+    c = (torch.cat([to_torch(store.curvature(i), store.dtype).reshape(-1, passes, store.layers[i].dim)
+                    for i in block], 2).double()[:n] if passes else g[:, None, :])
     rec = store.records[:n]
     steps, w, lr = rec["step"], torch.from_numpy(rec["weight"].copy()), torch.from_numpy(rec["lr"].copy())
     p = g.shape[1]
@@ -50,7 +56,7 @@ def explicit_embeddings(store: Store, layer: int, until: int | None = None) -> t
     hessians = []
     for k in range(T):
         rows = torch.from_numpy(np.flatnonzero(steps == k))
-        hessians.append((g[rows] * w[rows, None]).t() @ g[rows])
+        hessians.append(torch.einsum("r,rsp,rsq->pq", w[rows], c[rows], c[rows]))
     out = torch.empty_like(g)
     for r in range(len(g)):
         t = int(steps[r])

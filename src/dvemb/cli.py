@@ -72,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     embed.add_argument("--checkpoints", type=_positive_int, default=None, metavar="K",
                        help="split the run into K segments computed independently and composed (Algorithm 2); "
                             "their boundaries become checkpoints for influence(..., checkpoint=l)")
+    embed.add_argument("--blocking", choices=("layer", "global"), default="layer",
+                       help="one M per layer (default), or one over all layers (keeps cross-layer curvature; "
+                            "memory grows with the square of the summed dims)")
     embed.add_argument("--workers", type=_positive_int, default=1, metavar="N",
                        help="processes sharing the segments and layers (default: 1)")
     embed.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -109,7 +112,7 @@ def _info(args: argparse.Namespace) -> int:
 def _embed(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     info = compute_embeddings(args.store, checkpoints=args.checkpoints, workers=args.workers,
-                              precision=args.precision, show_progress=not args.no_progress)
+                              precision=args.precision, blocking=args.blocking, show_progress=not args.no_progress)
     print(f"embeddings of {info.committed_records} records over {info.committed_steps} steps "
           f"({info.precision}) written to {info.path} in {time.perf_counter() - start:.2f} s")
     return 0

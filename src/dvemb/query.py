@@ -16,6 +16,7 @@ from .capture.selection import match_specs
 from .embed.checkpointing import Checkpoints, segment_boundaries
 from .embed.compute import compute_embeddings
 from .embed.layout import embedding_info, embeddings_are_current, final_arrays, propagator_arrays, segment_arrays
+from .embed.recursion import Blocking
 from .store import Store
 
 LossClosure = Callable[[], torch.Tensor]
@@ -78,7 +79,7 @@ def query_gradients(store: Store, model: nn.Module, loss_fn: LossClosure) -> tup
                                  "(use reduction='none')")
             # autograd.grad leaves the parameters' .grad untouched
             torch.autograd.grad(losses.sum(), [m.weight for m in modules], allow_unused=True)
-        grads = capture.collect(n_rows=losses.shape[0])
+        grads, _ = capture.collect(n_rows=losses.shape[0])
     finally:
         capture.detach()
     return grads, losses.shape[0]
@@ -99,6 +100,7 @@ def influence(
     *,
     checkpoint: int | None = None,
     checkpoints: Checkpoints = None,
+    blocking: Blocking | None = None,
     chunk_rows: int = 65536,
     show_progress: bool = False,
 ) -> Influence:
@@ -108,14 +110,16 @@ def influence(
     per-example losses. Without ``checkpoint`` the model is the final one and every
     record is scored. With ``checkpoint=l`` the model must hold theta at step
     ``checkpoint_steps(path)[l]`` and the records before that step are scored by their
-    influence on that checkpoint. Embeddings are computed first if missing or stale
-    (with ``checkpoints`` segments when given).
+    influence on that checkpoint. Embeddings are computed first if missing or stale, or
+    when ``checkpoints`` or ``blocking`` ask for other ones than those stored.
     """
     store = Store(path)
     info = embedding_info(store)
     wanted = None if checkpoints is None else segment_boundaries(store.n_steps, checkpoints)
-    if not embeddings_are_current(store) or (wanted is not None and wanted != info["boundaries"]):
-        compute_embeddings(store.path, checkpoints=checkpoints, show_progress=show_progress)
+    if (not embeddings_are_current(store) or (wanted is not None and wanted != info["boundaries"])
+            or (blocking is not None and blocking != info["blocking"])):
+        compute_embeddings(store.path, checkpoints=checkpoints, blocking=blocking or "layer",
+                           show_progress=show_progress)
         info = embedding_info(store)
     assert info is not None
     boundaries = info["boundaries"]
@@ -131,15 +135,27 @@ def influence(
         _score_rows(scores, tests, [a.read(store.n_records) for a in final_arrays(store, info["precision"])],
                     0, n_rows, chunk_rows, show_progress)
     else:  # relative to checkpoint `last`: carry the test gradients back through the propagators
+        blocks = info["blocks"]
         local = [a.read(store.n_records) for a in segment_arrays(store, info["precision"])]
-        stacks = [a.read(n_segments) for a in propagator_arrays(store, info["precision"])]
+        stacks = [a.read(n_segments) for a in propagator_arrays(store, info["precision"], blocks)]
         for j in range(last, -1, -1):
             _score_rows(scores, tests, local, int(starts[boundaries[j]]), int(starts[boundaries[j + 1]]),
                         chunk_rows, show_progress)
             if j > 0:
-                tests = [t @ torch.from_numpy(np.array(k[j])).to(dtype) for t, k in zip(tests, stacks)]
+                tests = _propagate(tests, blocks, [k[j] for k in stacks], dtype)
     records = store.records[:n_rows]
     return Influence(scores, np.asarray(records["step"]).copy(), np.asarray(records["sample_id"]).copy())
+
+
+def _propagate(tests: list[torch.Tensor], blocks: list[list[int]], propagators: list[np.ndarray],
+               dtype: torch.dtype) -> list[torch.Tensor]:
+    """Per-layer test gradients times each block's propagator (V_j = V_{j+1} K_{j+1})."""
+    out = list(tests)
+    for block, k in zip(blocks, propagators):
+        moved = torch.cat([tests[i] for i in block], 1) @ torch.from_numpy(np.array(k)).to(dtype)
+        for i, part in zip(block, moved.split([tests[i].shape[1] for i in block], dim=1)):
+            out[i] = part
+    return out
 
 
 def _checkpoint_index(checkpoint: int, boundaries: list[int]) -> int:

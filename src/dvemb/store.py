@@ -5,6 +5,7 @@ Layout::
     manifest.json          format, tracked layers (sizes, projection seeds), dtype, committed counts
     records.npy            one row per record: step, sample_id, weight, lr, rank
     grads/<layer>.npy      per-layer projected per-sample gradients, rows = records
+    curv/<layer>.npy       curvature rows (passes x dim per record) for curvature='fisher'/'ggn'
     embeddings/            manifest.json + <layer>.npy once computed
 
 A step is committed when its rows are written and flushed, the .npy headers carry
@@ -215,6 +216,23 @@ class Store:
         """The gradient rows of one layer."""
         return AppendableArray(path / "grads" / f"{spec.name}.npy", _STORAGE[dtype][0], (spec.dim,))
 
+    @staticmethod
+    def curvature_array(path: Path, spec: LayerSpec, dtype: str, passes: int) -> AppendableArray:
+        """The curvature rows of one layer (``passes`` pseudo-gradients per record)."""
+        return AppendableArray(path / "curv" / f"{spec.name}.npy", _STORAGE[dtype][0], (passes * spec.dim,))
+
+    @property
+    def curvature_passes(self) -> int:
+        """Curvature rows per record (0: the gradients themselves are used)."""
+        return self.manifest.get("curvature_passes", 0)
+
+    def curvature(self, layer: int) -> np.ndarray | None:
+        """Read-only [n_records, passes * dim] curvature rows of a layer, or None under gradient_outer."""
+        if not self.curvature_passes:
+            return None
+        spec = self.layers[layer]
+        return self.curvature_array(self.path, spec, self.dtype, self.curvature_passes).read(self.n_records)
+
     @property
     def config(self) -> StoreConfig:
         """The creation settings."""
@@ -322,6 +340,9 @@ class StoreWriter:
         self.config = config
         self._records = Store.records_array(self.path)
         self._grads = [Store.grads_array(self.path, s, config.dtype) for s in config.layers]
+        self._curv: list[AppendableArray] = []
+        if self.manifest.get("curvature_passes", 0):
+            self._open_curvature(self.manifest["curvature_passes"])
         for arr in (self._records, *self._grads):
             arr.open_for_append(self.n_records)
         if not manifest_path.exists():
@@ -351,24 +372,42 @@ class StoreWriter:
                 raise StoreError(f"cannot resume: store has {key}={getattr(found, key)!r}, "
                                  f"recorder asks {getattr(wanted, key)!r}")
 
-    def append_step(self, sample_ids: np.ndarray, weights: np.ndarray, lr: float,
-                    grads: Sequence[torch.Tensor], rank: int = 0) -> int:
-        """Write one step's records and per-layer gradients, then commit; returns the step index."""
+    @property
+    def _arrays(self) -> list[AppendableArray]:
+        return [self._records, *self._grads, *self._curv]
+
+    def _open_curvature(self, passes: int) -> None:
+        self._curv = [Store.curvature_array(self.path, s, self.config.dtype, passes) for s in self.config.layers]
+        self._curv[0].path.parent.mkdir(exist_ok=True)
+        for arr in self._curv:
+            arr.open_for_append(self.n_records)
+        self.manifest["curvature_passes"] = passes
+
+    def append_step(self, sample_ids: np.ndarray, weights: np.ndarray, lr: float, grads: Sequence[torch.Tensor],
+                    curvature: Sequence[torch.Tensor] | None = None, rank: int = 0) -> int:
+        """Write one step's records, per-layer gradients and curvature rows, then commit; returns the step."""
         step = self.n_steps
+        if curvature is not None:
+            passes = curvature[0].shape[1] // self.config.layers[0].dim
+            if not self._curv and self.n_records == 0:
+                self._open_curvature(passes)
+            if not self._curv or passes != self.manifest["curvature_passes"]:
+                raise StoreError(f"curvature rows changed: {passes} passes per record, store has "
+                                 f"{self.manifest.get('curvature_passes', 0)}")
         n = len(sample_ids)
         records = np.zeros(n, dtype=RECORD_DTYPE)
         records["step"], records["sample_id"], records["weight"] = step, sample_ids, weights
         records["lr"], records["rank"] = lr, rank
         try:
             self._records.append(records)
-            for arr, g in zip(self._grads, grads):
+            for arr, g in zip(self._grads + self._curv, [*grads, *(curvature or [])]):
                 arr.append(to_numpy(g, self.config.dtype))
         except BaseException:
-            for arr in (self._records, *self._grads):
+            for arr in self._arrays:
                 arr.rollback(self.n_records)
             raise
         total = self.n_records + n
-        for arr in (self._records, *self._grads):
+        for arr in self._arrays:
             arr.flush(total, self.fsync)
         self.manifest["committed_steps"] = step + 1
         self.manifest["committed_records"] = total
@@ -381,5 +420,5 @@ class StoreWriter:
 
     def close(self) -> None:
         """Close all files (committed data stays)."""
-        for arr in (self._records, *self._grads):
+        for arr in self._arrays:
             arr.close()

@@ -9,6 +9,10 @@ on the layer's output tensor, which fires with ds during backward.
 
 Micro-batches (gradient accumulation) are told apart by the phase: the first forward
 after a backward starts a new micro-batch whose rows follow the previous ones.
+
+With a curvature other than ``gradient_outer``, a hook on the model's output runs extra
+backward passes of pseudo-losses (see curvature.py) right after each forward; the same
+layer hooks then collect the curvature rows into separate streams.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from .curvature import Curvature, logits_of, pseudo_losses
 from .selection import LayerSpec
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -70,10 +75,17 @@ class _Projector:
 class GhostCapture:
     """Hooks on tracked modules that accumulate projected per-sample gradients by row."""
 
-    def __init__(self, model: nn.Module, modules: Sequence[nn.Module], specs: Sequence[LayerSpec]) -> None:
+    def __init__(self, model: nn.Module, modules: Sequence[nn.Module], specs: Sequence[LayerSpec], *,
+                 curvature: Curvature = "gradient_outer", curvature_samples: int | None = None, reduction: str = "mean",
+                 seed: int = 0) -> None:
         self.model = model
         self.modules = list(modules)
         self.specs = list(specs)
+        self.curvature = curvature
+        self.curvature_samples = curvature_samples
+        self.reduction = reduction
+        self._seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
         self._projectors = [_Projector(s) for s in self.specs]
         self._handles: list[RemovableHandle] = []
         self._active = False
@@ -86,6 +98,8 @@ class GhostCapture:
             return
         for idx, module in enumerate(self.modules):
             self._handles.append(module.register_forward_hook(self._forward_hook(idx)))
+        if self.curvature != "gradient_outer":
+            self._handles.append(self.model.register_forward_hook(self._curvature_hook))
 
     def detach(self) -> None:
         """Remove every hook; the model behaves exactly as before."""
@@ -105,27 +119,29 @@ class GhostCapture:
         self._active = False
         self._reset()
 
-    def collect(self, n_rows: int | None = None) -> list[torch.Tensor]:
-        """Stop collecting and return per-layer [n_rows, dim] gradients of the rows seen."""
+    def collect(self, n_rows: int | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        """Stop collecting; return per-layer gradients [n_rows, dim] and curvature rows [n_rows, passes * dim].
+
+        The curvature list is None under ``gradient_outer`` (the gradients are the curvature rows).
+        """
         self._active = False
         rows = self._offset + (self._mb_rows or 0)
         if rows == 0:
             raise RuntimeError("no gradients were captured: run forward and backward through the model inside the step")
         if n_rows is not None and rows != n_rows:
             raise ValueError(f"the forward passes of this step covered {rows} samples but {n_rows} ids were given")
-        out = []
-        for spec, parts in zip(self.specs, self._parts):
-            if not parts:
-                raise RuntimeError(
-                    f"layer {spec.name!r} received no gradient in this step; track only layers used in the "
-                    "forward pass (modules=...), and keep its output connected to the loss")
-            out.append(self._assemble(spec, parts, rows))
+        streams = [[self._assemble(spec, parts, rows) for spec, parts in zip(self.specs, stream)]
+                   for stream in self._streams]
         self._reset()
-        return out
+        if len(streams) == 1:
+            return streams[0], None
+        return streams[0], [torch.cat([s[i] for s in streams[1:]], dim=1) for i in range(len(self.specs))]
 
     # -- internals -------------------------------------------------------------------
     def _reset(self) -> None:
-        self._parts: list[dict[int, torch.Tensor]] = [{} for _ in self.specs]
+        # stream 0: gradients; stream s >= 1: the s-th curvature pass (created on first use)
+        self._streams: list[list[dict[int, torch.Tensor]]] = [[{} for _ in self.specs]]
+        self._stream = 0
         self._offset = 0
         self._mb_rows: int | None = None
         self._in_backward = False
@@ -133,6 +149,10 @@ class GhostCapture:
     @staticmethod
     def _assemble(spec: LayerSpec, parts: dict[int, torch.Tensor], rows: int) -> torch.Tensor:
         """Rows of all micro-batches in order; micro-batches that missed this layer are zero."""
+        if not parts:
+            raise RuntimeError(
+                f"layer {spec.name!r} received no gradient in this step; track only layers used in the "
+                "forward pass (modules=...), and keep its output connected to the loss")
         first = next(iter(parts.values()))
         full = first.new_zeros(rows, spec.dim)
         for offset, block in parts.items():
@@ -166,12 +186,38 @@ class GhostCapture:
                 f"layer {name!r} saw a batch of {batch} rows but this micro-batch has {self._mb_rows}; "
                 "tracked layers must take inputs whose first dimension is the sample")
 
+    def _curvature_hook(self, module: nn.Module, inputs: tuple, output: object) -> None:
+        """After a recorded forward, backpropagate each curvature pseudo-loss into its own stream."""
+        if not (self._active and torch.is_grad_enabled()) or torch._C._current_graph_task_id() != -1:
+            return
+        logits = logits_of(output)
+        if not logits.requires_grad:
+            return
+        weights = [m.weight for m in self.modules]
+        phase = self._in_backward
+        try:
+            for s, loss in enumerate(pseudo_losses(logits, self.curvature, self.curvature_samples, self.reduction,
+                                                   self._generator(logits.device)), start=1):
+                while len(self._streams) <= s:
+                    self._streams.append([{} for _ in self.specs])
+                self._stream = s
+                torch.autograd.grad(loss, weights, retain_graph=True, allow_unused=True)
+        finally:
+            self._stream = 0
+            self._in_backward = phase
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        """The seeded label sampler of a device (curvature='fisher' is reproducible)."""
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device).manual_seed(self._seed)
+        return self._generators[device]
+
     def _on_grad(self, idx: int, a: torch.Tensor, offset: int, ds: torch.Tensor) -> None:
         self._in_backward = True
         if not self._active:
             return
         block = self._projectors[idx].project(a, ds.detach())
-        parts = self._parts[idx]
+        parts = self._streams[self._stream][idx]
         if offset in parts:
             parts[offset] += block  # the module was used more than once in this micro-batch
         else:

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..store import StoreConfig, StoreWriter, dtype_name
 from .checkpoints import save_checkpoint
+from .curvature import CURVATURES, Curvature
 from .ghost import GhostCapture
 from .projection import ProjectionKind
 from .selection import ModuleSelection, layer_spec, select_modules
@@ -57,12 +58,18 @@ class Recorder:
         optimizer: torch.optim.Optimizer | None = None,
         projection: ProjectionKind = "gaussian",
         save_checkpoints: int | Sequence[int] | None = None,
+        curvature: Curvature = "gradient_outer",
+        curvature_samples: int | None = None,
         fsync: bool = False,
     ) -> None:
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         if projection not in ("gaussian", "rademacher"):
             raise ValueError(f"projection must be 'gaussian' or 'rademacher', got {projection!r}")
+        if curvature not in CURVATURES:
+            raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
+        if curvature_samples is not None and curvature_samples < 1:
+            raise ValueError(f"curvature_samples must be >= 1, got {curvature_samples}")
         if projection_dim is not None and projection_dim < 1:
             raise ValueError(f"projection_dim must be a positive int or None, got {projection_dim}")
         self.model = model
@@ -72,10 +79,11 @@ class Recorder:
             _warn_if_not_plain_sgd(optimizer)
         chosen = select_modules(model, modules)
         specs = [layer_spec(name, m, projection_dim, seed, projection) for name, m in chosen]
-        config = StoreConfig(tuple(specs), dtype_name(dtype), reduction, projection=projection, seed=seed)
+        config = StoreConfig(tuple(specs), dtype_name(dtype), reduction, curvature, projection, seed)
         self._writer = StoreWriter(path, config, fsync=fsync)
         self._modules = [m for _, m in chosen]
-        self._capture = GhostCapture(model, self._modules, specs)
+        self._capture = GhostCapture(model, self._modules, specs, curvature=curvature,
+                                     curvature_samples=curvature_samples, reduction=reduction, seed=seed)
         self._capture.attach()
         self._in_step = False
         self._closed = False
@@ -115,7 +123,7 @@ class Recorder:
         self._capture.begin()
         try:
             yield
-            grads = self._capture.collect(n_rows=len(sample_ids))
+            grads, curvature = self._capture.collect(n_rows=len(sample_ids))
         except BaseException:
             self._capture.abort()
             raise
@@ -123,13 +131,13 @@ class Recorder:
             self._in_step = False
         step_lr = self._resolve_lr(lr)
         weight = 1.0 / len(sample_ids) if self.reduction == "mean" else 1.0
-        for name, g in zip(self.layers, grads):
+        for name, g in zip(self.layers * 2, grads + (curvature or [])):
             if not torch.isfinite(g).all():
                 raise NonFiniteGradientError(
                     f"non-finite per-sample gradient in layer {name!r} at step {self.steps}; the step was not recorded")
         # Hooks see the weighted loss's gradient w * g; the store keeps the sample's own g.
         unweighted = [g / weight for g in grads] if weight != 1.0 else grads
-        self._writer.append_step(sample_ids, np.full(len(sample_ids), weight), step_lr, unweighted)
+        self._writer.append_step(sample_ids, np.full(len(sample_ids), weight), step_lr, unweighted, curvature)
 
     def _resolve_lr(self, lr: float | None) -> float:
         if lr is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -99,9 +100,28 @@ def select_modules(model: nn.Module, modules: ModuleSelection = None) -> list[tu
     for n, m in chosen:
         if not m.weight.requires_grad:
             raise ValueError(f"layer {n!r} is frozen (weight.requires_grad is False) and cannot be tracked")
+    tied = _tied_weights(model)
+    for n, m in list(chosen):
+        owners = tied.get(id(m.weight), [n])
+        if len(owners) > 1:
+            message = (f"layer {n!r} shares its weight with {[o for o in owners if o != n]} (tied weights): its "
+                       "per-sample gradient would miss the other uses")
+            if modules is not None and not isinstance(modules, str):
+                raise ValueError(message + "; leave it out of modules=")
+            warnings.warn(message + "; it is not tracked", stacklevel=3)
+            chosen.remove((n, m))
     if not chosen:
         raise ValueError("model has no trainable nn.Linear or GPT-2 Conv1D layer to track")
     return chosen
+
+
+def _tied_weights(model: nn.Module) -> dict[int, list[str]]:
+    """Parameter id -> names of the modules that hold it, for parameters held by several."""
+    owners: dict[int, list[str]] = {}
+    for name, module in named_modules(model):
+        for param in module.parameters(recurse=False):
+            owners.setdefault(id(param), []).append(name)
+    return {k: v for k, v in owners.items() if len(v) > 1}
 
 
 def layer_spec(name: str, module: nn.Module, budget: int | None, seed: int, kind: ProjectionKind) -> LayerSpec:

@@ -18,7 +18,7 @@ from ..progress import ProgressBar
 from ..store import MANIFEST, Store, write_json_atomic
 from .checkpointing import Checkpoints, compose, segment_boundaries
 from .layout import SEGMENTS_DIR, embeddings_dir, final_arrays, propagator_arrays, segment_arrays
-from .recursion import TORCH_DTYPES, Precision, default_precision, run_recursion
+from .recursion import TORCH_DTYPES, Blocking, Precision, block_layers, default_precision, run_recursion
 
 
 @dataclass(frozen=True)
@@ -30,18 +30,20 @@ class EmbeddingInfo:
     committed_records: int
     boundaries: tuple[int, ...]
     precision: str
+    blocking: str
     workers: int
     seconds: float
 
 
 @dataclass(frozen=True)
 class _Task:
-    """One segment of steps for a group of layers."""
+    """One segment of steps for a group of blocks (each block: layer indices sharing one M)."""
 
     segment: int
     start: int
     stop: int
-    layers: tuple[int, ...]
+    blocks: tuple[tuple[int, ...], ...]
+    block_ids: tuple[int, ...]
 
 
 def compute_embeddings(
@@ -50,6 +52,7 @@ def compute_embeddings(
     checkpoints: Checkpoints = None,
     workers: int = 1,
     precision: Precision | None = None,
+    blocking: Blocking = "layer",
     chunk_rows: int = 8192,
     show_progress: bool = True,
 ) -> EmbeddingInfo:
@@ -59,6 +62,8 @@ def compute_embeddings(
     steps (a sequence), run independently (Algorithm 2) and composed; their boundaries
     become checkpoints for ``influence(..., checkpoint=l)``. ``workers`` processes share
     the segments and, when there are more workers than segments, the layers.
+    ``blocking="global"`` uses one M over all layers (cross-layer curvature; memory
+    (sum of dims)^2) instead of one per layer.
     """
     store = Store(path)
     boundaries = segment_boundaries(store.n_steps, checkpoints)
@@ -67,6 +72,7 @@ def compute_embeddings(
         raise ValueError(f"precision must be 'float32' or 'float64', got {precision!r}")
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    blocks = block_layers(store, blocking)
     n_segments = len(boundaries) - 1
     out_dir = embeddings_dir(store)
     out_dir.mkdir(exist_ok=True)
@@ -78,55 +84,59 @@ def compute_embeddings(
         (out_dir / SEGMENTS_DIR).mkdir(exist_ok=True)
         for arr in segment_arrays(store, precision):
             arr.allocate(store.n_records)
-        for arr in propagator_arrays(store, precision):
+        for arr in propagator_arrays(store, precision, blocks):
             arr.allocate(n_segments)
-    tasks = _plan(store, boundaries, workers)
+    tasks = _plan(store, boundaries, blocks, workers)
     bar = ProgressBar(total=sum(t.stop - t.start for t in tasks), desc="embeddings", unit="step",
                       disable=not show_progress)
     if workers == 1:
         for task in tasks:
-            _run_task(store, task, precision, chunk_rows, n_segments, lambda: bar.update(1))
+            _run_task(store, task, precision, blocks, chunk_rows, n_segments, lambda: bar.update(1))
     else:
-        _run_parallel(store, tasks, precision, chunk_rows, n_segments, workers, bar)
+        _run_parallel(store, tasks, precision, blocks, chunk_rows, n_segments, workers, bar)
     bar.close()
     if n_segments > 1:
-        _compose_final(store, boundaries, precision, finals, chunk_rows)
+        _compose_final(store, boundaries, precision, blocks, finals, chunk_rows)
     for sink in finals:
         if sink is not None:
             sink.flush()
     seconds = time.perf_counter() - start
     write_json_atomic(out_dir / MANIFEST, {
         "committed_steps": store.n_steps, "committed_records": store.n_records, "boundaries": boundaries,
-        "precision": precision, "curvature": store.manifest["curvature"], "workers": workers, "seconds": seconds,
+        "precision": precision, "curvature": store.manifest["curvature"], "blocking": blocking, "blocks": blocks,
+        "workers": workers, "seconds": seconds,
     })
-    return EmbeddingInfo(out_dir, store.n_steps, store.n_records, tuple(boundaries), precision, workers, seconds)
+    return EmbeddingInfo(out_dir, store.n_steps, store.n_records, tuple(boundaries), precision, blocking, workers,
+                         seconds)
 
 
-def _plan(store: Store, boundaries: Sequence[int], workers: int) -> list[_Task]:
-    """Segments x layer groups; layers are split only when workers outnumber segments."""
+def _plan(store: Store, boundaries: Sequence[int], blocks: list[list[int]], workers: int) -> list[_Task]:
+    """Segments x groups of blocks; blocks are split only when workers outnumber segments."""
     n_segments = len(boundaries) - 1
-    n_groups = min(len(store.layers), max(1, math.ceil(workers / n_segments)))
+    n_groups = min(len(blocks), max(1, math.ceil(workers / n_segments)))
     groups: list[list[int]] = [[] for _ in range(n_groups)]
     loads = [0] * n_groups
-    for i in sorted(range(len(store.layers)), key=lambda i: -store.layers[i].dim):  # balance by dim^2
+    cost = [sum(store.layers[i].dim for i in block) ** 2 for block in blocks]
+    for b in sorted(range(len(blocks)), key=lambda b: -cost[b]):  # balance by dim^2
         g = loads.index(min(loads))
-        groups[g].append(i)
-        loads[g] += store.layers[i].dim ** 2
-    return [_Task(j, boundaries[j], boundaries[j + 1], tuple(sorted(g)))
+        groups[g].append(b)
+        loads[g] += cost[b]
+    return [_Task(j, boundaries[j], boundaries[j + 1], tuple(tuple(blocks[b]) for b in sorted(g)), tuple(sorted(g)))
             for j in range(n_segments) for g in groups]
 
 
-def _run_task(store: Store, task: _Task, precision: str, chunk_rows: int, n_segments: int, on_step) -> None:
+def _run_task(store: Store, task: _Task, precision: str, blocks: list[list[int]], chunk_rows: int,
+              n_segments: int, on_step) -> None:
     """Run one task in this process, writing into the preallocated files."""
     arrays = segment_arrays(store, precision) if n_segments > 1 else final_arrays(store, precision)
-    sinks = [arrays[i].writable(store.n_records) for i in task.layers]
-    propagators = run_recursion(store, task.layers, sinks, task.start, task.stop, precision, chunk_rows, on_step)
-    for sink in sinks:
+    sinks = {i: arrays[i].writable(store.n_records) for block in task.blocks for i in block}
+    propagators = run_recursion(store, task.blocks, sinks, task.start, task.stop, precision, chunk_rows, on_step)
+    for sink in sinks.values():
         sink.flush()
     if n_segments > 1:
-        stacks = propagator_arrays(store, precision)
-        for i, k in zip(task.layers, propagators):
-            stack = stacks[i].writable(n_segments)
+        stacks = propagator_arrays(store, precision, blocks)
+        for b, k in zip(task.block_ids, propagators):
+            stack = stacks[b].writable(n_segments)
             stack[task.segment] = k.numpy()
             stack.flush()
 
@@ -145,18 +155,19 @@ def _count_step() -> None:
         _counter.value += 1
 
 
-def _worker(path: str, task: _Task, precision: str, chunk_rows: int, n_segments: int) -> None:
-    _run_task(Store(path), task, precision, chunk_rows, n_segments, _count_step)
+def _worker(path: str, task: _Task, precision: str, blocks: list[list[int]], chunk_rows: int,
+            n_segments: int) -> None:
+    _run_task(Store(path), task, precision, blocks, chunk_rows, n_segments, _count_step)
 
 
-def _run_parallel(store: Store, tasks: list[_Task], precision: str, chunk_rows: int, n_segments: int,
-                  workers: int, bar: ProgressBar) -> None:
+def _run_parallel(store: Store, tasks: list[_Task], precision: str, blocks: list[list[int]], chunk_rows: int,
+                  n_segments: int, workers: int, bar: ProgressBar) -> None:
     """Run tasks in ``workers`` spawned processes, each with its share of the CPU threads."""
     ctx = get_context("spawn")
     counter = ctx.Value("q", 0)
     threads = max(1, torch.get_num_threads() // workers)
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(counter, threads)) as pool:
-        pending = {pool.submit(_worker, str(store.path), t, precision, chunk_rows, n_segments) for t in tasks}
+        pending = {pool.submit(_worker, str(store.path), t, precision, blocks, chunk_rows, n_segments) for t in tasks}
         while pending:
             done, pending = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
             for fut in done:
@@ -164,16 +175,19 @@ def _run_parallel(store: Store, tasks: list[_Task], precision: str, chunk_rows: 
             bar.update(counter.value - bar.n)
 
 
-def _compose_final(store: Store, boundaries: Sequence[int], precision: str, finals: list, chunk_rows: int) -> None:
+def _compose_final(store: Store, boundaries: Sequence[int], precision: str, blocks: list[list[int]],
+                   finals: list, chunk_rows: int) -> None:
     """Final embeddings: each segment's local embeddings mapped to T by the later propagators."""
     dtype = TORCH_DTYPES[precision]
     starts = store.step_starts
-    for layer, (local_arr, stack_arr) in enumerate(zip(segment_arrays(store, precision),
-                                                       propagator_arrays(store, precision))):
-        local = local_arr.read(store.n_records)
+    local = [a.read(store.n_records) for a in segment_arrays(store, precision)]
+    for block, stack_arr in zip(blocks, propagator_arrays(store, precision, blocks)):
         stack = stack_arr.read(len(boundaries) - 1)
         maps = compose([torch.from_numpy(np.array(k)).to(dtype) for k in stack])
+        sizes = [store.layers[i].dim for i in block]
         for j, c in enumerate(maps):
             for r0 in range(starts[boundaries[j]], starts[boundaries[j + 1]], chunk_rows):
                 r1 = min(r0 + chunk_rows, starts[boundaries[j + 1]])
-                finals[layer][r0:r1] = (torch.from_numpy(np.array(local[r0:r1])) @ c.t()).numpy()
+                rows = torch.cat([torch.from_numpy(np.array(local[i][r0:r1])) for i in block], 1) @ c.t()
+                for i, part in zip(block, rows.split(sizes, dim=1)):
+                    finals[i][r0:r1] = part.numpy()

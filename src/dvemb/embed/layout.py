@@ -3,7 +3,8 @@
     embeddings/manifest.json         steps covered, segment boundaries, precision
     embeddings/<layer>.npy           DVEmb relative to the final step T  [n_records, dim]
     embeddings/segments/<layer>.npy  DVEmb relative to the end of each record's segment (K > 1)
-    embeddings/segments/<layer>.propagators.npy   K_j = prod_{t in segment j} (I - eta_t H_t)  [K, dim, dim]
+    embeddings/segments/block-<b>.propagators.npy   K_j = prod_{t in segment j} (I - eta_t H_t)
+                                     of block b (its layers' dims together)  [K, dim_b, dim_b]
 """
 
 from __future__ import annotations
@@ -38,10 +39,11 @@ def segment_arrays(store: Store, precision: str) -> list[AppendableArray]:
             for s in store.layers]
 
 
-def propagator_arrays(store: Store, precision: str) -> list[AppendableArray]:
-    """Per-layer stacks of segment propagators [K, dim, dim]."""
-    return [AppendableArray(embeddings_dir(store) / SEGMENTS_DIR / f"{s.name}.propagators.npy", _float(precision),
-                            (s.dim, s.dim)) for s in store.layers]
+def propagator_arrays(store: Store, precision: str, blocks: list[list[int]]) -> list[AppendableArray]:
+    """Per-block stacks of segment propagators [K, dim_b, dim_b]."""
+    dims = [sum(store.layers[i].dim for i in block) for block in blocks]
+    return [AppendableArray(embeddings_dir(store) / SEGMENTS_DIR / f"block-{b}.propagators.npy", _float(precision),
+                            (d, d)) for b, d in enumerate(dims)]
 
 
 def embedding_info(store: Store) -> dict | None:

@@ -1,6 +1,7 @@
 """Algorithm 1: data value embeddings by a backward recursion over the recorded steps.
 
-With H_k ~ sum_i w_ki g_ki g_ki^T, the propagator K = prod_{k>t} (I - eta_k H_k) is
+With H_k ~ sum_i w_ki g_ki g_ki^T (or separately captured curvature rows, see
+capture/curvature.py), the propagator K = prod_{k>t} (I - eta_k H_k) is
 kept as K = I - M, one M per layer, updated from the last step backwards::
 
     M = 0
@@ -9,12 +10,13 @@ kept as K = I - M, one M per layer, updated from the last step backwards::
         M   += sum_i e_ti g_ti^T                  (M += E^T G)
 
 so DVEmb(t, i) = e_ti = eta_t w_ti K g_ti. Memory is O(sum_l dim_l^2) plus one chunk
-of records, read from the store backwards in time.
+of records, read from the store backwards in time. ``blocking="global"`` keeps one M over
+all layers instead (O((sum_l dim_l)^2)), which keeps the cross-layer curvature.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Literal, Sequence
+from typing import Callable, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -22,6 +24,7 @@ import torch
 from ..store import Store, to_torch
 
 Precision = Literal["float32", "float64"]
+Blocking = Literal["layer", "global"]
 TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -32,33 +35,56 @@ def default_precision(store: Store) -> Precision:
 
 def run_recursion(
     store: Store,
-    layers: Sequence[int],
-    sinks: Sequence[np.ndarray],
+    blocks: Sequence[Sequence[int]],
+    sinks: Mapping[int, np.ndarray],
     start: int,
     stop: int,
     precision: Precision,
     chunk_rows: int,
     on_step: Callable[[], None] = lambda: None,
 ) -> list[torch.Tensor]:
-    """Run the recursion over steps [start, stop) from M = 0 for the given layers.
+    """Run the recursion over steps [start, stop) from M = 0 for the given blocks of layers.
 
-    Writes each record's embedding relative to step ``stop`` into ``sinks`` (one
-    [n_records, dim] array per layer, rows indexed like the store) and returns the
-    segment's propagators K = I - M, one per layer.
+    Each block (a list of layer indices) has one M over its layers' concatenated
+    dimensions: one layer per block is the layer-wise approximation, all layers in one
+    block is a global M. Writes each record's embedding relative to step ``stop`` into
+    ``sinks`` (indexed by layer: [n_records, dim] arrays, rows indexed like the store) and
+    returns the segment's propagators K = I - M, one per block.
     """
     dtype = TORCH_DTYPES[precision]
     records = store.records
     scale_all = np.asarray(records["lr"]) * np.asarray(records["weight"])
-    grads = [store.grads(i) for i in layers]
-    ms = [torch.zeros(store.layers[i].dim, store.layers[i].dim, dtype=dtype) for i in layers]
-    for _, r0, r1, rows in store.iter_steps_backward(grads, chunk_rows, start, stop):
+    layers = [i for block in blocks for i in block]
+    passes = store.curvature_passes
+    arrays = [store.grads(i) for i in layers] + ([store.curvature(i) for i in layers] if passes else [])
+    dims = [[store.layers[i].dim for i in block] for block in blocks]
+    ms = [torch.zeros(sum(d), sum(d), dtype=dtype) for d in dims]
+    for _, r0, r1, rows in store.iter_steps_backward(arrays, chunk_rows, start, stop):
+        by_layer = dict(zip(layers, rows))
+        curv_by_layer = dict(zip(layers, rows[len(layers):]))
         scale = torch.from_numpy(scale_all[r0:r1]).to(dtype).unsqueeze(1)
-        for m, sink, block in zip(ms, sinks, rows):
-            g = to_torch(block, store.dtype).to(dtype)
+        for block, m in zip(blocks, ms):
+            g = torch.cat([to_torch(by_layer[i], store.dtype) for i in block], 1).to(dtype)
             e = scale * (g - g @ m.t())
-            m.addmm_(e.t(), g)
-            sink[r0:r1] = e.numpy()
+            if passes:  # H_t = sum_i w_ti sum_s c_tis c_tis^T with separately captured rows c
+                c = torch.cat([to_torch(curv_by_layer[i], store.dtype).reshape(len(g), passes, -1) for i in block],
+                              2).reshape(-1, g.shape[1]).to(dtype)
+                c_scale = scale.repeat_interleave(passes, dim=0)
+                m.addmm_((c_scale * (c - c @ m.t())).t(), c)
+            else:
+                m.addmm_(e.t(), g)
+            for i, part in zip(block, e.split([store.layers[i].dim for i in block], dim=1)):
+                sinks[i][r0:r1] = part.numpy()
         on_step()
     for m in ms:  # K = I - M, in place
         m.neg_().diagonal().add_(1.0)
     return ms
+
+
+def block_layers(store: Store, blocking: Blocking) -> list[list[int]]:
+    """Layer indices of each block: one per layer, or all layers together."""
+    if blocking == "layer":
+        return [[i] for i in range(len(store.layers))]
+    if blocking == "global":
+        return [list(range(len(store.layers)))]
+    raise ValueError(f"blocking must be 'layer' or 'global', got {blocking!r}")

@@ -1,0 +1,106 @@
+"""Curvature options and blocking: captured rows and the recursion against explicit formulas."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, jacrev, vmap
+
+import dvemb
+from dvemb.embed.layout import final_arrays
+from dvemb.store import Store, to_torch
+from reference import per_sample_gradients
+from test_recursion import explicit_embeddings
+
+
+def tiny(path, curvature, samples=None, steps=1, batch=6, **kw):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x, y = torch.randn(steps * batch, 5, dtype=torch.float64), torch.randint(0, 3, (steps * batch,))
+    with dvemb.Recorder(model, path, dtype=torch.float64, curvature=curvature, curvature_samples=samples, **kw) as rec:
+        for t in range(steps):
+            ids = list(range(t * batch, (t + 1) * batch))
+            with rec.step(ids, lr=0.3):
+                F.cross_entropy(model(x[ids]), y[ids]).backward()
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= 0.3 * p.grad
+            model.zero_grad()
+    return model, x, y
+
+
+def test_ggn_rows_give_the_exact_gauss_newton_matrix(tmp_path):
+    model, x, y = tiny(tmp_path / "s", "ggn")
+    store = Store(tmp_path / "s")
+    assert store.curvature_passes == 3
+    torch.manual_seed(0)  # the single step saw theta_0: rebuild the initial model
+    model0 = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    params = {k: v.detach() for k, v in model0.named_parameters()}
+
+    def logits(p, xi):
+        return functional_call(model0, p, (xi[None],))[0]
+
+    jac = vmap(jacrev(logits), in_dims=(None, 0))(params, x)  # per sample: C x param shape
+    probs = torch.softmax(model0(x), -1).detach()
+    lam = torch.diag_embed(probs) - probs[:, :, None] * probs[:, None, :]
+    for i, spec in enumerate(store.layers):
+        name = spec.name
+        j = torch.cat([jac[f"{name}.weight"].reshape(len(x), 3, -1).reshape(len(x), 3, spec.d_out, spec.d_in),
+                       jac[f"{name}.bias"].reshape(len(x), 3, spec.d_out, 1)], -1).reshape(len(x), 3, -1)
+        ggn = j.transpose(1, 2) @ lam @ j
+        rows = to_torch(store.curvature(i), "float64").reshape(len(x), 3, -1)
+        from_rows = rows.transpose(1, 2) @ rows
+        torch.testing.assert_close(from_rows, ggn, rtol=1e-10, atol=1e-12)
+
+
+def test_fisher_rows_are_gradients_at_sampled_labels(tmp_path):
+    tiny(tmp_path / "s", "fisher", samples=4)
+    store = Store(tmp_path / "s")
+    torch.manual_seed(0)
+    model0 = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x = torch.randn(6, 5, dtype=torch.float64)  # same draws as in tiny()
+    names = [s.name for s in store.layers]
+    per_class = [per_sample_gradients(model0, F.cross_entropy, x, torch.full((6,), c), names) for c in range(3)]
+    rows = torch.cat([to_torch(store.curvature(i), "float64").reshape(6, 4, -1) for i in range(2)], 2) * 2  # *sqrt(4)
+    candidates = torch.stack([torch.cat([pc[n].reshape(6, -1) for n in names], 1) for pc in per_class], 1)
+    for i in range(6):
+        for s in range(4):  # each pass's row is the gradient at one of the classes
+            dist = (candidates[i] - rows[i, s]).norm(dim=1)
+            assert dist.min() < 1e-10 * candidates[i].norm()
+
+
+@pytest.mark.parametrize("curvature,blocking", [("ggn", "layer"), ("fisher", "global"), ("gradient_outer", "global"),
+                                                ("ggn", "global")])
+def test_recursion_with_curvature_rows_and_blocks_matches_product_formula(tmp_path, curvature, blocking):
+    model, x, y = tiny(tmp_path / "s", curvature, samples=2 if curvature == "fisher" else None, steps=5, batch=4)
+    dvemb.compute_embeddings(tmp_path / "s", blocking=blocking, show_progress=False)
+    store = Store(tmp_path / "s")
+    got = np.concatenate([np.array(a.read(store.n_records)) for a in final_arrays(store, "float64")], 1)
+    blocks = [[0, 1]] if blocking == "global" else [[0], [1]]
+    want = torch.cat([explicit_embeddings(store, b) for b in blocks], 1).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12 * np.abs(want).max())
+    # Algorithm 2 with the same blocks agrees, and checkpoint queries work through block propagators
+    dvemb.compute_embeddings(tmp_path / "s", blocking=blocking, checkpoints=[2], workers=1, show_progress=False)
+    got2 = np.concatenate([np.array(a.read(store.n_records)) for a in final_arrays(store, "float64")], 1)
+    np.testing.assert_allclose(got2, want, rtol=1e-9, atol=1e-12 * np.abs(want).max())
+    xt, yt = torch.randn(2, 5, dtype=torch.float64), torch.tensor([0, 2])
+    inf = dvemb.influence(tmp_path / "s", model, lambda: F.cross_entropy(model(xt), yt, reduction="none"),
+                          checkpoint=0)
+    tests = per_sample_gradients(model, F.cross_entropy, xt, yt, [s.name for s in store.layers])
+    tg = torch.cat([tests[s.name].reshape(2, -1) for s in store.layers], 1)
+    early = torch.cat([explicit_embeddings(store, b, until=2) for b in blocks], 1)
+    np.testing.assert_allclose(inf.scores, (tg @ early.t()).numpy(), rtol=1e-9, atol=1e-13)
+
+
+def test_curvature_options_are_validated(tmp_path):
+    model = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="curvature must be one of"):
+        dvemb.Recorder(model, tmp_path / "a", curvature="hessian")
+    seq = nn.Linear(3, 4)
+    with dvemb.Recorder(seq, tmp_path / "b", curvature="ggn") as rec:
+        with pytest.raises(ValueError, match="use 'fisher' for sequences"):
+            with rec.step([0, 1], lr=0.1):
+                seq(torch.randn(2, 5, 3)).sum().backward()
