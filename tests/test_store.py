@@ -221,3 +221,16 @@ def test_manifest_missing_keys_is_a_store_error(tmp_path):
     (tmp_path / "manifest.json").write_text('{"format_version": 1}')
     with pytest.raises(StoreError, match="missing library_version"):
         Store(tmp_path)
+
+
+def test_shard_rolls_back_to_the_global_commit(tmp_path):
+    """A distributed shard that committed one step more than rank 0's manifest drops it on resume."""
+    from dvemb.store import StoreWriter
+
+    model, x, y = tiny_run(tmp_path / "s", steps=3)
+    config = Store(tmp_path / "s").config
+    writer = StoreWriter(tmp_path / "s", config, rollback_to_steps=2)
+    writer.close()
+    store = Store(tmp_path / "s")
+    assert store.n_steps == 2 and store.n_records == 8
+    assert (store.path / "records.npy").stat().st_size == HEADER_BYTES + 8 * store.records.dtype.itemsize

@@ -7,6 +7,11 @@ Layout::
     grads/<layer>.npy      per-layer projected per-sample gradients, rows = records
     curv/<layer>.npy       curvature rows (passes x dim per record) for curvature='fisher'/'ggn'
     embeddings/            manifest.json + <layer>.npy once computed
+    shards/rank-NNNNN/     under torch.distributed: each rank's records as a store of its own
+
+A distributed store's top manifest (written by rank 0) carries ``world_size`` and the
+global committed counts; readers present the shards as one store whose records are in
+step-major, rank-minor order.
 
 A step is committed when its rows are written and flushed, the .npy headers carry
 the new row count, and ``manifest.json`` is atomically replaced (temp file + rename).
@@ -22,7 +27,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -187,6 +192,41 @@ class StoreConfig:
     seed: int = 0
 
 
+SHARDS_DIR = "shards"
+
+
+def shard_path(path: str | os.PathLike, rank: int) -> Path:
+    """Directory of one rank's shard in a distributed store."""
+    return Path(path) / SHARDS_DIR / f"rank-{rank:05d}"
+
+
+class ShardedRows:
+    """Rows of one layer gathered from several shards in the store's global record order."""
+
+    def __init__(self, parts: Sequence[np.ndarray], src_shard: np.ndarray, src_row: np.ndarray) -> None:
+        self.parts, self.src_shard, self.src_row = list(parts), src_shard, src_row
+        self.shape = (len(src_row), *parts[0].shape[1:])
+        self.dtype = parts[0].dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: slice) -> np.ndarray:
+        if not isinstance(index, slice):
+            raise TypeError("ShardedRows supports slices only")
+        shard, row = self.src_shard[index], self.src_row[index]
+        out = np.empty((len(row), *self.shape[1:]), dtype=self.dtype)
+        for s, part in enumerate(self.parts):
+            sel = shard == s
+            if sel.any():
+                out[sel] = part[row[sel]]
+        return out
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = self[:]
+        return out if dtype is None else out.astype(dtype)
+
+
 class Store:
     """Read access to a store's committed records, gradients and embeddings."""
 
@@ -203,8 +243,33 @@ class Store:
         self.dtype: str = self.manifest["dtype"]
         self.n_steps: int = self.manifest["committed_steps"]
         self.n_records: int = self.manifest["committed_records"]
+        self.world_size: int = self.manifest.get("world_size", 1)
         self._step_starts: np.ndarray | None = None
+        self._shards: list[Store] = []
+        if self.world_size > 1:
+            self._open_shards()
 
+    def _open_shards(self) -> None:
+        """Map the global record order onto the ranks' shards (clipped to the global commit)."""
+        self._shards = [Store(shard_path(self.path, r)) for r in range(self.world_size)]
+        steps, shard_ids, rows = [], [], []
+        for r, shard in enumerate(self._shards):
+            if shard.n_steps < self.n_steps:
+                raise StoreError(f"{shard.path} has {shard.n_steps} committed steps, the store {self.n_steps}")
+            n = int(shard.step_starts[self.n_steps])
+            steps.append(np.asarray(shard.records["step"][:n]))
+            shard_ids.append(np.full(n, r, dtype=np.int32))
+            rows.append(np.arange(n))
+        order = np.argsort(np.concatenate(steps), kind="stable")  # step-major, rank-minor
+        self._src_shard, self._src_row = np.concatenate(shard_ids)[order], np.concatenate(rows)[order]
+        if len(order) != self.n_records:
+            raise StoreError(f"{self.path}: shards hold {len(order)} committed records, manifest says {self.n_records}")
+
+    def _rows(self, read: Callable[["Store"], np.ndarray]) -> np.ndarray | ShardedRows:
+        """Rows of one array: the file itself, or gathered from the shards."""
+        if not self._shards:
+            return read(self)
+        return ShardedRows([read(s) for s in self._shards], self._src_shard, self._src_row)
     # -- layout ------------------------------------------------------------------------
     @staticmethod
     def records_array(path: Path) -> AppendableArray:
@@ -224,14 +289,16 @@ class Store:
     @property
     def curvature_passes(self) -> int:
         """Curvature rows per record (0: the gradients themselves are used)."""
+        if self._shards:
+            return self._shards[0].curvature_passes
         return self.manifest.get("curvature_passes", 0)
 
-    def curvature(self, layer: int) -> np.ndarray | None:
+    def curvature(self, layer: int) -> np.ndarray | ShardedRows | None:
         """Read-only [n_records, passes * dim] curvature rows of a layer, or None under gradient_outer."""
         if not self.curvature_passes:
             return None
-        spec = self.layers[layer]
-        return self.curvature_array(self.path, spec, self.dtype, self.curvature_passes).read(self.n_records)
+        return self._rows(lambda s: s.curvature_array(s.path, s.layers[layer], s.dtype, s.curvature_passes)
+                          .read(s.n_records))
 
     @property
     def config(self) -> StoreConfig:
@@ -243,7 +310,7 @@ class Store:
     @property
     def records(self) -> np.ndarray:
         """Structured array of committed records: step, sample_id, weight, lr, rank."""
-        return self.records_array(self.path).read(self.n_records)
+        return np.asarray(self._rows(lambda s: s.records_array(s.path).read(s.n_records)))
 
     @property
     def step_starts(self) -> np.ndarray:
@@ -253,9 +320,9 @@ class Store:
             self._step_starts = np.searchsorted(steps, np.arange(self.n_steps + 1), side="left")
         return self._step_starts
 
-    def grads(self, layer: int) -> np.ndarray:
-        """Read-only [n_records, dim] memmap of one layer's stored gradients (storage dtype)."""
-        return self.grads_array(self.path, self.layers[layer], self.dtype).read(self.n_records)
+    def grads(self, layer: int) -> np.ndarray | ShardedRows:
+        """Read-only [n_records, dim] rows of one layer's stored gradients (storage dtype)."""
+        return self._rows(lambda s: s.grads_array(s.path, s.layers[layer], s.dtype).read(s.n_records))
 
     def iter_steps_backward(
         self, arrays: Sequence[np.ndarray], chunk_rows: int, start: int = 0, stop: int | None = None
@@ -289,7 +356,7 @@ class Store:
         lines = [
             f"store      {self.path}",
             f"format     v{m['format_version']} (dvemb {m['library_version']})",
-            f"steps      {self.n_steps}",
+            f"steps      {self.n_steps}" + (f"  (recorded by {self.world_size} ranks)" if self.world_size > 1 else ""),
             f"records    {self.n_records}  ({len(np.unique(self.records['sample_id'])) if self.n_records else 0} distinct samples)",
             f"dtype      {self.dtype}   reduction {m['reduction']}   curvature {m['curvature']}   "
             f"projection {m['projection']} (seed {m['seed']})",
@@ -309,34 +376,51 @@ class Store:
         return "\n".join(lines)
 
 
-class StoreWriter:
-    """Appends committed steps to a store; creates it or resumes after its last commit."""
+def new_manifest(config: StoreConfig) -> dict:
+    """The manifest of an empty store."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "library_version": __version__,
+        "created": time.time(),
+        "dtype": config.dtype,
+        "reduction": config.reduction,
+        "curvature": config.curvature,
+        "projection": config.projection,
+        "seed": config.seed,
+        "layers": [s.to_dict() for s in config.layers],
+        "committed_steps": 0,
+        "committed_records": 0,
+    }
 
-    def __init__(self, path: str | os.PathLike, config: StoreConfig, *, fsync: bool = False) -> None:
+
+def _check_new_dir(path: Path) -> None:
+    if path.exists() and any(path.iterdir()):
+        raise StoreError(f"{path} exists, is not empty and holds no dvemb store")
+
+
+class StoreWriter:
+    """Appends committed steps to a store; creates it or resumes after its last commit.
+
+    ``rollback_to_steps`` drops steps committed beyond that count (a distributed shard
+    that ran ahead of the global commit).
+    """
+
+    def __init__(self, path: str | os.PathLike, config: StoreConfig, *, fsync: bool = False,
+                 rollback_to_steps: int | None = None) -> None:
         self.path = Path(path)
         self.fsync = fsync
         manifest_path = self.path / MANIFEST
         if manifest_path.exists():
             store = Store(self.path)
-            self._check_resume(store.config, config)
+            self.check_resume(store.config, config)
             self.manifest = store.manifest
+            if rollback_to_steps is not None and rollback_to_steps < store.n_steps:
+                self.manifest["committed_steps"] = rollback_to_steps
+                self.manifest["committed_records"] = int(store.step_starts[rollback_to_steps])
         else:
-            if self.path.exists() and any(self.path.iterdir()):
-                raise StoreError(f"{self.path} exists, is not empty and holds no dvemb store")
+            _check_new_dir(self.path)
             (self.path / "grads").mkdir(parents=True, exist_ok=True)
-            self.manifest = {
-                "format_version": FORMAT_VERSION,
-                "library_version": __version__,
-                "created": time.time(),
-                "dtype": config.dtype,
-                "reduction": config.reduction,
-                "curvature": config.curvature,
-                "projection": config.projection,
-                "seed": config.seed,
-                "layers": [s.to_dict() for s in config.layers],
-                "committed_steps": 0,
-                "committed_records": 0,
-            }
+            self.manifest = new_manifest(config)
         self.config = config
         self._records = Store.records_array(self.path)
         self._grads = [Store.grads_array(self.path, s, config.dtype) for s in config.layers]
@@ -345,8 +429,7 @@ class StoreWriter:
             self._open_curvature(self.manifest["curvature_passes"])
         for arr in (self._records, *self._grads):
             arr.open_for_append(self.n_records)
-        if not manifest_path.exists():
-            self._write_manifest()
+        self._write_manifest()
 
     @property
     def n_steps(self) -> int:
@@ -359,7 +442,8 @@ class StoreWriter:
         return self.manifest["committed_records"]
 
     @staticmethod
-    def _check_resume(found: StoreConfig, wanted: StoreConfig) -> None:
+    def check_resume(found: StoreConfig, wanted: StoreConfig) -> None:
+        """Raise a StoreError naming what differs between a store's settings and the requested ones."""
         for a, b in zip(found.layers, wanted.layers):
             if a != b:
                 raise StoreError(f"cannot resume: layer {b.name!r} differs from the store's {a.name!r} "
@@ -422,3 +506,38 @@ class StoreWriter:
         """Close all files (committed data stays)."""
         for arr in self._arrays:
             arr.close()
+
+
+class DistributedIndex:
+    """Rank 0's top-level manifest of a distributed store: the global committed counts."""
+
+    def __init__(self, path: str | os.PathLike, config: StoreConfig, world_size: int, *, fsync: bool = False) -> None:
+        self.path = Path(path)
+        self.fsync = fsync
+        manifest_path = self.path / MANIFEST
+        if manifest_path.exists():
+            self.manifest = read_json(manifest_path)
+            if self.manifest.get("world_size", 1) != world_size:
+                raise StoreError(f"cannot resume: {self.path} was recorded by {self.manifest.get('world_size', 1)} "
+                                 f"ranks, this run has {world_size}")
+            StoreWriter.check_resume(Store(self.path).config, config)
+        else:
+            _check_new_dir(self.path)
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.manifest = {**new_manifest(config), "world_size": world_size}
+            self.commit(0, 0)
+
+    @property
+    def n_steps(self) -> int:
+        """Globally committed steps."""
+        return self.manifest["committed_steps"]
+
+    @property
+    def n_records(self) -> int:
+        """Globally committed records (all ranks)."""
+        return self.manifest["committed_records"]
+
+    def commit(self, steps: int, records: int) -> None:
+        """Atomically record that every rank's shard holds ``steps`` steps."""
+        self.manifest.update(committed_steps=steps, committed_records=records, updated=time.time())
+        write_json_atomic(self.path / MANIFEST, self.manifest, self.fsync)

@@ -5,15 +5,17 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
+from pathlib import Path
 from typing import Iterator, Literal, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..store import StoreConfig, StoreWriter, dtype_name
+from ..store import MANIFEST, DistributedIndex, StoreConfig, StoreWriter, dtype_name, read_json, shard_path
 from .checkpoints import save_checkpoint
 from .curvature import CURVATURES, Curvature
+from .distributed import DistributedContext, refuse_fsdp
 from .ghost import GhostCapture
 from .projection import ProjectionKind
 from .selection import ModuleSelection, layer_spec, select_modules
@@ -77,10 +79,22 @@ class Recorder:
         self.optimizer = optimizer
         if optimizer is not None:
             _warn_if_not_plain_sgd(optimizer)
+        refuse_fsdp(model)
         chosen = select_modules(model, modules)
         specs = [layer_spec(name, m, projection_dim, seed, projection) for name, m in chosen]
         config = StoreConfig(tuple(specs), dtype_name(dtype), reduction, curvature, projection, seed)
-        self._writer = StoreWriter(path, config, fsync=fsync)
+        self._dist = DistributedContext.detect()
+        self._index: DistributedIndex | None = None
+        if self._dist is None:
+            self._writer = StoreWriter(path, config, fsync=fsync)
+        else:  # each rank writes its own shard; rank 0 keeps the global commit
+            if self._dist.rank == 0:
+                self._index = DistributedIndex(path, config, self._dist.world_size, fsync=fsync)
+            self._dist.barrier()
+            committed = read_json(Path(path) / MANIFEST)["committed_steps"]
+            self._writer = StoreWriter(shard_path(path, self._dist.rank), config, fsync=fsync,
+                                       rollback_to_steps=committed)
+        self._path = Path(path)
         self._modules = [m for _, m in chosen]
         self._capture = GhostCapture(model, self._modules, specs, curvature=curvature,
                                      curvature_samples=curvature_samples, reduction=reduction, seed=seed)
@@ -93,9 +107,9 @@ class Recorder:
             raise ValueError(f"save_checkpoints must be a positive interval or a list of steps, got {save_checkpoints}")
 
     @property
-    def path(self):
+    def path(self) -> Path:
         """Directory of the store being written."""
-        return self._writer.path
+        return self._path
 
     @property
     def layers(self) -> list[str]:
@@ -130,14 +144,25 @@ class Recorder:
         finally:
             self._in_step = False
         step_lr = self._resolve_lr(lr)
-        weight = 1.0 / len(sample_ids) if self.reduction == "mean" else 1.0
-        for name, g in zip(self.layers * 2, grads + (curvature or [])):
-            if not torch.isfinite(g).all():
-                raise NonFiniteGradientError(
-                    f"non-finite per-sample gradient in layer {name!r} at step {self.steps}; the step was not recorded")
-        # Hooks see the weighted loss's gradient w * g; the store keeps the sample's own g.
-        unweighted = [g / weight for g in grads] if weight != 1.0 else grads
-        self._writer.append_step(sample_ids, np.full(len(sample_ids), weight), step_lr, unweighted, curvature)
+        bad = next((name for name, g in zip(self.layers * 2, grads + (curvature or []))
+                    if not torch.isfinite(g).all()), None)
+        world, rank = (1, 0) if self._dist is None else (self._dist.world_size, self._dist.rank)
+        n_bad, n_total = (bad is not None, len(sample_ids)) if self._dist is None else \
+            self._dist.sum(bad is not None, len(sample_ids))
+        if n_bad:
+            where = f"layer {bad!r}" if bad else "another rank"
+            raise NonFiniteGradientError(
+                f"non-finite per-sample gradient in {where} at step {self.steps}; the step was not recorded")
+        # Hooks see this rank's loss gradient w_local * g; the store keeps the sample's own g and its
+        # weight in the step's update (DDP averages the ranks' gradients: w = w_local / world size).
+        local = 1.0 / len(sample_ids) if self.reduction == "mean" else 1.0
+        unweighted = [g / local for g in grads] if local != 1.0 else grads
+        self._writer.append_step(sample_ids, np.full(len(sample_ids), local / world), step_lr, unweighted,
+                                 curvature, rank=rank)
+        if self._dist is not None:
+            self._dist.barrier()  # every shard holds the step: commit it globally
+            if self._index is not None:
+                self._index.commit(self._writer.n_steps, self._index.n_records + int(n_total))
 
     def _resolve_lr(self, lr: float | None) -> float:
         if lr is not None:
@@ -155,12 +180,15 @@ class Recorder:
         return lrs.pop()
 
     def _wants_checkpoint(self, step: int) -> bool:
+        if self._dist is not None and self._dist.rank != 0:  # one copy, written by rank 0
+            return False
         return step in self._save_at or (self._save_every is not None and step % self._save_every == 0)
 
     def close(self) -> None:
         """Remove all hooks and close the store (saving theta_T if checkpoints are saved)."""
         if not self._closed:
-            if (self._save_every is not None or self._save_at) and self.steps > 0:
+            if (self._save_every is not None or self._save_at) and self.steps > 0 and (
+                    self._dist is None or self._dist.rank == 0):
                 save_checkpoint(self.path, self.model, self.steps)
             self._capture.detach()
             self._writer.close()

@@ -1,0 +1,102 @@
+"""DDP capture: a 2-rank gloo run gives the same store, embeddings and scores as one process."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+import dvemb
+from dvemb.embed.layout import final_arrays
+from dvemb.store import Store, to_torch
+
+STEPS, GLOBAL_BATCH, LR = 6, 8, 0.3
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+
+
+def data():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(STEPS * GLOBAL_BATCH, 6, generator=g, dtype=torch.float64), \
+        torch.randint(0, 3, (STEPS * GLOBAL_BATCH,), generator=g)
+
+
+def sgd(model: nn.Module) -> None:
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= LR * p.grad
+            p.grad = None
+
+
+def rank_main(rank: int, world: int, path: str, rendezvous: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    ddp = nn.parallel.DistributedDataParallel(make_model())
+    x, y = data()
+    local = GLOBAL_BATCH // world
+    with dvemb.Recorder(ddp, path, projection_dim=12, dtype=torch.float64, save_checkpoints=[3]) as rec:
+        for t in range(STEPS):
+            ids = list(range(t * GLOBAL_BATCH + rank * local, t * GLOBAL_BATCH + (rank + 1) * local))
+            with rec.step(ids, lr=LR):
+                F.cross_entropy(ddp(x[ids]), y[ids]).backward()  # DDP averages the ranks' gradients
+            sgd(ddp)
+    dist.destroy_process_group()
+
+
+def record_single(path) -> nn.Module:
+    model = make_model()
+    x, y = data()
+    with dvemb.Recorder(model, path, projection_dim=12, dtype=torch.float64) as rec:
+        for t in range(STEPS):
+            ids = list(range(t * GLOBAL_BATCH, (t + 1) * GLOBAL_BATCH))
+            with rec.step(ids, lr=LR):
+                F.cross_entropy(model(x[ids]), y[ids]).backward()
+            sgd(model)
+    return model
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
+def test_two_rank_ddp_store_equals_single_process(tmp_path):
+    mp.spawn(rank_main, args=(2, str(tmp_path / "ddp"), str(tmp_path / "rdv")), nprocs=2, join=True)
+    model = record_single(tmp_path / "one")
+    ddp_store, one = Store(tmp_path / "ddp"), Store(tmp_path / "one")
+    assert ddp_store.world_size == 2 and ddp_store.n_steps == STEPS and ddp_store.n_records == STEPS * GLOBAL_BATCH
+    rec_d, rec_1 = ddp_store.records, one.records
+    np.testing.assert_array_equal(rec_d["sample_id"], rec_1["sample_id"])  # step-major, rank-minor order
+    np.testing.assert_array_equal(rec_d["step"], rec_1["step"])
+    np.testing.assert_allclose(rec_d["weight"], rec_1["weight"], rtol=1e-15)  # 1 / global batch
+    assert rec_d["rank"].tolist() == ([0] * 4 + [1] * 4) * STEPS
+    for i in range(len(one.layers)):
+        np.testing.assert_allclose(to_torch(np.array(ddp_store.grads(i)), "float64"),
+                                   to_torch(np.array(one.grads(i)), "float64"), rtol=1e-6, atol=1e-12)
+    for path in (tmp_path / "ddp", tmp_path / "one"):
+        dvemb.compute_embeddings(path, show_progress=False)
+    emb = [np.concatenate([np.array(a.read(s.n_records)) for a in final_arrays(s, "float64")], 1)
+           for s in (ddp_store, one)]
+    assert np.linalg.norm(emb[0] - emb[1]) / np.linalg.norm(emb[1]) < 1e-6
+    xt, yt = torch.randn(3, 6, dtype=torch.float64), torch.tensor([0, 1, 2])
+    # the DDP store is queried with the unwrapped model: layer names match without "module."
+    scores = [dvemb.influence(p, model, lambda: F.cross_entropy(model(xt), yt, reduction="none")).scores
+              for p in (tmp_path / "ddp", tmp_path / "one")]
+    np.testing.assert_allclose(scores[0], scores[1], rtol=1e-6, atol=1e-12)
+    assert dvemb.saved_checkpoints(tmp_path / "ddp") == [3, STEPS]
+    assert "recorded by 2 ranks" in ddp_store.summary()
+
+
+def test_fsdp_is_refused_with_a_clear_message(tmp_path):
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    class Fake(FullyShardedDataParallel):  # an FSDP instance without a process group
+        def __init__(self, module):
+            nn.Module.__init__(self)
+            self.inner = module
+
+    with pytest.raises(ValueError, match="FSDP-sharded models are not supported"):
+        dvemb.Recorder(Fake(nn.Linear(2, 2)), tmp_path / "s")
