@@ -62,3 +62,18 @@ def test_loss_closure_must_be_per_example(tmp_path):
     x, y = torch.randn(4, 10), torch.zeros(4, dtype=torch.long)
     with pytest.raises(ValueError, match="1-D tensor of per-example losses"):
         dvemb.influence(tmp_path / "s", model, lambda: F.cross_entropy(model(x), y))
+
+
+@pytest.mark.parametrize("checkpoint", [None, 0])
+def test_streaming_top_k_equals_top_k_of_full_scores(tmp_path, checkpoint):
+    model = train_recorded(tmp_path / "s", steps=8, batch=6, dtype=torch.float64, projection_dim=16)
+    dvemb.compute_embeddings(tmp_path / "s", checkpoints=[5], show_progress=False)
+    xt, yt = torch.randn(4, 10, dtype=torch.float64), torch.tensor([0, 1, 2, 3])
+    loss = lambda: F.cross_entropy(model(xt), yt, reduction="none")  # noqa: E731
+    full = dvemb.influence(tmp_path / "s", model, loss, checkpoint=checkpoint).top_k(3)
+    streamed = dvemb.top_k(tmp_path / "s", model, loss, 3, checkpoint=checkpoint, chunk_rows=7)  # many chunks
+    for a, b in ((full.helpful, streamed.helpful), (full.harmful, streamed.harmful)):
+        np.testing.assert_array_equal(a.index, b.index)
+        np.testing.assert_array_equal(a.sample_id, b.sample_id)
+        np.testing.assert_array_equal(a.step, b.step)
+        np.testing.assert_allclose(a.score, b.score, rtol=1e-12)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -93,6 +93,68 @@ def checkpoint_steps(path: str | os.PathLike) -> list[int]:
     return info["boundaries"][1:]
 
 
+@dataclass(frozen=True)
+class _Query:
+    """A resolved query: the store, its embeddings, the checkpoint and the test gradients."""
+
+    store: Store
+    info: dict
+    last: int          # index of the checkpoint segment scored against
+    n_rows: int        # records before that checkpoint
+    tests: list[torch.Tensor]
+
+
+def _prepare(path: str | os.PathLike, model: nn.Module, loss_fn: LossClosure, checkpoint: int | None,
+             checkpoints: Checkpoints, blocking: Blocking | None, show_progress: bool) -> _Query:
+    """Make sure fitting embeddings exist, then take the test gradients at the model."""
+    store = Store(path)
+    info = embedding_info(store)
+    wanted = None if checkpoints is None else segment_boundaries(store.n_steps, checkpoints)
+    if (not embeddings_are_current(store) or (wanted is not None and wanted != info["boundaries"])
+            or (blocking is not None and blocking != info["blocking"])):
+        compute_embeddings(store.path, checkpoints=checkpoints, blocking=blocking or "layer",
+                           show_progress=show_progress)
+        info = embedding_info(store)
+    assert info is not None
+    boundaries = info["boundaries"]
+    last = len(boundaries) - 2 if checkpoint is None else _checkpoint_index(checkpoint, boundaries)
+    grads, _ = query_gradients(store, model, loss_fn)
+    dtype = torch.float64 if info["precision"] == "float64" else torch.float32
+    tests = [g.detach().to(device="cpu", dtype=dtype) for g in grads]
+    return _Query(store, info, last, int(store.step_starts[boundaries[last + 1]]), tests)
+
+
+def _score_chunks(q: _Query, chunk_rows: int, show_progress: bool) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """Yield (row_begin, row_end, scores [n_test, rows]) over the records before the checkpoint.
+
+    Memory: one chunk of embeddings (chunk_rows x sum of dims) and its scores
+    (n_test x chunk_rows), whatever the number of records.
+    """
+    store, info = q.store, q.info
+    boundaries, n_segments = info["boundaries"], len(info["boundaries"]) - 1
+    starts = store.step_starts
+    bar = ProgressBar(total=q.n_rows, desc="scoring", unit="record", disable=not show_progress)
+    if q.last == n_segments - 1:  # relative to T: the composed embeddings
+        plan = [(0, q.n_rows, q.tests, [a.read(store.n_records) for a in final_arrays(store, info["precision"])])]
+    else:  # relative to checkpoint `last`: carry the test gradients back through the propagators
+        local = [a.read(store.n_records) for a in segment_arrays(store, info["precision"])]
+        stacks = [a.read(n_segments) for a in propagator_arrays(store, info["precision"], info["blocks"])]
+        plan, tests = [], q.tests
+        for j in range(q.last, -1, -1):
+            plan.append((int(starts[boundaries[j]]), int(starts[boundaries[j + 1]]), tests, local))
+            if j > 0:
+                tests = _propagate(tests, info["blocks"], [k[j] for k in stacks], tests[0].dtype)
+    for r_start, r_stop, tests, embeddings in plan:
+        for r0 in range(r_start, r_stop, chunk_rows):
+            r1 = min(r0 + chunk_rows, r_stop)
+            acc = tests[0] @ torch.from_numpy(np.array(embeddings[0][r0:r1])).t()
+            for test, emb in zip(tests[1:], embeddings[1:]):
+                acc.addmm_(test, torch.from_numpy(np.array(emb[r0:r1])).t())
+            bar.update(r1 - r0)
+            yield r0, r1, acc
+    bar.close()
+
+
 def influence(
     path: str | os.PathLike,
     model: nn.Module,
@@ -113,38 +175,51 @@ def influence(
     influence on that checkpoint. Embeddings are computed first if missing or stale, or
     when ``checkpoints`` or ``blocking`` ask for other ones than those stored.
     """
-    store = Store(path)
-    info = embedding_info(store)
-    wanted = None if checkpoints is None else segment_boundaries(store.n_steps, checkpoints)
-    if (not embeddings_are_current(store) or (wanted is not None and wanted != info["boundaries"])
-            or (blocking is not None and blocking != info["blocking"])):
-        compute_embeddings(store.path, checkpoints=checkpoints, blocking=blocking or "layer",
-                           show_progress=show_progress)
-        info = embedding_info(store)
-    assert info is not None
-    boundaries = info["boundaries"]
-    n_segments = len(boundaries) - 1
-    last = n_segments - 1 if checkpoint is None else _checkpoint_index(checkpoint, boundaries)
-    grads, n_test = query_gradients(store, model, loss_fn)
-    dtype = torch.float64 if info["precision"] == "float64" else torch.float32
-    tests = [g.detach().to(device="cpu", dtype=dtype) for g in grads]
-    starts = store.step_starts
-    n_rows = int(starts[boundaries[last + 1]])
-    scores = np.zeros((n_test, n_rows), dtype=np.float64 if dtype == torch.float64 else np.float32)
-    if last == n_segments - 1:  # relative to T: the composed embeddings
-        _score_rows(scores, tests, [a.read(store.n_records) for a in final_arrays(store, info["precision"])],
-                    0, n_rows, chunk_rows, show_progress)
-    else:  # relative to checkpoint `last`: carry the test gradients back through the propagators
-        blocks = info["blocks"]
-        local = [a.read(store.n_records) for a in segment_arrays(store, info["precision"])]
-        stacks = [a.read(n_segments) for a in propagator_arrays(store, info["precision"], blocks)]
-        for j in range(last, -1, -1):
-            _score_rows(scores, tests, local, int(starts[boundaries[j]]), int(starts[boundaries[j + 1]]),
-                        chunk_rows, show_progress)
-            if j > 0:
-                tests = _propagate(tests, blocks, [k[j] for k in stacks], dtype)
-    records = store.records[:n_rows]
+    q = _prepare(path, model, loss_fn, checkpoint, checkpoints, blocking, show_progress)
+    scores = np.empty((q.tests[0].shape[0], q.n_rows), dtype=q.tests[0].numpy().dtype)
+    for r0, r1, chunk in _score_chunks(q, chunk_rows, show_progress):
+        scores[:, r0:r1] = chunk.numpy()
+    records = q.store.records[:q.n_rows]
     return Influence(scores, np.asarray(records["step"]).copy(), np.asarray(records["sample_id"]).copy())
+
+
+def top_k(
+    path: str | os.PathLike,
+    model: nn.Module,
+    loss_fn: LossClosure,
+    k: int,
+    *,
+    checkpoint: int | None = None,
+    checkpoints: Checkpoints = None,
+    blocking: Blocking | None = None,
+    chunk_rows: int = 65536,
+    show_progress: bool = False,
+) -> TopK:
+    """The k most helpful and most harmful records per test point, without the full score matrix.
+
+    Same arguments as :func:`influence`; memory is O(n_test x (k + chunk_rows)) plus
+    one chunk of embeddings, so stores far larger than RAM can be searched.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    q = _prepare(path, model, loss_fn, checkpoint, checkpoints, blocking, show_progress)
+    best = {sign: (None, None) for sign in (1.0, -1.0)}  # sign -> (scores [n_test, <=k], record index)
+    for r0, _, chunk in _score_chunks(q, chunk_rows, show_progress):
+        index = torch.arange(r0, r0 + chunk.shape[1]).expand_as(chunk)
+        for sign, (scores, idx) in best.items():
+            cand = chunk * sign if scores is None else torch.cat([scores, chunk * sign], 1)
+            cand_idx = index if idx is None else torch.cat([idx, index], 1)
+            top = cand.topk(min(k, cand.shape[1]), dim=1)
+            best[sign] = (top.values, cand_idx.gather(1, top.indices))
+    records = q.store.records[:q.n_rows]
+    steps, ids = np.asarray(records["step"]), np.asarray(records["sample_id"])
+
+    def ranking(sign: float) -> Ranking:
+        scores, idx = best[sign]
+        idx = idx.numpy()
+        return Ranking(idx, steps[idx], ids[idx], (scores * sign).numpy())
+
+    return TopK(ranking(1.0), ranking(-1.0))
 
 
 def _propagate(tests: list[torch.Tensor], blocks: list[list[int]], propagators: list[np.ndarray],
@@ -164,13 +239,3 @@ def _checkpoint_index(checkpoint: int, boundaries: list[int]) -> int:
         raise ValueError(f"checkpoint={checkpoint} out of range: the embeddings have {n} checkpoints at steps "
                          f"{boundaries[1:]} (compute_embeddings(..., checkpoints=K) sets them)")
     return checkpoint % n
-
-
-def _score_rows(scores: np.ndarray, tests: list[torch.Tensor], embeddings: list[np.ndarray], r_start: int,
-                r_stop: int, chunk_rows: int, show_progress: bool) -> None:
-    """scores[:, rows] += sum over layers of test @ embedding^T, in chunks of rows."""
-    for r0 in ProgressBar(range(r_start, r_stop, chunk_rows), desc="scoring", disable=not show_progress):
-        r1 = min(r0 + chunk_rows, r_stop)
-        acc = torch.from_numpy(scores[:, r0:r1])
-        for test, emb in zip(tests, embeddings):
-            acc.addmm_(test, torch.from_numpy(np.array(emb[r0:r1])).t())
