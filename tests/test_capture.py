@@ -103,7 +103,7 @@ def test_gradient_accumulation_matches_single_pass(tmp_path):
     check_against_reference(store, model, x, y, TOL32)
 
 
-@pytest.mark.parametrize("kind", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("kind", ["gaussian", "rademacher", "orthogonal"])
 def test_float64_is_exact(tmp_path, kind):
     model = mlp().double()
     x, y = torch.randn(5, 12, dtype=torch.float64), torch.randint(0, 5, (5,))

@@ -16,7 +16,7 @@ from typing import Literal
 
 import torch
 
-ProjectionKind = Literal["gaussian", "rademacher", "identity"]
+ProjectionKind = Literal["gaussian", "rademacher", "orthogonal", "identity"]
 
 
 def derive_seed(seed: int, *parts: str) -> int:
@@ -26,22 +26,23 @@ def derive_seed(seed: int, *parts: str) -> int:
 
 
 def split_budget(d_in: int, d_out: int, budget: int | None) -> tuple[int, int]:
-    """Split a per-layer budget into (k_in, k_out) with k_in * k_out <= budget.
+    """Split a per-layer budget into (k_in, k_out) with k_in * k_out <= budget, k_in <= d_in, k_out <= d_out.
 
-    Both sides are compressed by the same ratio sqrt(budget / (d_in d_out)), so
-    neither factor is favoured; a side whose share would reach its dimension is kept
-    exact and the remainder goes to the other side. ``None`` means no projection.
+    Projecting a d-dim factor to k dims adds relative variance ~ 1/k - 1/d to inner
+    products, so the Kronecker pair's error ~ (1/k_in - 1/d_in) + (1/k_out - 1/d_out) is
+    smallest for a balanced split k_in = k_out = sqrt(budget). A side smaller than that
+    is kept exact and the rest of the budget goes to the other side. ``None``: no projection.
     """
     if budget is None or d_in * d_out <= budget:
         return d_in, d_out
     if budget < 1:
         raise ValueError(f"projection_dim must be >= 1, got {budget}")
-    ratio = math.sqrt(budget / (d_in * d_out))
-    k_out = max(1, min(d_out, round(d_out * ratio)))
-    k_in = max(1, min(d_in, budget // k_out))
-    if k_in == d_in:  # input side saturated: give the rest of the budget to the output side
-        k_out = max(1, min(d_out, budget // d_in))
-    return k_in, k_out
+    side = math.isqrt(budget)
+    if d_out <= side:
+        return min(d_in, budget // d_out), d_out
+    if d_in <= side:
+        return d_in, min(d_out, budget // d_in)
+    return side, side
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ class FactorProjection:
     def __post_init__(self) -> None:
         if not 1 <= self.k <= self.dim:
             raise ValueError(f"projection size {self.k} must lie in [1, {self.dim}]")
-        if self.kind not in ("gaussian", "rademacher", "identity"):
+        if self.kind not in ("gaussian", "rademacher", "orthogonal", "identity"):
             raise ValueError(f"unknown projection kind {self.kind!r}")
 
     @property
@@ -65,13 +66,19 @@ class FactorProjection:
         return self.k == self.dim
 
     def matrix(self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
-        """Build the k x d matrix: N(0, 1/k) entries, or +-1/sqrt(k) for Rademacher."""
+        """Build the k x d matrix: N(0, 1/k) entries, +-1/sqrt(k) for Rademacher, or orthogonal rows.
+
+        Orthogonal rows have norm sqrt(d/k), so that E[P^T P] = I as for the others.
+        """
         if self.is_identity:
             return torch.eye(self.dim, dtype=dtype, device=device)
         gen = torch.Generator().manual_seed(self.seed)
         if self.kind == "rademacher":
             signs = torch.randint(0, 2, (self.k, self.dim), generator=gen, dtype=torch.int8)
             mat = (signs.to(torch.float64) * 2 - 1) / math.sqrt(self.k)
+        elif self.kind == "orthogonal":
+            q, _ = torch.linalg.qr(torch.randn(self.dim, self.k, generator=gen, dtype=torch.float64))
+            mat = q.t() * math.sqrt(self.dim / self.k)
         else:
             mat = torch.randn(self.k, self.dim, generator=gen, dtype=torch.float64) / math.sqrt(self.k)
         return mat.to(dtype=dtype, device=device)

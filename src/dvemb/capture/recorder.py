@@ -66,8 +66,8 @@ class Recorder:
     ) -> None:
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-        if projection not in ("gaussian", "rademacher"):
-            raise ValueError(f"projection must be 'gaussian' or 'rademacher', got {projection!r}")
+        if projection not in ("gaussian", "rademacher", "orthogonal"):
+            raise ValueError(f"projection must be 'gaussian', 'rademacher' or 'orthogonal', got {projection!r}")
         if curvature not in CURVATURES:
             raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
         if curvature_samples is not None and curvature_samples < 1:
