@@ -398,7 +398,23 @@ def _check_new_dir(path: Path) -> None:
         raise StoreError(f"{path} exists, is not empty and holds no dvemb store")
 
 
-class StoreWriter:
+class _Committed:
+    """Committed counts read from a writer's manifest."""
+
+    manifest: dict
+
+    @property
+    def n_steps(self) -> int:
+        """Committed steps."""
+        return self.manifest["committed_steps"]
+
+    @property
+    def n_records(self) -> int:
+        """Committed records (of all ranks, for a distributed index)."""
+        return self.manifest["committed_records"]
+
+
+class StoreWriter(_Committed):
     """Appends committed steps to a store; creates it or resumes after its last commit.
 
     ``rollback_to_steps`` drops steps committed beyond that count (a distributed shard
@@ -430,16 +446,6 @@ class StoreWriter:
         for arr in (self._records, *self._grads):
             arr.open_for_append(self.n_records)
         self._write_manifest()
-
-    @property
-    def n_steps(self) -> int:
-        """Committed steps."""
-        return self.manifest["committed_steps"]
-
-    @property
-    def n_records(self) -> int:
-        """Committed records."""
-        return self.manifest["committed_records"]
 
     @staticmethod
     def check_resume(found: StoreConfig, wanted: StoreConfig) -> None:
@@ -508,7 +514,7 @@ class StoreWriter:
             arr.close()
 
 
-class DistributedIndex:
+class DistributedIndex(_Committed):
     """Rank 0's top-level manifest of a distributed store: the global committed counts."""
 
     def __init__(self, path: str | os.PathLike, config: StoreConfig, world_size: int, *, fsync: bool = False) -> None:
@@ -526,16 +532,6 @@ class DistributedIndex:
             self.path.mkdir(parents=True, exist_ok=True)
             self.manifest = {**new_manifest(config), "world_size": world_size}
             self.commit(0, 0)
-
-    @property
-    def n_steps(self) -> int:
-        """Globally committed steps."""
-        return self.manifest["committed_steps"]
-
-    @property
-    def n_records(self) -> int:
-        """Globally committed records (all ranks)."""
-        return self.manifest["committed_records"]
 
     def commit(self, steps: int, records: int) -> None:
         """Atomically record that every rank's shard holds ``steps`` steps."""
