@@ -13,10 +13,11 @@ A distributed store's top manifest (written by rank 0) carries ``world_size`` an
 global committed counts; readers present the shards as one store whose records are in
 step-major, rank-minor order.
 
-A step is committed when its rows are written and flushed, the .npy headers carry
-the new row count, and ``manifest.json`` is atomically replaced (temp file + rename).
-Readers trust only the manifest's counts, so a store whose writer died opens with
-exactly its committed steps, and a new writer truncates what lies beyond them.
+A step is committed when its rows are written and flushed and ``manifest.json`` is
+atomically replaced (temp file + rename). Readers trust only the manifest's counts, so
+a store whose writer died opens with exactly its committed steps, and a new writer
+truncates what lies beyond them. The .npy headers are brought up to the committed row
+count when the writer closes (so ``np.load`` sees every row of a closed store).
 Nothing is ever pickled: arrays are plain .npy, metadata is JSON.
 """
 
@@ -24,6 +25,8 @@ from __future__ import annotations
 
 import json
 import os
+import queue
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +83,13 @@ def to_numpy(tensor: torch.Tensor, dtype: str) -> np.ndarray:
     return (tensor.view(torch.int16).numpy().view(np.uint16) if dtype == "bfloat16" else tensor.numpy())
 
 
+def all_finite(rows: np.ndarray, dtype: str) -> bool:
+    """Whether stored rows hold no NaN or infinity (bfloat16: exponent bits not all set)."""
+    if dtype == "bfloat16":
+        return not ((rows & 0x7F80) == 0x7F80).any()
+    return bool(np.isfinite(rows).all())
+
+
 def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
     descr = np.lib.format.dtype_to_descr(dtype)
     text = repr({"descr": descr, "fortran_order": False, "shape": tuple(shape)})
@@ -122,19 +132,18 @@ class AppendableArray:
         self._file.truncate(HEADER_BYTES + committed_rows * self.row_bytes)
         self._file.seek(0, os.SEEK_END)
 
-    def flush(self, rows: int, fsync: bool) -> None:
-        """Rewrite the header for ``rows`` rows and flush the data to the OS (or disk)."""
+    def flush(self, fsync: bool) -> None:
+        """Flush the written rows to the OS (or to disk with ``fsync``)."""
         assert self._file is not None
-        self._file.seek(0)
-        self._file.write(_npy_header(self.dtype, (rows, *self.row_shape)))
-        self._file.seek(0, os.SEEK_END)
         self._file.flush()
         if fsync:
             os.fsync(self._file.fileno())
 
-    def close(self) -> None:
-        """Close the file handle."""
+    def close(self, rows: int) -> None:
+        """Write the header for ``rows`` committed rows and close the file."""
         if self._file is not None:
+            self._file.seek(0)
+            self._file.write(_npy_header(self.dtype, (rows, *self.row_shape)))
             self._file.close()
             self._file = None
 
@@ -163,7 +172,7 @@ def write_json_atomic(path: Path, data: dict, fsync: bool = False) -> None:
     """Replace ``path`` with ``data`` atomically (temp file in the same directory + rename)."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
+        json.dump(data, f, separators=(",", ":"))
         f.flush()
         if fsync:
             os.fsync(f.fileno())
@@ -473,9 +482,9 @@ class StoreWriter(_Committed):
             arr.open_for_append(self.n_records)
         self.manifest["curvature_passes"] = passes
 
-    def append_step(self, sample_ids: np.ndarray, weights: np.ndarray, lr: float, grads: Sequence[torch.Tensor],
-                    curvature: Sequence[torch.Tensor] | None = None, rank: int = 0) -> int:
-        """Write one step's records, per-layer gradients and curvature rows, then commit; returns the step."""
+    def append_step(self, sample_ids: np.ndarray, weights: np.ndarray, lr: float, grads: Sequence[np.ndarray],
+                    curvature: Sequence[np.ndarray] | None = None, rank: int = 0) -> int:
+        """Write one step's records, per-layer rows and curvature rows (storage dtype), then commit."""
         step = self.n_steps
         if curvature is not None:
             passes = curvature[0].shape[1] // self.config.layers[0].dim
@@ -490,15 +499,15 @@ class StoreWriter(_Committed):
         records["lr"], records["rank"] = lr, rank
         try:
             self._records.append(records)
-            for arr, g in zip(self._grads + self._curv, [*grads, *(curvature or [])]):
-                arr.append(to_numpy(g, self.config.dtype))
+            for arr, rows in zip(self._grads + self._curv, [*grads, *(curvature or [])]):
+                arr.append(rows)
         except BaseException:
             for arr in self._arrays:
                 arr.rollback(self.n_records)
             raise
         total = self.n_records + n
         for arr in self._arrays:
-            arr.flush(total, self.fsync)
+            arr.flush(self.fsync)
         self.manifest["committed_steps"] = step + 1
         self.manifest["committed_records"] = total
         self._write_manifest()
@@ -508,10 +517,69 @@ class StoreWriter(_Committed):
         self.manifest["updated"] = time.time()
         write_json_atomic(self.path / MANIFEST, self.manifest, self.fsync)
 
+    @property
+    def submitted(self) -> int:
+        """Steps handed to the writer (all committed: this writer is synchronous)."""
+        return self.n_steps
+
+    def flush(self) -> None:
+        """Nothing is pending in a synchronous writer."""
+
     def close(self) -> None:
-        """Close all files (committed data stays)."""
+        """Bring the .npy headers up to date and close all files (committed data stays)."""
         for arr in self._arrays:
-            arr.close()
+            arr.close(self.n_records)
+
+
+class BackgroundWriter:
+    """Commits a StoreWriter's steps in a worker thread, in order, with at most ``depth`` in flight.
+
+    Training does not wait for the disk; a crash loses only the steps in flight, which
+    were never committed. An error in the thread is raised at the next call.
+    """
+
+    def __init__(self, writer: StoreWriter, depth: int = 2) -> None:
+        self.writer = writer
+        self.submitted = writer.n_steps
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="dvemb-store-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self.writer.append_step(*item)
+                except BaseException as exc:  # handed to the training thread
+                    self._error = exc
+            self._queue.task_done()
+        self._queue.task_done()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise StoreError(f"writing to {self.writer.path} failed: {error}") from error
+
+    def append_step(self, *args) -> None:
+        """Queue a step for :meth:`StoreWriter.append_step` (blocks while ``depth`` steps are pending)."""
+        self._raise()
+        self._queue.put(args)
+        self.submitted += 1
+
+    def flush(self) -> None:
+        """Wait until every queued step is committed."""
+        self._queue.join()
+        self._raise()
+
+    def close(self) -> None:
+        """Commit what is queued, stop the thread and close the store."""
+        try:
+            self.flush()
+        finally:
+            self._queue.put(None)
+            self._thread.join()
+            self.writer.close()
 
 
 class DistributedIndex(_Committed):

@@ -32,44 +32,46 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 @dataclass
 class _Projector:
-    """The two projection matrices of a layer, built lazily on the data's device/dtype."""
+    """A layer's projection factors, prepared once per dtype/device (and output scale)."""
 
     spec: LayerSpec
     _cache: dict = field(default_factory=dict)
 
-    def matrices(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(P_in, P_out), None for a side kept exact."""
-        key = (dtype, device)
+    def factors(self, dtype: torch.dtype, device: torch.device, scale: float) -> tuple:
+        """(P_in^T restricted to the weight columns, P_in's bias column, scale * P_out^T); None = exact side."""
+        key = (dtype, device, scale)
         if key not in self._cache:
             p_in, p_out = self.spec.proj_in, self.spec.proj_out
-            self._cache[key] = (
-                None if p_in.is_identity else p_in.matrix(dtype, device),
-                None if p_out.is_identity else p_out.matrix(dtype, device),
-            )
+            in_t = in_bias = out_t = None
+            if not p_in.is_identity:
+                m = p_in.matrix(dtype, device)
+                in_t = m[:, : self.spec.d_in].t().contiguous()
+                in_bias = m[:, self.spec.d_in].contiguous() if self.spec.bias else None
+            if not p_out.is_identity:
+                out_t = (p_out.matrix(dtype, device).t() * scale).contiguous()
+            self._cache[key] = (in_t, in_bias, out_t)
         return self._cache[key]
 
-    def project(self, a: torch.Tensor, ds: torch.Tensor) -> torch.Tensor:
-        """Per-sample projected gradients [b, k_out * k_in] from a [b, ..., d_in], ds [b, ..., d_out]."""
+    def project(self, a: torch.Tensor, ds: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """Per-sample projected gradients [b, k_out * k_in] of ``scale * loss`` from a [b, ..., d_in], ds [b, ..., d_out]."""
         if a.dtype in _LOW_PRECISION:
             a = a.float()
-        ds = ds.to(a.dtype)
         b = a.shape[0]
-        a = a.reshape(b, -1, a.shape[-1])
-        ds = ds.reshape(b, -1, ds.shape[-1])
-        p_in, p_out = self.matrices(a.dtype, a.device)
-        if p_in is None:
-            if self.spec.bias:
-                a = torch.cat([a, a.new_ones(a.shape[:-1] + (1,))], dim=-1)
-        else:
-            proj = a @ p_in[:, : self.spec.d_in].t()
-            a = proj + p_in[:, self.spec.d_in] if self.spec.bias else proj
-        if p_out is not None:
-            ds = ds @ p_out.t()
-        if a.shape[1] == 1:  # one token: an outer product
-            out = ds[:, 0, :, None] * a[:, 0, None, :]
-        else:
-            out = torch.bmm(ds.transpose(1, 2), a)
-        return out.reshape(b, -1)
+        a = a.reshape(-1, a.shape[-1])
+        ds = ds.to(a.dtype).reshape(-1, ds.shape[-1])
+        in_t, in_bias, out_t = self.factors(a.dtype, a.device, scale)
+        if in_t is not None:
+            a = torch.addmm(in_bias, a, in_t) if in_bias is not None else a @ in_t
+        elif self.spec.bias:
+            a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
+        if out_t is not None:
+            ds = ds @ out_t
+        elif scale != 1.0:
+            ds = ds * scale
+        tokens = a.shape[0] // b
+        if tokens == 1:  # one token per sample: an outer product
+            return torch.bmm(ds.unsqueeze(2), a.unsqueeze(1)).reshape(b, -1)
+        return torch.bmm(ds.reshape(b, tokens, -1).transpose(1, 2), a.reshape(b, tokens, -1)).reshape(b, -1)
 
 
 class GhostCapture:
@@ -109,9 +111,10 @@ class GhostCapture:
         self._active = False
         self._reset()
 
-    def begin(self) -> None:
-        """Start collecting a fresh set of rows."""
+    def begin(self, scale: float = 1.0) -> None:
+        """Start collecting a fresh set of rows; gradients are multiplied by ``scale`` (e.g. 1/w)."""
         self._reset()
+        self._scale = scale
         self._active = True
 
     def abort(self) -> None:
@@ -142,6 +145,7 @@ class GhostCapture:
         # stream 0: gradients; stream s >= 1: the s-th curvature pass (created on first use)
         self._streams: list[list[dict[int, torch.Tensor]]] = [[{} for _ in self.specs]]
         self._stream = 0
+        self._scale = 1.0
         self._offset = 0
         self._mb_rows: int | None = None
         self._in_backward = False
@@ -154,6 +158,8 @@ class GhostCapture:
                 f"layer {spec.name!r} received no gradient in this step; track only layers used in the "
                 "forward pass (modules=...), and keep its output connected to the loss")
         first = next(iter(parts.values()))
+        if len(parts) == 1 and 0 in parts and first.shape[0] == rows:  # one micro-batch: no copy
+            return first
         full = first.new_zeros(rows, spec.dim)
         for offset, block in parts.items():
             full[offset: offset + block.shape[0]] = block
@@ -216,7 +222,8 @@ class GhostCapture:
         self._in_backward = True
         if not self._active:
             return
-        block = self._projectors[idx].project(a, ds.detach())
+        # the step's loss is sum_i w_i loss_i; scaling by 1/w gives the sample's own gradient
+        block = self._projectors[idx].project(a, ds.detach(), self._scale if self._stream == 0 else 1.0)
         parts = self._streams[self._stream][idx]
         if offset in parts:
             parts[offset] += block  # the module was used more than once in this micro-batch

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..store import MANIFEST, DistributedIndex, StoreConfig, StoreWriter, dtype_name, read_json, shard_path
+from ..store import (MANIFEST, BackgroundWriter, DistributedIndex, StoreConfig, StoreWriter, all_finite, dtype_name,
+                     read_json, shard_path, to_numpy)
 from .checkpoints import save_checkpoint
 from .curvature import CURVATURES, Curvature
 from .distributed import DistributedContext, refuse_fsdp
@@ -83,10 +84,12 @@ class Recorder:
         chosen = select_modules(model, modules)
         specs = [layer_spec(name, m, projection_dim, seed, projection) for name, m in chosen]
         config = StoreConfig(tuple(specs), dtype_name(dtype), reduction, curvature, projection, seed)
+        self._config = config
         self._dist = DistributedContext.detect()
         self._index: DistributedIndex | None = None
-        if self._dist is None:
-            self._writer = StoreWriter(path, config, fsync=fsync)
+        self._writer: StoreWriter | BackgroundWriter
+        if self._dist is None:  # commits overlap training; in order, at most 2 steps in flight
+            self._writer = BackgroundWriter(StoreWriter(path, config, fsync=fsync))
         else:  # each rank writes its own shard; rank 0 keeps the global commit
             if self._dist.rank == 0:
                 self._index = DistributedIndex(path, config, self._dist.world_size, fsync=fsync)
@@ -114,12 +117,16 @@ class Recorder:
     @property
     def layers(self) -> list[str]:
         """Names of the tracked layers."""
-        return [s.name for s in self._writer.config.layers]
+        return [s.name for s in self._config.layers]
 
     @property
     def steps(self) -> int:
-        """Number of committed steps."""
-        return self._writer.n_steps
+        """Number of recorded steps (the last one or two may still be being written: see flush)."""
+        return self._writer.submitted
+
+    def flush(self) -> None:
+        """Wait until every recorded step is committed to disk."""
+        self._writer.flush()
 
     @contextlib.contextmanager
     def step(self, ids: Sequence[int] | np.ndarray | torch.Tensor, lr: float | None = None) -> Iterator[None]:
@@ -134,7 +141,9 @@ class Recorder:
         if self._wants_checkpoint(self.steps):
             save_checkpoint(self.path, self.model, self.steps)  # theta_t, before this step's update
         self._in_step = True
-        self._capture.begin()
+        # hooks see this rank's loss gradient w_local * g: scaling by 1/w_local stores the sample's own g
+        local = 1.0 / len(sample_ids) if self.reduction == "mean" else 1.0
+        self._capture.begin(scale=1.0 / local)
         try:
             yield
             grads, curvature = self._capture.collect(n_rows=len(sample_ids))
@@ -144,8 +153,11 @@ class Recorder:
         finally:
             self._in_step = False
         step_lr = self._resolve_lr(lr)
-        bad = next((name for name, g in zip(self.layers * 2, grads + (curvature or []))
-                    if not torch.isfinite(g).all()), None)
+        dtype = self._config.dtype
+        rows = [to_numpy(g, dtype) for g in grads]
+        curv_rows = None if curvature is None else [to_numpy(c, dtype) for c in curvature]
+        bad = next((name for name, r in zip(self.layers * 2, rows + (curv_rows or [])) if not all_finite(r, dtype)),
+                   None)
         world, rank = (1, 0) if self._dist is None else (self._dist.world_size, self._dist.rank)
         n_bad, n_total = (bad is not None, len(sample_ids)) if self._dist is None else \
             self._dist.sum(bad is not None, len(sample_ids))
@@ -153,12 +165,8 @@ class Recorder:
             where = f"layer {bad!r}" if bad else "another rank"
             raise NonFiniteGradientError(
                 f"non-finite per-sample gradient in {where} at step {self.steps}; the step was not recorded")
-        # Hooks see this rank's loss gradient w_local * g; the store keeps the sample's own g and its
-        # weight in the step's update (DDP averages the ranks' gradients: w = w_local / world size).
-        local = 1.0 / len(sample_ids) if self.reduction == "mean" else 1.0
-        unweighted = [g / local for g in grads] if local != 1.0 else grads
-        self._writer.append_step(sample_ids, np.full(len(sample_ids), local / world), step_lr, unweighted,
-                                 curvature, rank=rank)
+        # the record's weight in the step's update: DDP averages the ranks' gradients, w = w_local / world
+        self._writer.append_step(sample_ids, np.full(len(sample_ids), local / world), step_lr, rows, curv_rows, rank)
         if self._dist is not None:
             self._dist.barrier()  # every shard holds the step: commit it globally
             if self._index is not None:
