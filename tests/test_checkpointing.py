@@ -82,3 +82,26 @@ def test_recorder_saves_checkpoints_that_load_back(tmp_path):
             assert torch.equal(a, b)
     with pytest.raises(FileNotFoundError, match="saved steps"):
         dvemb.load_checkpoint(tmp_path / "s", fresh, 3)
+
+
+def test_checkpoints_of_models_with_tied_weights(tmp_path):
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte = torch.nn.Embedding(7, 4)
+            self.mid = torch.nn.Linear(4, 4)
+            self.head = torch.nn.Linear(4, 7, bias=False)
+            self.head.weight = self.wte.weight
+
+        def forward(self, ids):
+            return self.head(torch.tanh(self.mid(self.wte(ids))))
+
+    torch.manual_seed(0)
+    model = Tied()
+    with pytest.warns(UserWarning, match="tied"):
+        rec = dvemb.Recorder(model, tmp_path / "s", save_checkpoints=[0])
+    with rec, rec.step([0, 1], lr=0.1):
+        F.cross_entropy(model(torch.tensor([1, 2])), torch.tensor([3, 4])).backward()
+    fresh = Tied()
+    dvemb.load_checkpoint(tmp_path / "s", fresh, 0)
+    assert torch.equal(fresh.head.weight, model.head.weight) and fresh.head.weight is fresh.wte.weight

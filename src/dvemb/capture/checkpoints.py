@@ -7,6 +7,7 @@ checkpoint saved through a DDP wrapper loads into the bare model and the reverse
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -31,9 +32,17 @@ def save_checkpoint(store_path: str | os.PathLike, model: nn.Module, step: int) 
 
     path = checkpoint_file(store_path, step)
     path.parent.mkdir(exist_ok=True)
-    state = {canonical_name(k): v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state, aliases, seen = {}, {}, {}
+    for name, tensor in model.state_dict(keep_vars=False).items():
+        name = canonical_name(name)
+        key = (tensor.data_ptr(), tensor.shape, tensor.stride())
+        if key in seen:  # tied weights (e.g. GPT-2's lm_head and wte): stored once
+            aliases[name] = seen[key]
+        else:
+            seen[key] = name
+            state[name] = tensor.detach().cpu().contiguous()
     tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata={"step": str(step)})
+    save_file(state, str(tmp), metadata={"step": str(step), "aliases": json.dumps(aliases)})
     os.replace(tmp, path)
     return path
 
@@ -48,12 +57,16 @@ def saved_checkpoints(store_path: str | os.PathLike) -> list[int]:
 
 def load_checkpoint(store_path: str | os.PathLike, model: nn.Module, step: int) -> nn.Module:
     """Load theta at ``step`` into ``model`` (in place) and return it; never executes code."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     path = checkpoint_file(store_path, step)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at step {step}; saved steps: {saved_checkpoints(store_path)}")
     state = load_file(str(path))
+    with safe_open(str(path), framework="pt") as f:
+        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+    state.update({alias: state[original] for alias, original in aliases.items()})
     own = {canonical_name(k): k for k in model.state_dict()}
     missing = sorted(set(own) - set(state))
     if missing:

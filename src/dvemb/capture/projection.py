@@ -16,6 +16,9 @@ from typing import Literal
 
 import torch
 
+DEFAULT_PROJECTION_DIM = 1024
+"""Projected size per layer used by the demo, studies and integrations (``Recorder`` itself defaults to exact)."""
+
 ProjectionKind = Literal["gaussian", "rademacher", "orthogonal", "identity"]
 
 
