@@ -30,3 +30,26 @@ from dvemb.evaluate.metrics import pearson, spearman
 from dvemb.evaluate.recorded import record_run
 
 __all__ += ["pearson", "spearman", "record_run"]
+
+from dvemb.evaluate.baselines import (
+    Estimator,
+    exact_first_order,
+    grad_dot,
+    influence_function,
+    standard_baselines,
+    tracin_cp,
+)
+from dvemb.evaluate.fidelity import FidelityResult, Interval, bootstrap_interval, evaluate_fidelity
+
+__all__ += [
+    "Estimator",
+    "exact_first_order",
+    "grad_dot",
+    "influence_function",
+    "standard_baselines",
+    "tracin_cp",
+    "FidelityResult",
+    "Interval",
+    "bootstrap_interval",
+    "evaluate_fidelity",
+]
