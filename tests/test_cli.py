@@ -103,3 +103,12 @@ def test_bad_projection_dim_is_a_usage_error(value: str, capsys: pytest.CaptureF
         main(["demo", "--projection-dim", value])
     assert exc.value.code == 2
     assert "--projection-dim" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("group,study", [("evaluate", "fidelity"), ("experiment", "dynamics"),
+                                         ("experiment", "selection"), ("experiment", "lm-self")])
+def test_study_commands_are_wired(group, study, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([group, study, "--help"])
+    assert exc.value.code == 0
+    assert "--out" in capsys.readouterr().out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
 from typing import Sequence
@@ -13,9 +14,28 @@ from .experiments.demo import DEFAULT_PROJECTION_DIM, run_demo
 EXIT_ERROR = 2
 
 
+# Studies behind `dvemb evaluate ...` and `dvemb experiment ...`: (module, one-line help). Each module
+# exposes add_arguments(parser) and main(args) -> int, and is imported only when its study runs.
+STUDIES: dict[str, dict[str, tuple[str, str]]] = {
+    "evaluate": {
+        "fidelity": ("dvemb.experiments.fidelity", "every estimator against replayed training: the paper's "
+                                                    "MNIST fidelity study (Spearman/Pearson with 95% intervals)"),
+    },
+    "experiment": {
+        "dynamics": ("dvemb.experiments.dynamics", "influence of records vs training step: warm-up, basin and "
+                                                   "ascent regimes, decay of early influence, top-k evolution"),
+        "selection": ("dvemb.experiments.selection", "online gradient-alignment data selection in training "
+                                                     "windows (none, all, early, late, early+late)"),
+        "lm-self": ("dvemb.experiments.lm", "GPT-2-style LM on Shakespeare: does DVEmb rank a test sequence's own "
+                                            "training records first, per epoch, vs the influence function"),
+    },
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the `dvemb` command line with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
-    parser = _parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser(argv)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)
@@ -30,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dvemb",
         description="Training-data attribution with data value embeddings: estimate how much each "
@@ -79,7 +99,22 @@ def _parser() -> argparse.ArgumentParser:
                        help="processes sharing the segments and layers (default: 1)")
     embed.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     embed.set_defaults(run=_embed)
+    _add_studies(sub, argv)
     return parser
+
+
+def _add_studies(sub: argparse._SubParsersAction, argv: Sequence[str]) -> None:
+    """`dvemb evaluate STUDY` and `dvemb experiment STUDY`; only the invoked study's module is imported."""
+    for group, studies in STUDIES.items():
+        group_parser = sub.add_parser(group, help=f"{group} studies: {', '.join(studies)}",
+                                      description=f"Reproducible {group} studies; each writes JSON and figures.")
+        group_sub = group_parser.add_subparsers(dest="study", metavar="STUDY", required=True)
+        for name, (module, text) in studies.items():
+            study = group_sub.add_parser(name, help=text, description=text)
+            if list(argv[:2]) == [group, name]:
+                loaded = importlib.import_module(module)
+                loaded.add_arguments(study)
+                study.set_defaults(run=loaded.main)
 
 
 def _positive_int(text: str) -> int:

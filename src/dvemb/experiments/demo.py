@@ -25,8 +25,8 @@ from .. import Influence, Recorder, compute_embeddings, influence
 from ..data import load_digits_split
 from ..progress import ProgressBar
 from ..store import MANIFEST
+from ..capture.projection import DEFAULT_PROJECTION_DIM
 
-DEFAULT_PROJECTION_DIM: int | None = 1024  # per layer; None (exact) is ~4x slower and ~3x bigger on disk
 QUICK_TRAIN_SAMPLES = 320
 TOP_K = 3
 
