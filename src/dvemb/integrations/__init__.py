@@ -1,0 +1,1 @@
+"""Integrations with training frameworks; each submodule needs its framework (``dvemb.integrations.hf``: the hf extra)."""

@@ -1,0 +1,170 @@
+"""Record data value embeddings during Hugging Face ``Trainer.train()`` (needs the hf extra).
+
+Sample ids travel as a column of the training dataset through the data collator into the
+batches. :class:`DVEmbTrainer` takes them out of each optimizer step's micro-batches before
+the model sees them, and :class:`DVEmbCallback` records the step with a :class:`dvemb.Recorder`::
+
+    train_ds = train_ds.map(lambda ex, i: {"sample_id": i}, with_indices=True)  # unique int ids
+    args = TrainingArguments("out", remove_unused_columns=False, optim="sgd", max_grad_norm=0)
+    trainer = DVEmbTrainer(model=model, args=args, train_dataset=train_ds, data_collator=collator,
+                           callbacks=[DVEmbCallback("runs/lm", projection_dim=1024)])
+    trainer.train()
+    inf = dvemb.influence("runs/lm", model, lambda: per_example_test_losses(model))
+
+- ``remove_unused_columns=False`` keeps the id column (the model's signature does not name
+  it); the collator must pass it through as integers (``default_data_collator`` and a
+  collator that pads token lists per key do).
+- One record set per optimizer step: with gradient accumulation the step's micro-batches are
+  one batch, in order. The learning rate is the optimizer's when the step ends, i.e. the one
+  the scheduler set for that step.
+- Loss convention: the Trainer's causal-LM loss is the mean over every label token of the
+  optimizer step (N tokens, B samples), and the Recorder stores each sample's gradient divided
+  by its weight w = 1/B. A sample's stored gradient is therefore that of its own loss
+  ``(B / N) * (sum of its token losses)``; with equal token counts this is its mean token loss.
+- The Recorder assumes plain SGD: other optimizers are warned about, and gradient clipping
+  (the Trainer clips at ``max_grad_norm=1.0`` by default) rescales steps without being recorded.
+
+Why a Trainer subclass and not only a callback: the Recorder needs a step's ids when the step
+begins, and callbacks never see the batches. ``get_batch_samples`` fetches all micro-batches
+of an optimizer step before the step begins, so :class:`DVEmbTrainerMixin` reads them there;
+mix it into another Trainer class (``class MyTrainer(DVEmbTrainerMixin, SFTTrainer)``) as needed.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from contextlib import AbstractContextManager
+from typing import Any, MutableMapping, Sequence
+
+import numpy as np
+
+try:
+    from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+except ImportError:
+    raise ImportError("dvemb.integrations.hf needs transformers: pip install 'dvemb[hf]'") from None
+
+from ..capture.recorder import Recorder, as_ids
+from ..capture.projection import DEFAULT_PROJECTION_DIM
+
+if not hasattr(Trainer, "get_batch_samples"):
+    raise ImportError("dvemb.integrations.hf needs transformers>=4.46 (Trainer.get_batch_samples)")
+
+
+
+class _Interrupted(RuntimeError):
+    """Thrown into a Recorder step left open by a failed run, so that nothing of it is committed."""
+
+
+class DVEmbCallback(TrainerCallback):
+    """Records every optimizer step of ``Trainer.train()`` into the dvemb store at ``path``.
+
+    ``recorder_kwargs`` go to :class:`dvemb.Recorder` (``modules=``, ``seed=``, ``dtype=``,
+    ``save_checkpoints=`` ...). Use it with :class:`DVEmbTrainer`, which hands it the ids.
+    """
+
+    def __init__(self, path: str | os.PathLike, id_column: str = "sample_id",
+                 projection_dim: int | None = DEFAULT_PROJECTION_DIM, **recorder_kwargs: Any) -> None:
+        self.path = path
+        self.id_column = id_column
+        self.projection_dim = projection_dim
+        self.recorder_kwargs = recorder_kwargs
+        self.recorder: Recorder | None = None
+        self._next_ids: np.ndarray | None = None
+        self._open_step: AbstractContextManager | None = None
+
+    def take_ids(self, batches: Sequence[MutableMapping[str, Any]]) -> None:
+        """Remove the id column from one optimizer step's micro-batches; their ids, in order, make the step."""
+        if any(self.id_column not in batch for batch in batches):
+            raise KeyError(f"training batches have no {self.id_column!r} column: keep it with TrainingArguments("
+                           "remove_unused_columns=False) and a data collator that passes it through")
+        self._next_ids = np.concatenate([as_ids(batch.pop(self.id_column)) for batch in batches])
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       model: Any = None, optimizer: Any = None, **kwargs: Any) -> None:
+        """Open the store; the lr is read from the optimizer the Trainer built."""
+        _check_arguments(args)
+        self.recorder = Recorder(model, self.path, self.projection_dim,
+                                 optimizer=getattr(optimizer, "optimizer", optimizer),  # Accelerate's wrapper
+                                 **self.recorder_kwargs)
+        if self.recorder.steps != state.global_step:
+            steps = self.recorder.steps
+            self.close()
+            raise ValueError(f"{self.path} holds {steps} recorded steps but training starts at step "
+                             f"{state.global_step}: record into a new path, or resume from step {steps}")
+
+    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                      **kwargs: Any) -> None:
+        """Start capturing the optimizer step whose micro-batches were just fetched."""
+        if self._next_ids is None:
+            raise RuntimeError("DVEmbCallback received no sample ids for this step: train with DVEmbTrainer, or "
+                               "mix DVEmbTrainerMixin into your Trainer class")
+        step = self.recorder.step(self._next_ids)
+        step.__enter__()
+        self._open_step, self._next_ids = step, None
+
+    def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                              **kwargs: Any) -> None:
+        """Commit the step: every micro-batch has run backward and the optimizer has not yet stepped."""
+        step, self._open_step = self._open_step, None
+        step.__exit__(None, None, None)
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                     **kwargs: Any) -> None:
+        """Close the store and remove the hooks."""
+        self.close()
+
+    def close(self) -> None:
+        """Drop a step left open by an interrupted run (nothing of it is committed), then close the recorder."""
+        if self._open_step is not None:
+            error = _Interrupted("training stopped inside a recorded step")
+            step, self._open_step = self._open_step, None
+            step.__exit__(type(error), error, None)
+        self._next_ids = None
+        if self.recorder is not None:
+            self.recorder.close()
+
+
+def _check_arguments(args: TrainingArguments) -> None:
+    """Refuse settings that break recording; warn about those that make it approximate."""
+    if args.remove_unused_columns:
+        raise ValueError("DVEmbCallback needs TrainingArguments(remove_unused_columns=False): otherwise the Trainer "
+                         "drops the sample id column before batching")
+    if args.fp16:
+        raise ValueError("fp16 loss scaling multiplies the captured per-sample gradients by the scaler's factor; "
+                         "train in float32 or bf16")
+    if args.world_size > 1:
+        raise ValueError("DVEmbCallback records single-process training only")
+    if args.max_grad_norm and args.max_grad_norm > 0:
+        warnings.warn(f"gradient clipping (max_grad_norm={args.max_grad_norm}) rescales some steps and dvemb does "
+                      "not record it; set max_grad_norm=0 for exact data value embeddings", stacklevel=3)
+
+
+class DVEmbTrainerMixin:
+    """Hands each optimizer step's sample ids from its micro-batches to the trainer's :class:`DVEmbCallback`."""
+
+    def get_batch_samples(self, *args: Any, **kwargs: Any):
+        """The Trainer's micro-batches of one optimizer step, with the id column taken out."""
+        batches, num_items_in_batch = super().get_batch_samples(*args, **kwargs)
+        found = self._dvemb_callbacks()
+        if len(found) != 1:
+            raise ValueError(f"{type(self).__name__} needs exactly one DVEmbCallback in callbacks=, found {len(found)}")
+        if batches:
+            found[0].take_ids(batches)
+        return batches, num_items_in_batch
+
+    def train(self, *args: Any, **kwargs: Any):
+        """``Trainer.train``; on an error the store keeps exactly the committed steps and the hooks are removed."""
+        try:
+            return super().train(*args, **kwargs)
+        except BaseException:
+            for callback in self._dvemb_callbacks():
+                callback.close()
+            raise
+
+    def _dvemb_callbacks(self) -> list[DVEmbCallback]:
+        return [c for c in self.callback_handler.callbacks if isinstance(c, DVEmbCallback)]
+
+
+class DVEmbTrainer(DVEmbTrainerMixin, Trainer):
+    """A ``transformers.Trainer`` whose :class:`DVEmbCallback` records every optimizer step."""
