@@ -57,6 +57,9 @@ _REQUIRED_KEYS = ("library_version", "dtype", "reduction", "curvature", "project
                   "committed_steps", "committed_records")
 
 
+_VOLATILE = ("committed_steps", "committed_records", "updated")  # manifest keys that change per commit
+
+
 class StoreError(RuntimeError):
     """The store is missing, corrupt, or does not fit the request."""
 
@@ -168,15 +171,20 @@ class AppendableArray:
         return np.memmap(self.path, dtype=self.dtype, mode="r", offset=HEADER_BYTES, shape=(rows, *self.row_shape))
 
 
-def write_json_atomic(path: Path, data: dict, fsync: bool = False) -> None:
-    """Replace ``path`` with ``data`` atomically (temp file in the same directory + rename)."""
+def write_text_atomic(path: Path, text: str, fsync: bool = False) -> None:
+    """Replace ``path`` with ``text`` atomically (temp file in the same directory + rename)."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
-        json.dump(data, f, separators=(",", ":"))
+        f.write(text)
         f.flush()
         if fsync:
             os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, data: dict, fsync: bool = False) -> None:
+    """Replace ``path`` with ``data`` as JSON, atomically."""
+    write_text_atomic(path, json.dumps(data, separators=(",", ":")), fsync)
 
 
 def read_json(path: Path) -> dict:
@@ -447,6 +455,7 @@ class StoreWriter(_Committed):
             (self.path / "grads").mkdir(parents=True, exist_ok=True)
             self.manifest = new_manifest(config)
         self.config = config
+        self._static_json: str | None = None
         self._records = Store.records_array(self.path)
         self._grads = [Store.grads_array(self.path, s, config.dtype) for s in config.layers]
         self._curv: list[AppendableArray] = []
@@ -481,6 +490,7 @@ class StoreWriter(_Committed):
         for arr in self._curv:
             arr.open_for_append(self.n_records)
         self.manifest["curvature_passes"] = passes
+        self._static_json = None
 
     def append_step(self, sample_ids: np.ndarray, weights: np.ndarray, lr: float, grads: Sequence[np.ndarray],
                     curvature: Sequence[np.ndarray] | None = None, rank: int = 0) -> int:
@@ -514,8 +524,12 @@ class StoreWriter(_Committed):
         return step
 
     def _write_manifest(self) -> None:
-        self.manifest["updated"] = time.time()
-        write_json_atomic(self.path / MANIFEST, self.manifest, self.fsync)
+        """Commit: atomically replace the manifest (its static part is encoded once)."""
+        if self._static_json is None:
+            static = {k: v for k, v in self.manifest.items() if k not in _VOLATILE}
+            self._static_json = json.dumps(static, separators=(",", ":"))[:-1]
+        counts = {"committed_steps": self.n_steps, "committed_records": self.n_records, "updated": time.time()}
+        write_text_atomic(self.path / MANIFEST, self._static_json + "," + json.dumps(counts)[1:], self.fsync)
 
     @property
     def submitted(self) -> int:
