@@ -147,9 +147,9 @@ def _score_chunks(q: _Query, chunk_rows: int, show_progress: bool) -> Iterator[t
     for r_start, r_stop, tests, embeddings in plan:
         for r0 in range(r_start, r_stop, chunk_rows):
             r1 = min(r0 + chunk_rows, r_stop)
-            acc = tests[0] @ torch.from_numpy(np.array(embeddings[0][r0:r1])).t()
+            acc = tests[0] @ torch.from_numpy(embeddings[0][r0:r1]).t()
             for test, emb in zip(tests[1:], embeddings[1:]):
-                acc.addmm_(test, torch.from_numpy(np.array(emb[r0:r1])).t())
+                acc.addmm_(test, torch.from_numpy(emb[r0:r1]).t())
             bar.update(r1 - r0)
             yield r0, r1, acc
     bar.close()

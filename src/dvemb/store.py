@@ -74,7 +74,7 @@ def dtype_name(dtype: torch.dtype | str) -> str:
 
 def to_torch(array: np.ndarray, dtype: str) -> torch.Tensor:
     """View stored rows as a torch tensor of the store's dtype (no copy where possible)."""
-    if not array.flags.writeable:  # torch tensors cannot be read-only: copy memmapped rows
+    if not array.flags.writeable:  # torch tensors cannot be read-only
         array = np.array(array)
     tensor = torch.from_numpy(np.ascontiguousarray(array))
     return tensor.view(torch.bfloat16) if dtype == "bfloat16" else tensor
@@ -165,10 +165,10 @@ class AppendableArray:
         return np.memmap(self.path, dtype=self.dtype, mode="r+", offset=HEADER_BYTES, shape=(rows, *self.row_shape))
 
     def read(self, rows: int) -> np.ndarray:
-        """Read-only memmap of the first ``rows`` rows."""
+        """Memmap of the first ``rows`` rows, copy-on-write: views reach torch without a copy, the file never changes."""
         if rows == 0:
             return np.empty((0, *self.row_shape), dtype=self.dtype)
-        return np.memmap(self.path, dtype=self.dtype, mode="r", offset=HEADER_BYTES, shape=(rows, *self.row_shape))
+        return np.memmap(self.path, dtype=self.dtype, mode="c", offset=HEADER_BYTES, shape=(rows, *self.row_shape))
 
 
 def write_text_atomic(path: Path, text: str, fsync: bool = False) -> None:
