@@ -127,7 +127,7 @@ class AppendableArray:
         rows = np.ascontiguousarray(rows, dtype=self.dtype)
         if rows.shape[1:] != self.row_shape:
             raise StoreError(f"{self.path.name}: row shape {rows.shape[1:]} != {self.row_shape}")
-        self._file.write(rows.tobytes())
+        self._file.write(memoryview(rows).cast("B"))  # no intermediate copy
 
     def rollback(self, committed_rows: int) -> None:
         """Drop uncommitted rows."""
