@@ -127,8 +127,13 @@ def _plan(store: Store, boundaries: Sequence[int], blocks: list[list[int]], work
 
 def _run_task(store: Store, task: _Task, precision: str, blocks: list[list[int]], chunk_rows: int,
               n_segments: int, on_step) -> None:
-    """Run one task in this process, writing into the preallocated files."""
-    arrays = segment_arrays(store, precision) if n_segments > 1 else final_arrays(store, precision)
+    """Run one task in this process, writing into the preallocated files.
+
+    The last segment's embeddings are already relative to T: they go straight to the
+    final arrays (no checkpoint query reads them as segment embeddings).
+    """
+    last = task.segment == n_segments - 1
+    arrays = final_arrays(store, precision) if last else segment_arrays(store, precision)
     sinks = {i: arrays[i].writable(store.n_records) for block in task.blocks for i in block}
     propagators = run_recursion(store, task.blocks, sinks, task.start, task.stop, precision, chunk_rows, on_step)
     for sink in sinks.values():
@@ -185,7 +190,7 @@ def _compose_final(store: Store, boundaries: Sequence[int], precision: str, bloc
         stack = stack_arr.read(len(boundaries) - 1)
         maps = compose([torch.from_numpy(np.array(k)).to(dtype) for k in stack])
         sizes = [store.layers[i].dim for i in block]
-        for j, c in enumerate(maps):
+        for j, c in enumerate(maps[:-1]):  # the last segment was written as final already
             for r0 in range(starts[boundaries[j]], starts[boundaries[j + 1]], chunk_rows):
                 r1 = min(r0 + chunk_rows, starts[boundaries[j + 1]])
                 rows = torch.cat([torch.from_numpy(np.array(local[i][r0:r1])) for i in block], 1) @ c.t()

@@ -2,7 +2,8 @@
 
     embeddings/manifest.json         steps covered, segment boundaries, precision
     embeddings/<layer>.npy           DVEmb relative to the final step T  [n_records, dim]
-    embeddings/segments/<layer>.npy  DVEmb relative to the end of each record's segment (K > 1)
+    embeddings/segments/<layer>.npy  DVEmb relative to the end of each record's segment (K > 1;
+                                     rows of the last segment unused: they are final)
     embeddings/segments/block-<b>.propagators.npy   K_j = prod_{t in segment j} (I - eta_t H_t)
                                      of block b (its layers' dims together)  [K, dim_b, dim_b]
 """
