@@ -17,7 +17,7 @@ from .embed.checkpointing import Checkpoints, segment_boundaries
 from .embed.compute import compute_embeddings
 from .embed.layout import embedding_info, embeddings_are_current, final_arrays, propagator_arrays, segment_arrays
 from .embed.recursion import Blocking
-from .store import Store
+from .store import Store, release_pages
 
 LossClosure = Callable[[], torch.Tensor]
 
@@ -150,6 +150,8 @@ def _score_chunks(q: _Query, chunk_rows: int, show_progress: bool) -> Iterator[t
             acc = tests[0] @ torch.from_numpy(embeddings[0][r0:r1]).t()
             for test, emb in zip(tests[1:], embeddings[1:]):
                 acc.addmm_(test, torch.from_numpy(emb[r0:r1]).t())
+            for emb in embeddings:
+                release_pages(emb)
             bar.update(r1 - r0)
             yield r0, r1, acc
     bar.close()

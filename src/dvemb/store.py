@@ -24,6 +24,7 @@ Nothing is ever pickled: arrays are plain .npy, metadata is JSON.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import queue
 import threading
@@ -84,6 +85,22 @@ def to_numpy(tensor: torch.Tensor, dtype: str) -> np.ndarray:
     """Convert rows to the store's numpy storage dtype."""
     tensor = tensor.detach().to(device="cpu", dtype=_STORAGE[dtype][1]).contiguous()
     return (tensor.view(torch.int16).numpy().view(np.uint16) if dtype == "bfloat16" else tensor.numpy())
+
+
+def release_pages(array: object) -> None:
+    """Drop a memmap's pages from this process's resident set (the data stays in the page cache / file).
+
+    Streaming through a store touches every page of its files; without this, the mapped
+    pages count towards the process's RSS until the map is closed. Shared dirty pages are
+    kept by the kernel and written back as usual.
+    """
+    if isinstance(array, ShardedRows):
+        for part in array.parts:
+            release_pages(part)
+        return
+    mm = getattr(array, "_mmap", None)
+    if mm is not None and hasattr(mmap, "MADV_DONTNEED"):
+        mm.madvise(mmap.MADV_DONTNEED)
 
 
 def all_finite(rows: np.ndarray, dtype: str) -> bool:
@@ -358,6 +375,8 @@ class Store:
                 lo -= 1
             base = starts[lo]
             chunk = [np.array(a[base: starts[hi]]) for a in arrays]
+            for a in arrays:  # memory stays one chunk, however large the store
+                release_pages(a)
             for t in range(hi - 1, lo - 1, -1):
                 r0, r1 = starts[t], starts[t + 1]
                 yield t, r0, r1, [c[r0 - base: r1 - base] for c in chunk]

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..progress import ProgressBar
-from ..store import MANIFEST, Store, write_json_atomic
+from ..store import MANIFEST, Store, release_pages, write_json_atomic
 from .checkpointing import Checkpoints, compose, segment_boundaries
 from .layout import SEGMENTS_DIR, embeddings_dir, final_arrays, propagator_arrays, segment_arrays
 from .recursion import TORCH_DTYPES, Blocking, Precision, block_layers, default_precision, run_recursion
@@ -196,3 +196,6 @@ def _compose_final(store: Store, boundaries: Sequence[int], precision: str, bloc
                 rows = torch.cat([torch.from_numpy(np.array(local[i][r0:r1])) for i in block], 1) @ c.t()
                 for i, part in zip(block, rows.split(sizes, dim=1)):
                     finals[i][r0:r1] = part.numpy()
+                for i in block:
+                    release_pages(local[i])
+                    release_pages(finals[i])

@@ -21,7 +21,7 @@ from typing import Callable, Literal, Mapping, Sequence
 import numpy as np
 import torch
 
-from ..store import Store, to_torch
+from ..store import Store, release_pages, to_torch
 
 Precision = Literal["float32", "float64"]
 Blocking = Literal["layer", "global"]
@@ -59,6 +59,7 @@ def run_recursion(
     arrays = [store.grads(i) for i in layers] + ([store.curvature(i) for i in layers] if passes else [])
     dims = [[store.layers[i].dim for i in block] for block in blocks]
     ms = [torch.zeros(sum(d), sum(d), dtype=dtype) for d in dims]
+    written = 0
     for _, r0, r1, rows in store.iter_steps_backward(arrays, chunk_rows, start, stop):
         by_layer = dict(zip(layers, rows))
         curv_by_layer = dict(zip(layers, rows[len(layers):]))
@@ -75,6 +76,11 @@ def run_recursion(
                 m.addmm_(e.t(), g)
             for i, part in zip(block, e.split([store.layers[i].dim for i in block], dim=1)):
                 sinks[i][r0:r1] = part.numpy()
+        written += r1 - r0
+        if written >= chunk_rows:  # written pages leave the resident set (the kernel writes them back)
+            for sink in sinks.values():
+                release_pages(sink)
+            written = 0
         on_step()
     for m in ms:  # K = I - M, in place
         m.neg_().diagonal().add_(1.0)
