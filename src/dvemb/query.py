@@ -21,6 +21,8 @@ from .store import Store, release_pages
 
 LossClosure = Callable[[], torch.Tensor]
 
+CHUNK_BYTES = 64 << 20  # embeddings read per scoring chunk
+
 
 @dataclass(frozen=True)
 class Ranking:
@@ -124,13 +126,16 @@ def _prepare(path: str | os.PathLike, model: nn.Module, loss_fn: LossClosure, ch
     return _Query(store, info, last, int(store.step_starts[boundaries[last + 1]]), tests)
 
 
-def _score_chunks(q: _Query, chunk_rows: int, show_progress: bool) -> Iterator[tuple[int, int, torch.Tensor]]:
+def _score_chunks(q: _Query, chunk_rows: int | None, show_progress: bool) -> Iterator[tuple[int, int, torch.Tensor]]:
     """Yield (row_begin, row_end, scores [n_test, rows]) over the records before the checkpoint.
 
-    Memory: one chunk of embeddings (chunk_rows x sum of dims) and its scores
-    (n_test x chunk_rows), whatever the number of records.
+    Memory: one chunk of embeddings (``chunk_rows`` x sum of dims; by default about
+    CHUNK_BYTES) and its scores (n_test x chunk_rows), whatever the number of records.
     """
     store, info = q.store, q.info
+    if chunk_rows is None:
+        row_bytes = sum(s.dim for s in store.layers) * q.tests[0].element_size()
+        chunk_rows = max(1, CHUNK_BYTES // row_bytes)
     boundaries, n_segments = info["boundaries"], len(info["boundaries"]) - 1
     starts = store.step_starts
     bar = ProgressBar(total=q.n_rows, desc="scoring", unit="record", disable=not show_progress)
@@ -165,7 +170,7 @@ def influence(
     checkpoint: int | None = None,
     checkpoints: Checkpoints = None,
     blocking: Blocking | None = None,
-    chunk_rows: int = 65536,
+    chunk_rows: int | None = None,
     show_progress: bool = False,
 ) -> Influence:
     """Score stored records against the closure's per-example test losses.
@@ -194,13 +199,13 @@ def top_k(
     checkpoint: int | None = None,
     checkpoints: Checkpoints = None,
     blocking: Blocking | None = None,
-    chunk_rows: int = 65536,
+    chunk_rows: int | None = None,
     show_progress: bool = False,
 ) -> TopK:
     """The k most helpful and most harmful records per test point, without the full score matrix.
 
     Same arguments as :func:`influence`; memory is O(n_test x (k + chunk_rows)) plus
-    one chunk of embeddings, so stores far larger than RAM can be searched.
+    one chunk of embeddings (64 MiB by default), so stores far larger than RAM can be searched.
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
