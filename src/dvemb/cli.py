@@ -9,6 +9,7 @@ import time
 from typing import Sequence
 
 from . import Store, StoreError, __version__, compute_embeddings
+from .experiments.common import positive_int, projection_dim
 from .experiments.demo import DEFAULT_PROJECTION_DIM, run_demo
 
 EXIT_ERROR = 2
@@ -69,8 +70,8 @@ def _parser(argv: Sequence[str]) -> argparse.ArgumentParser:
                     "each run). Needs the 'demo' extra: pip install 'dvemb[demo]'.")
     demo.add_argument("--out", metavar="DIR", default="dvemb-demo", help="output directory (default: ./dvemb-demo)")
     demo.add_argument("--quick", action="store_true", help="train on a few hundred images only (a few seconds)")
-    demo.add_argument("--epochs", type=_positive_int, default=3, metavar="N", help="training epochs (default: 3)")
-    demo.add_argument("--projection-dim", type=_projection_dim, default=DEFAULT_PROJECTION_DIM, metavar="K|none",
+    demo.add_argument("--epochs", type=positive_int, default=3, metavar="N", help="training epochs (default: 3)")
+    demo.add_argument("--projection-dim", type=projection_dim, default=DEFAULT_PROJECTION_DIM, metavar="K|none",
                       help="projected gradient size per layer, or 'none' for exact per-sample gradients "
                            f"(default: {str(DEFAULT_PROJECTION_DIM).lower()})")
     demo.add_argument("--seed", type=int, default=0, metavar="S", help="seed of data split, init and batch order "
@@ -89,13 +90,13 @@ def _parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     embed.add_argument("store", metavar="STORE", help="store directory")
     embed.add_argument("--precision", choices=("float32", "float64"), default=None,
                        help="arithmetic of the recursion (default: float64 for float64 stores, else float32)")
-    embed.add_argument("--checkpoints", type=_positive_int, default=None, metavar="K",
+    embed.add_argument("--checkpoints", type=positive_int, default=None, metavar="K",
                        help="split the run into K segments computed independently and composed (Algorithm 2); "
                             "their boundaries become checkpoints for influence(..., checkpoint=l)")
     embed.add_argument("--blocking", choices=("layer", "global"), default="layer",
                        help="one M per layer (default), or one over all layers (keeps cross-layer curvature; "
                             "memory grows with the square of the summed dims)")
-    embed.add_argument("--workers", type=_positive_int, default=1, metavar="N",
+    embed.add_argument("--workers", type=positive_int, default=1, metavar="N",
                        help="processes sharing the segments and layers (default: 1)")
     embed.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     embed.set_defaults(run=_embed)
@@ -115,22 +116,6 @@ def _add_studies(sub: argparse._SubParsersAction, argv: Sequence[str]) -> None:
                 loaded = importlib.import_module(module)
                 loaded.add_arguments(study)
                 study.set_defaults(run=loaded.main)
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def _projection_dim(text: str) -> int | None:
-    if text.lower() == "none":
-        return None
-    try:
-        return _positive_int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer or 'none', got {text!r}") from None
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -26,6 +26,7 @@ from ..data import load_digits_split
 from ..progress import ProgressBar
 from ..store import MANIFEST
 from ..capture.projection import DEFAULT_PROJECTION_DIM
+from .common import show_image
 
 QUICK_TRAIN_SAMPLES = 320
 TOP_K = 3
@@ -221,13 +222,13 @@ def plot_demo(path: Path, tests: Sequence[TestAttribution], inf: Influence, x_tr
     np.add.at(step_sums.T, inf.steps, inf.scores.T)
     for row, t in enumerate(tests):
         ax = fig.add_subplot(grid[row, 0])
-        _show(ax, x_test[t.test_index], side, f"test #{t.test_index}\nlabel {t.label}, pred {t.prediction}",
+        show_image(ax, x_test[t.test_index], (side, side), f"test #{t.test_index}\nlabel {t.label}, pred {t.prediction}",
               "tab:red" if t.label != t.prediction else "black")
         for col, (kind, recs, color) in enumerate((("helpful", t.helpful, "tab:green"),
                                                    ("harmful", t.harmful, "tab:red"))):
             for k, r in enumerate(recs):
                 ax = fig.add_subplot(grid[row, 1 + col * TOP_K + k])
-                _show(ax, x_train[r.sample_id], side,
+                show_image(ax, x_train[r.sample_id], (side, side),
                       f"{kind} #{k + 1}: label {r.label}\nid {r.sample_id}, step {r.step}\n{r.score:+.2e}", color)
         ax = fig.add_subplot(grid[row, n_img])
         ax.scatter(inf.steps, inf.scores[row], s=3, color="0.6", alpha=0.5, lw=0, label="one record")
@@ -248,13 +249,3 @@ def plot_demo(path: Path, tests: Sequence[TestAttribution], inf: Influence, x_tr
     fig.suptitle("dvemb demo: the most helpful (green) and harmful (red) training records per test image; "
                  "score = estimated test-loss increase if the record were removed", fontsize=10)
     fig.savefig(path, dpi=100)
-
-
-def _show(ax, image: torch.Tensor, side: int, title: str, color: str) -> None:
-    ax.imshow(image.reshape(side, side).numpy(), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
-    ax.set_title(title, fontsize=7, color=color)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    for spine in ax.spines.values():
-        spine.set_edgecolor(color)
-        spine.set_linewidth(1.5)

@@ -43,6 +43,7 @@ from .. import Influence, Recorder, Store, checkpoint_steps, compute_embeddings,
 from ..data import load_digits_split, load_mnist
 from ..evaluate.metrics import spearman
 from ..progress import ProgressBar
+from .common import show_image
 from ..store import MANIFEST, to_torch
 from .schedules import WarmupCosine
 
@@ -640,17 +641,6 @@ def plot_topk(path: Path, result: dict, split: Split) -> None:
     fig.suptitle("Most helpful training records (rows: rank) relative to each checkpoint (columns)\n"
                  "green: same label as the test image, red: another label", fontsize=10)
     fig.savefig(path, dpi=110)
-
-
-def show_image(ax, image: torch.Tensor, shape: tuple[int, int], title: str, color: str) -> None:
-    """Draw one grey-scale image with a coloured frame and title."""
-    ax.imshow(image.reshape(shape).numpy(), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
-    ax.set_title(title, fontsize=7, color=color)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    for spine in ax.spines.values():
-        spine.set_edgecolor(color)
-        spine.set_linewidth(1.5)
 
 
 def format_summary(result: dict) -> str:

@@ -42,6 +42,7 @@ from ..evaluate.fidelity import (
 from ..evaluate.metrics import pearson, spearman
 from ..evaluate.replay import Record, TrainingSpec
 from ..capture.projection import DEFAULT_PROJECTION_DIM
+from .common import positive_int, projection_dim
 
 ACTIVATIONS: Mapping[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
 """Per-layer projected size of the ``dvemb`` configuration."""
@@ -271,32 +272,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", metavar="PATH", default=None, help="folder with MNIST's idx(.gz) files")
     parser.add_argument("--activation", choices=sorted(ACTIVATIONS), default="relu",
                         help="hidden activation of the MLP (default: relu)")
-    parser.add_argument("--records", type=_positive_int, default=100, metavar="N",
+    parser.add_argument("--records", type=positive_int, default=100, metavar="N",
                         help="training samples whose removal is evaluated, per seed (default: 100)")
-    parser.add_argument("--seeds", type=_positive_int, default=3, metavar="N",
+    parser.add_argument("--seeds", type=positive_int, default=3, metavar="N",
                         help="independent runs: data subset, init, batch order, samples (default: 3)")
     parser.add_argument("--out", metavar="DIR", default="fidelity-results", help="output folder")
     parser.add_argument("--quick", action="store_true",
                         help="a small run for smoke tests: few samples, one seed, 200 resamples")
     parser.add_argument("--projection-sweep", action="store_true",
                         help=f"also run DVEmb at per-layer projected sizes {SWEEP_DIMS[0]}..{SWEEP_DIMS[-1]}")
-    parser.add_argument("--train-size", type=_positive_int, default=None, metavar="N",
+    parser.add_argument("--train-size", type=positive_int, default=None, metavar="N",
                         help="training samples (default: 1000 on MNIST, 640 on digits)")
-    parser.add_argument("--val-size", type=_positive_int, default=None, metavar="N",
+    parser.add_argument("--val-size", type=positive_int, default=None, metavar="N",
                         help="validation samples of the target loss (default: 1000 on MNIST, 297 on digits)")
-    parser.add_argument("--hidden", type=_positive_int, default=None, metavar="N",
+    parser.add_argument("--hidden", type=positive_int, default=None, metavar="N",
                         help="hidden units (default: 128 on MNIST, 32 on digits)")
-    parser.add_argument("--epochs", type=_positive_int, default=3, metavar="N", help="epochs (default: 3)")
-    parser.add_argument("--batch-size", type=_positive_int, default=32, metavar="N", help="batch size (default: 32)")
+    parser.add_argument("--epochs", type=positive_int, default=3, metavar="N", help="epochs (default: 3)")
+    parser.add_argument("--batch-size", type=positive_int, default=32, metavar="N", help="batch size (default: 32)")
     parser.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (default: 0.1)")
-    parser.add_argument("--projection-dim", type=_projection_dim, default=DEFAULT_PROJECTION_DIM, metavar="K|none",
+    parser.add_argument("--projection-dim", type=projection_dim, default=DEFAULT_PROJECTION_DIM, metavar="K|none",
                         help="per-layer projected size of DVEmb and the influence function "
                              f"(default: {DEFAULT_PROJECTION_DIM})")
     parser.add_argument("--config", action="append", default=[], metavar="NAME=JSON", type=_config,
                         help="an extra DVEmb configuration: Recorder keyword arguments as a JSON object, "
                              "e.g. 'ggn={\"curvature\": \"ggn\"}', with --projection-dim unless it sets "
                              "projection_dim; dtypes by name (repeatable)")
-    parser.add_argument("--resamples", type=_positive_int, default=1000, metavar="N",
+    parser.add_argument("--resamples", type=positive_int, default=1000, metavar="N",
                         help="bootstrap resamples of the intervals (default: 1000)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -359,17 +360,6 @@ def _mlp_factory(d_in: int, hidden: int, classes: int, activation: str, seed: in
             return nn.Sequential(nn.Linear(d_in, hidden), ACTIVATIONS[activation](), nn.Linear(hidden, classes))
 
     return factory
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def _projection_dim(text: str) -> int | None:
-    return None if text.lower() == "none" else _positive_int(text)
 
 
 def _config(text: str) -> tuple[str, dict[str, object]]:
