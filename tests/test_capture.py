@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -224,3 +225,29 @@ def test_tied_weights_are_skipped_by_default_and_refused_by_name(tmp_path):
         assert dvemb.Recorder(model, tmp_path / "a").layers == ["mlp"]
     with pytest.raises(ValueError, match="tied weights.*leave it out"):
         dvemb.Recorder(model, tmp_path / "b", modules=["mlp", "lm_head"])
+
+
+def test_per_sample_weights_for_token_mean_loss_with_padding(tmp_path):
+    """Under a token-mean loss over padded sequences, w_i = n_i / N and g_i is the sample's own mean-token gradient."""
+    model = mlp()
+    x, y = torch.randn(4, 5, 12), torch.randint(0, 5, (4, 5))
+    lengths = torch.tensor([5, 2, 3, 1])
+    mask = torch.arange(5)[None, :] < lengths[:, None]
+    y_masked = y.masked_fill(~mask, -100)
+    weights = lengths / lengths.sum()
+    with dvemb.Recorder(model, tmp_path / "s", projection_dim=30) as rec:
+        with rec.step(range(4), lr=0.1, weights=weights):
+            F.cross_entropy(model(x).reshape(-1, 5), y_masked.reshape(-1), ignore_index=-100).backward()
+    store = Store(tmp_path / "s")
+    np.testing.assert_allclose(store.records["weight"], weights.numpy(), rtol=1e-12)
+    ref_model = mlp().double()
+    ref_model.load_state_dict(model.state_dict())
+    names = [s.name for s in store.layers]
+    own = lambda o, t: F.cross_entropy(o.reshape(-1, 5), t.reshape(-1), ignore_index=-100)  # noqa: E731
+    ref = per_sample_gradients(ref_model, own, x.double(), y_masked, names)
+    for i, spec in enumerate(store.layers):
+        got = to_torch(store.grads(i), store.dtype).double()
+        assert rel_err(got, project(spec, ref[spec.name])) < TOL32
+    with pytest.raises(ValueError, match="weights must be 4"):
+        with dvemb.Recorder(model, tmp_path / "t") as rec, rec.step(range(4), lr=0.1, weights=[1.0, 2.0]):
+            pass

@@ -129,8 +129,15 @@ class Recorder:
         self._writer.flush()
 
     @contextlib.contextmanager
-    def step(self, ids: Sequence[int] | np.ndarray | torch.Tensor, lr: float | None = None) -> Iterator[None]:
-        """Capture one optimizer step over the samples ``ids`` and commit it on exit."""
+    def step(self, ids: Sequence[int] | np.ndarray | torch.Tensor, lr: float | None = None,
+             weights: Sequence[float] | np.ndarray | torch.Tensor | None = None) -> Iterator[None]:
+        """Capture one optimizer step over the samples ``ids`` and commit it on exit.
+
+        ``weights`` gives each sample's weight w_i in this step's loss sum_i w_i loss_i when it is not
+        the ``reduction``'s 1/B or 1: e.g. n_i / N for a token-mean loss over padded sequences (n_i
+        label tokens of sample i, N in the batch), so that the stored g_i is the gradient of the
+        sample's own mean token loss. A sample of weight 0 is stored with a zero gradient.
+        """
         if self._closed:
             raise RuntimeError("Recorder is closed")
         if self._in_step:
@@ -142,8 +149,8 @@ class Recorder:
             save_checkpoint(self.path, self.model, self.steps)  # theta_t, before this step's update
         self._in_step = True
         # hooks see this rank's loss gradient w_local * g: scaling by 1/w_local stores the sample's own g
-        local = 1.0 / len(sample_ids) if self.reduction == "mean" else 1.0
-        self._capture.begin(scale=1.0 / local)
+        local = _local_weights(len(sample_ids), self.reduction, weights)
+        self._capture.begin(scale=1.0 / local if isinstance(local, float) else 1.0)
         try:
             yield
             grads, curvature = self._capture.collect(n_rows=len(sample_ids))
@@ -154,6 +161,9 @@ class Recorder:
             self._in_step = False
         step_lr = self._resolve_lr(lr)
         dtype = self._config.dtype
+        if not isinstance(local, float):  # per-sample weights: divide each row by its own weight
+            inverse = torch.from_numpy(np.divide(1.0, local, out=np.zeros_like(local), where=local != 0))
+            grads = [g * inverse.to(g.dtype)[:, None] for g in grads]
         rows = [to_numpy(g, dtype) for g in grads]
         curv_rows = None if curvature is None else [to_numpy(c, dtype) for c in curvature]
         bad = next((name for name, r in zip(self.layers * 2, rows + (curv_rows or [])) if not all_finite(r, dtype)),
@@ -166,7 +176,8 @@ class Recorder:
             raise NonFiniteGradientError(
                 f"non-finite per-sample gradient in {where} at step {self.steps}; the step was not recorded")
         # the record's weight in the step's update: DDP averages the ranks' gradients, w = w_local / world
-        self._writer.append_step(sample_ids, np.full(len(sample_ids), local / world), step_lr, rows, curv_rows, rank)
+        self._writer.append_step(sample_ids, np.broadcast_to(local / world, len(sample_ids)), step_lr, rows,
+                                 curv_rows, rank)
         if self._dist is not None:
             self._dist.barrier()  # every shard holds the step: commit it globally
             if self._index is not None:
@@ -207,6 +218,18 @@ class Recorder:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _local_weights(n: int, reduction: Reduction, weights: object) -> float | np.ndarray:
+    """Each sample's weight in this rank's loss: one number for the reduction, or an array given per sample."""
+    if weights is None:
+        return 1.0 / n if reduction == "mean" else 1.0
+    if isinstance(weights, torch.Tensor):
+        weights = weights.detach().cpu().numpy()
+    w = np.asarray(weights, dtype=np.float64)
+    if w.shape != (n,) or not np.isfinite(w).all() or (w < 0).any():
+        raise ValueError(f"weights must be {n} finite non-negative numbers (one per id), got shape {w.shape}")
+    return w
 
 
 def _warn_if_not_plain_sgd(optimizer: torch.optim.Optimizer) -> None:
