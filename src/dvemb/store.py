@@ -18,7 +18,7 @@ atomically replaced (temp file + rename). Readers trust only the manifest's coun
 a store whose writer died opens with exactly its committed steps, and a new writer
 truncates what lies beyond them. The .npy headers are brought up to the committed row
 count when the writer closes (so ``np.load`` sees every row of a closed store).
-Nothing is ever pickled: arrays are plain .npy, metadata is JSON.
+No Python objects are serialised: arrays are plain .npy, metadata is JSON.
 """
 
 from __future__ import annotations
