@@ -35,9 +35,8 @@ from torch import nn
 
 import dvemb
 from dvemb.embed.layout import final_arrays
-from dvemb.query import _prepare, _Query, _score_chunks
+from dvemb.query import CHUNK_BYTES, _prepare, _Query, _score_chunks
 
-CHUNK_ROWS = 65536  # dvemb.influence's default
 TOP_K = 10
 
 
@@ -47,7 +46,7 @@ def score_seconds(query: _Query) -> float:
     def run() -> None:
         """Score every record into a new matrix."""
         scores = np.empty((query.tests[0].shape[0], query.n_rows), dtype=np.float32)
-        for r0, r1, chunk in _score_chunks(query, CHUNK_ROWS, False):
+        for r0, r1, chunk in _score_chunks(query, None, False):  # influence's default chunking
             scores[:, r0:r1] = chunk.numpy()
 
     return seconds(run)
@@ -128,7 +127,7 @@ def main() -> None:
                   c["score_vs_roofline"]] for c in cases])
     write_results("scoring_efficiency", args, {
         "model": "mnist_mlp", "sizes": MLP_SIZES, "batch": BATCH, "layer_dims": dims, "records": store.n_records,
-        "embedding_bytes": in_memory.nbytes, "chunk_rows": CHUNK_ROWS, "cases": cases,
+        "embedding_bytes": in_memory.nbytes, "chunk_bytes": CHUNK_BYTES, "cases": cases,
     })
 
 

@@ -42,6 +42,8 @@ WRITER = textwrap.dedent("""
         with rec.step(range(8 * step, 8 * step + 8), lr=0.1):
             F.cross_entropy(model(x), y).backward()
         model.zero_grad()
+        if kill_at >= 0:
+            rec.flush()  # one commit per step, so the kill lands on step `kill_at` exactly
         print(rec.steps, flush=True)
         step += 1
 """)

@@ -512,35 +512,42 @@ class StoreWriter(_Committed):
         self._static_json = None
 
     def append_step(self, sample_ids: np.ndarray, weights: np.ndarray, lr: float, grads: Sequence[np.ndarray],
-                    curvature: Sequence[np.ndarray] | None = None, rank: int = 0) -> int:
+                    curvature: Sequence[np.ndarray] | None = None, rank: int = 0) -> None:
         """Write one step's records, per-layer rows and curvature rows (storage dtype), then commit."""
-        step = self.n_steps
-        if curvature is not None:
-            passes = curvature[0].shape[1] // self.config.layers[0].dim
-            if not self._curv and self.n_records == 0:
-                self._open_curvature(passes)
-            if not self._curv or passes != self.manifest["curvature_passes"]:
-                raise StoreError(f"curvature rows changed: {passes} passes per record, store has "
-                                 f"{self.manifest.get('curvature_passes', 0)}")
-        n = len(sample_ids)
-        records = np.zeros(n, dtype=RECORD_DTYPE)
-        records["step"], records["sample_id"], records["weight"] = step, sample_ids, weights
-        records["lr"], records["rank"] = lr, rank
+        self.append_steps([(sample_ids, weights, lr, grads, curvature, rank)])
+
+    def append_steps(self, steps: Sequence[tuple]) -> None:
+        """Write several steps (``append_step``'s arguments each), then commit them with one manifest replace."""
+        n_steps, n_records = self.n_steps, self.n_records
         try:
-            self._records.append(records)
-            for arr, rows in zip(self._grads + self._curv, [*grads, *(curvature or [])]):
-                arr.append(rows)
+            for sample_ids, weights, lr, grads, curvature, rank in steps:
+                if curvature is not None:
+                    self._check_curvature(curvature, n_records)
+                records = np.zeros(len(sample_ids), dtype=RECORD_DTYPE)
+                records["step"], records["sample_id"], records["weight"] = n_steps, sample_ids, weights
+                records["lr"], records["rank"] = lr, rank
+                self._records.append(records)
+                for arr, rows in zip(self._grads + self._curv, [*grads, *(curvature or [])]):
+                    arr.append(rows)
+                n_steps, n_records = n_steps + 1, n_records + len(sample_ids)
         except BaseException:
             for arr in self._arrays:
                 arr.rollback(self.n_records)
             raise
-        total = self.n_records + n
         for arr in self._arrays:
             arr.flush(self.fsync)
-        self.manifest["committed_steps"] = step + 1
-        self.manifest["committed_records"] = total
+        self.manifest["committed_steps"] = n_steps
+        self.manifest["committed_records"] = n_records
         self._write_manifest()
-        return step
+
+    def _check_curvature(self, curvature: Sequence[np.ndarray], rows_written: int) -> None:
+        """Open the curvature arrays on the first step that has them; refuse a change of shape."""
+        passes = curvature[0].shape[1] // self.config.layers[0].dim
+        if not self._curv and rows_written == 0:
+            self._open_curvature(passes)
+        if not self._curv or passes != self.manifest["curvature_passes"]:
+            raise StoreError(f"curvature rows changed: {passes} passes per record, store has "
+                             f"{self.manifest.get('curvature_passes', 0)}")
 
     def _write_manifest(self) -> None:
         """Commit: atomically replace the manifest (its static part is encoded once)."""
@@ -567,11 +574,12 @@ class StoreWriter(_Committed):
 class BackgroundWriter:
     """Commits a StoreWriter's steps in a worker thread, in order, with at most ``depth`` in flight.
 
-    Training does not wait for the disk; a crash loses only the steps in flight, which
-    were never committed. An error in the thread is raised at the next call.
+    Training does not wait for the disk; steps that queue up while the disk is busy are
+    committed together (one manifest replace). A crash loses only the steps in flight,
+    which were never committed. An error in the thread is raised at the next call.
     """
 
-    def __init__(self, writer: StoreWriter, depth: int = 2) -> None:
+    def __init__(self, writer: StoreWriter, depth: int = 4) -> None:
         self.writer = writer
         self.submitted = writer.n_steps
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
@@ -580,14 +588,23 @@ class BackgroundWriter:
         self._thread.start()
 
     def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            if self._error is None:
+        stop = False
+        while not stop:
+            batch = [self._queue.get()]
+            while batch[-1] is not None:  # steps that queued up meanwhile are committed together
                 try:
-                    self.writer.append_step(*item)
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            stop = batch[-1] is None
+            steps = batch[:-1] if stop else batch
+            if steps and self._error is None:
+                try:
+                    self.writer.append_steps(steps)
                 except BaseException as exc:  # handed to the training thread
                     self._error = exc
-            self._queue.task_done()
-        self._queue.task_done()
+            for _ in batch:
+                self._queue.task_done()
 
     def _raise(self) -> None:
         if self._error is not None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -124,3 +126,23 @@ def test_config_argument_is_validated():
         parser.parse_args(["--config", 'x={"dtype": "float65"}'])
     with pytest.raises(ValueError, match="data-dir"):
         study.options_from(parser.parse_args(["--dataset", "mnist"]))
+
+
+MNIST_DIR = Path(os.environ.get("DVEMB_MNIST_DIR", Path(__file__).resolve().parents[3] / "shared" / "data" / "mnist"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("activation", ["gelu", "relu"])
+def test_mnist_fidelity_dvemb_beats_every_baseline_in_single_epoch_removal(tmp_path, activation):
+    """The paper's MNIST study at full size (about 2.5 min per activation): run with `pytest -m slow`."""
+    if not (MNIST_DIR / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip(f"MNIST not found in {MNIST_DIR} (set DVEMB_MNIST_DIR)")
+    parser = argparse.ArgumentParser()
+    study.add_arguments(parser)
+    args = parser.parse_args(["--dataset", "mnist", "--data-dir", str(MNIST_DIR), "--activation", activation,
+                              "--records", "100", "--seeds", "3", "--out", str(tmp_path), "--no-progress"])
+    assert study.main(args) == 0
+    report = json.loads((tmp_path / f"fidelity-mnist-{activation}.json").read_text())
+    single = {m["method"]: m["spearman"]["value"] for m in report["summary"][SINGLE]}
+    for baseline in ("tracin-cp", "grad-dot", "influence-function"):
+        assert single["dvemb"] > single[baseline], (baseline, single)

@@ -88,7 +88,7 @@ class Recorder:
         self._dist = DistributedContext.detect()
         self._index: DistributedIndex | None = None
         self._writer: StoreWriter | BackgroundWriter
-        if self._dist is None:  # commits overlap training; in order, at most 2 steps in flight
+        if self._dist is None:  # commits overlap training: in order, at most 4 steps in flight
             self._writer = BackgroundWriter(StoreWriter(path, config, fsync=fsync))
         else:  # each rank writes its own shard; rank 0 keeps the global commit
             if self._dist.rank == 0:
