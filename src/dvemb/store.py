@@ -167,13 +167,16 @@ class AppendableArray:
             self._file.close()
             self._file = None
 
-    def allocate(self, rows: int) -> np.ndarray | None:
-        """Create the file at its full size and return a writable memmap (None when empty)."""
+    def allocate(self, rows: int) -> None:
+        """Create the file at its full size (rows to be filled with :meth:`row_file` or :meth:`writable`)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "wb") as f:
             f.write(_npy_header(self.dtype, (rows, *self.row_shape)))
             f.truncate(HEADER_BYTES + rows * self.row_bytes)
-        return self.writable(rows)
+
+    def row_file(self) -> "RowFile":
+        """Positional writer of an allocated file's rows (plain writes: no pages stay mapped)."""
+        return RowFile(self)
 
     def writable(self, rows: int) -> np.ndarray | None:
         """Writable memmap of an allocated file's ``rows`` rows (None when empty)."""
@@ -186,6 +189,22 @@ class AppendableArray:
         if rows == 0:
             return np.empty((0, *self.row_shape), dtype=self.dtype)
         return np.memmap(self.path, dtype=self.dtype, mode="c", offset=HEADER_BYTES, shape=(rows, *self.row_shape))
+
+
+class RowFile:
+    """Writes rows of an allocated .npy file at their positions: ``rows_file[r0:r1] = block``."""
+
+    def __init__(self, array: AppendableArray) -> None:
+        self.array = array
+        self._fd = os.open(array.path, os.O_WRONLY)
+
+    def __setitem__(self, index: slice, rows: np.ndarray) -> None:
+        data = np.ascontiguousarray(rows, dtype=self.array.dtype)
+        os.pwrite(self._fd, memoryview(data).cast("B"), HEADER_BYTES + index.start * self.array.row_bytes)
+
+    def close(self) -> None:
+        """Close the file descriptor."""
+        os.close(self._fd)
 
 
 def write_text_atomic(path: Path, text: str, fsync: bool = False) -> None:

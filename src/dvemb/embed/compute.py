@@ -79,7 +79,8 @@ def compute_embeddings(
     (out_dir / MANIFEST).unlink(missing_ok=True)  # invalidate before overwriting
     start = time.perf_counter()
 
-    finals = [a.allocate(store.n_records) for a in final_arrays(store, precision)]
+    for arr in final_arrays(store, precision):
+        arr.allocate(store.n_records)
     if n_segments > 1:
         (out_dir / SEGMENTS_DIR).mkdir(exist_ok=True)
         for arr in segment_arrays(store, precision):
@@ -96,10 +97,7 @@ def compute_embeddings(
         _run_parallel(store, tasks, precision, blocks, chunk_rows, n_segments, workers, bar)
     bar.close()
     if n_segments > 1:
-        _compose_final(store, boundaries, precision, blocks, finals, chunk_rows)
-    for sink in finals:
-        if sink is not None:
-            sink.flush()
+        _compose_final(store, boundaries, precision, blocks, chunk_rows)
     seconds = time.perf_counter() - start
     write_json_atomic(out_dir / MANIFEST, {
         "committed_steps": store.n_steps, "committed_records": store.n_records, "boundaries": boundaries,
@@ -134,10 +132,12 @@ def _run_task(store: Store, task: _Task, precision: str, blocks: list[list[int]]
     """
     last = task.segment == n_segments - 1
     arrays = final_arrays(store, precision) if last else segment_arrays(store, precision)
-    sinks = {i: arrays[i].writable(store.n_records) for block in task.blocks for i in block}
-    propagators = run_recursion(store, task.blocks, sinks, task.start, task.stop, precision, chunk_rows, on_step)
-    for sink in sinks.values():
-        sink.flush()
+    sinks = {i: arrays[i].row_file() for block in task.blocks for i in block}
+    try:
+        propagators = run_recursion(store, task.blocks, sinks, task.start, task.stop, precision, chunk_rows, on_step)
+    finally:
+        for sink in sinks.values():
+            sink.close()
     if n_segments > 1:
         stacks = propagator_arrays(store, precision, blocks)
         for b, k in zip(task.block_ids, propagators):
@@ -181,11 +181,12 @@ def _run_parallel(store: Store, tasks: list[_Task], precision: str, blocks: list
 
 
 def _compose_final(store: Store, boundaries: Sequence[int], precision: str, blocks: list[list[int]],
-                   finals: list, chunk_rows: int) -> None:
+                   chunk_rows: int) -> None:
     """Final embeddings: each segment's local embeddings mapped to T by the later propagators."""
     dtype = TORCH_DTYPES[precision]
     starts = store.step_starts
     local = [a.read(store.n_records) for a in segment_arrays(store, precision)]
+    finals = [a.row_file() for a in final_arrays(store, precision)]
     for block, stack_arr in zip(blocks, propagator_arrays(store, precision, blocks)):
         stack = stack_arr.read(len(boundaries) - 1)
         maps = compose([torch.from_numpy(np.array(k)).to(dtype) for k in stack])
@@ -198,4 +199,5 @@ def _compose_final(store: Store, boundaries: Sequence[int], precision: str, bloc
                     finals[i][r0:r1] = part.numpy()
                 for i in block:
                     release_pages(local[i])
-                    release_pages(finals[i])
+    for sink in finals:
+        sink.close()

@@ -21,7 +21,7 @@ from typing import Callable, Literal, Mapping, Sequence
 import numpy as np
 import torch
 
-from ..store import Store, release_pages, to_torch
+from ..store import RowFile, Store, to_torch
 
 Precision = Literal["float32", "float64"]
 Blocking = Literal["layer", "global"]
@@ -36,7 +36,7 @@ def default_precision(store: Store) -> Precision:
 def run_recursion(
     store: Store,
     blocks: Sequence[Sequence[int]],
-    sinks: Mapping[int, np.ndarray],
+    sinks: Mapping[int, RowFile],
     start: int,
     stop: int,
     precision: Precision,
@@ -48,7 +48,7 @@ def run_recursion(
     Each block (a list of layer indices) has one M over its layers' concatenated
     dimensions: one layer per block is the layer-wise approximation, all layers in one
     block is a global M. Writes each record's embedding relative to step ``stop`` into
-    ``sinks`` (indexed by layer: [n_records, dim] arrays, rows indexed like the store) and
+    ``sinks`` (row writers by layer index, rows indexed like the store) and
     returns the segment's propagators K = I - M, one per block.
     """
     dtype = TORCH_DTYPES[precision]
@@ -59,7 +59,6 @@ def run_recursion(
     arrays = [store.grads(i) for i in layers] + ([store.curvature(i) for i in layers] if passes else [])
     dims = [[store.layers[i].dim for i in block] for block in blocks]
     ms = [torch.zeros(sum(d), sum(d), dtype=dtype) for d in dims]
-    written = 0
     for _, r0, r1, rows in store.iter_steps_backward(arrays, chunk_rows, start, stop):
         by_layer = dict(zip(layers, rows))
         curv_by_layer = dict(zip(layers, rows[len(layers):]))
@@ -76,11 +75,6 @@ def run_recursion(
                 m.addmm_(e.t(), g)
             for i, part in zip(block, e.split([store.layers[i].dim for i in block], dim=1)):
                 sinks[i][r0:r1] = part.numpy()
-        written += r1 - r0
-        if written >= chunk_rows:  # written pages leave the resident set (the kernel writes them back)
-            for sink in sinks.values():
-                release_pages(sink)
-            written = 0
         on_step()
     for m in ms:  # K = I - M, in place
         m.neg_().diagonal().add_(1.0)
