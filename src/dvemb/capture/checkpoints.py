@@ -12,7 +12,6 @@ import os
 import re
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from .selection import canonical_name

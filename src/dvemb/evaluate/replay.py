@@ -272,7 +272,7 @@ def _plan(spec: TrainingSpec, removal: Sequence[Record]) -> _Plan:
 
 
 def _replay(
-    spec: TrainingSpec, step: StepFn, params: Params, begin: int, plans: list[_Plan], bar: tqdm
+    spec: TrainingSpec, step: StepFn, params: Params, begin: int, plans: list[_Plan], bar: ProgressBar
 ) -> Params:
     """Replays steps ``begin..T-1``: row 0 is the base run, row ``k+1`` drops ``plans[k]``.
 
