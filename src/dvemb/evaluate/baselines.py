@@ -148,12 +148,20 @@ def influence_function(
     scores = 0.0
     for layer, block in zip(layers, blocks):
         train_rows = torch.cat(block)
-        fisher = train_rows.T @ train_rows / len(samples)
-        shift = damping * torch.trace(fisher) / fisher.shape[0]
-        eye = torch.eye(fisher.shape[0], dtype=fisher.dtype, device=fisher.device)
-        solved = torch.linalg.solve(fisher + shift * eye, layer.project(tests).T)
+        solved = damped_fisher_solve(train_rows, layer.project(tests), damping)
         scores = scores + (train_rows[rows] @ solved).T
     return _numpy(scores) * scale
+
+
+def damped_fisher_solve(train_rows: torch.Tensor, tests: torch.Tensor, damping: float) -> torch.Tensor:
+    """(F + lambda I)^-1 tests^T with F = mean of train_rows' outer products, lambda = damping x mean eigenvalue.
+
+    ``train_rows`` is [N, p] (one layer's per-sample gradients), ``tests`` [n_test, p]; returns [p, n_test].
+    """
+    fisher = train_rows.T @ train_rows / train_rows.shape[0]
+    shift = damping * torch.trace(fisher) / fisher.shape[0]
+    eye = torch.eye(fisher.shape[0], dtype=fisher.dtype, device=fisher.device)
+    return torch.linalg.solve(fisher + shift * eye, tests.T)
 
 
 def exact_first_order(

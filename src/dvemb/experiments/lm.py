@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import Recorder, compute_embeddings, influence, load_checkpoint
+from ..evaluate.baselines import damped_fisher_solve
 from ..progress import ProgressBar
 from ..query import query_gradients
 from ..store import Store
@@ -221,10 +222,7 @@ def influence_function_scores(train_grads: list[torch.Tensor], test_grads: list[
     """
     scores = torch.zeros(test_grads[0].shape[0], train_grads[0].shape[0], dtype=torch.float64)
     for g_train, g_test in zip(train_grads, test_grads):
-        fisher = g_train.T @ g_train / g_train.shape[0]
-        shift = damping * torch.trace(fisher) / fisher.shape[0]
-        solved = torch.linalg.solve(fisher + shift * torch.eye(fisher.shape[0], dtype=fisher.dtype), g_test.T)
-        scores += solved.T @ g_train.T
+        scores += damped_fisher_solve(g_train, g_test, damping).T @ g_train.T
     return scores.numpy()
 
 
