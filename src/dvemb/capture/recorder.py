@@ -198,16 +198,19 @@ class Recorder:
                              "dvemb needs one lr per step (or pass lr= explicitly)")
         return lrs.pop()
 
+    @property
+    def _saves_checkpoints(self) -> bool:
+        """Whether this process writes model checkpoints (one copy: rank 0 under torch.distributed)."""
+        return (self._save_every is not None or bool(self._save_at)) and (self._dist is None or self._dist.rank == 0)
+
     def _wants_checkpoint(self, step: int) -> bool:
-        if self._dist is not None and self._dist.rank != 0:  # one copy, written by rank 0
-            return False
-        return step in self._save_at or (self._save_every is not None and step % self._save_every == 0)
+        return self._saves_checkpoints and (
+            step in self._save_at or (self._save_every is not None and step % self._save_every == 0))
 
     def close(self) -> None:
         """Remove all hooks and close the store (saving theta_T if checkpoints are saved)."""
         if not self._closed:
-            if (self._save_every is not None or self._save_at) and self.steps > 0 and (
-                    self._dist is None or self._dist.rank == 0):
+            if self._saves_checkpoints and self.steps > 0:
                 save_checkpoint(self.path, self.model, self.steps)
             self._capture.detach()
             self._writer.close()
