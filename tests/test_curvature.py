@@ -10,6 +10,7 @@ from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
 import dvemb
+from dvemb.capture import curvature as curvature_module
 from dvemb.embed.layout import final_arrays
 from dvemb.store import Store, to_torch
 from reference import per_sample_gradients
@@ -32,12 +33,13 @@ def tiny(path, curvature, samples=None, steps=1, batch=6, **kw):
     return model, x, y
 
 
-def test_ggn_rows_give_the_exact_gauss_newton_matrix(tmp_path):
-    model, x, y = tiny(tmp_path / "s", "ggn")
-    store = Store(tmp_path / "s")
-    assert store.curvature_passes == 3
+def ggn_check(path, samples, passes, truncate):
+    """Rows of ``tiny``'s single step against J^T L J built from torch.func Jacobians, L = truncate(diag(p) - pp^T)."""
+    store = Store(path)
+    assert store.curvature_passes == passes
     torch.manual_seed(0)  # the single step saw theta_0: rebuild the initial model
     model0 = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    x = torch.randn(6, 5, dtype=torch.float64)  # same draws as in tiny()
     params = {k: v.detach() for k, v in model0.named_parameters()}
 
     def logits(p, xi):
@@ -45,15 +47,40 @@ def test_ggn_rows_give_the_exact_gauss_newton_matrix(tmp_path):
 
     jac = vmap(jacrev(logits), in_dims=(None, 0))(params, x)  # per sample: C x param shape
     probs = torch.softmax(model0(x), -1).detach()
-    lam = torch.diag_embed(probs) - probs[:, :, None] * probs[:, None, :]
+    lam = truncate(torch.diag_embed(probs) - probs[:, :, None] * probs[:, None, :])
     for i, spec in enumerate(store.layers):
         name = spec.name
         j = torch.cat([jac[f"{name}.weight"].reshape(len(x), 3, -1).reshape(len(x), 3, spec.d_out, spec.d_in),
                        jac[f"{name}.bias"].reshape(len(x), 3, spec.d_out, 1)], -1).reshape(len(x), 3, -1)
         ggn = j.transpose(1, 2) @ lam @ j
-        rows = to_torch(store.curvature(i), "float64").reshape(len(x), 3, -1)
+        rows = to_torch(store.curvature(i), "float64").reshape(len(x), passes, -1)
         from_rows = rows.transpose(1, 2) @ rows
+        # float64 throughout; eigh and the vectorised backward reorder sums: 1e-10 is ~1e6 ulps of margin
         torch.testing.assert_close(from_rows, ggn, rtol=1e-10, atol=1e-12)
+
+
+def best_rank(k):
+    """diag(p) - pp^T truncated to its k largest eigenvalues, per sample."""
+    def truncate(lam):
+        values, vecs = torch.linalg.eigh(lam)
+        return (vecs[:, :, -k:] * values[:, None, -k:]) @ vecs[:, :, -k:].transpose(1, 2)
+    return truncate
+
+
+def test_ggn_rows_give_the_exact_gauss_newton_matrix_in_c_minus_1_passes(tmp_path):
+    tiny(tmp_path / "s", "ggn")
+    ggn_check(tmp_path / "s", None, 2, lambda lam: lam)
+
+
+def test_ggn_with_k_passes_is_the_best_rank_k_output_curvature(tmp_path):
+    tiny(tmp_path / "s", "ggn", samples=1)
+    ggn_check(tmp_path / "s", 1, 1, best_rank(1))
+
+
+def test_ggn_over_many_classes_uses_the_class_identity(tmp_path, monkeypatch):
+    monkeypatch.setattr(curvature_module, "EIGEN_MAX_CLASSES", 2)  # treat 3 classes as "many"
+    tiny(tmp_path / "s", "ggn")
+    ggn_check(tmp_path / "s", None, 3, lambda lam: lam)
 
 
 def test_fisher_rows_are_gradients_at_sampled_labels(tmp_path):

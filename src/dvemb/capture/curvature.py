@@ -2,24 +2,27 @@
 
 ``gradient_outer`` (the paper's): H_t ~ sum_i w_ti g_ti g_ti^T with the true labels.
 ``fisher``: the true Fisher, H_t ~ sum_i w_ti E_{y~p(.|x_i)} g_ti(y) g_ti(y)^T, estimated with
-    ``curvature_samples`` labels drawn from the model (one extra backward each).
+    ``curvature_samples`` labels drawn from the model (one extra pass each).
 ``ggn``: the Gauss-Newton matrix of softmax cross-entropy for classification,
-    J^T (diag(p) - p p^T) J = sum_c p_c g(c) g(c)^T: one backward per class, or with
-    ``curvature_samples=k`` < C the k most likely classes of each sample (k backwards).
+    J^T (diag(p) - p p^T) J, exactly in C - 1 passes (eigenvectors of diag(p) - p p^T), or
+    with ``curvature_samples=k`` its best rank-k approximation per sample (k passes).
 
-Each extra backward uses a *pseudo-loss* sum_i m_i * own_loss_i(labels) whose per-sample
-gradients are the rows c_is with H_t ~ sum_i w_ti sum_s c_is c_is^T.
+Each pass is a *pseudo-loss* sum_i m_i * own_loss_i(labels) whose per-sample gradients are
+the rows c_is with H_t ~ sum_i w_ti sum_s c_is c_is^T. Its gradient wrt the logits has a
+closed form (``logit_gradients``), and one vectorised backward from the logits to the
+tracked layers' outputs serves all passes at once (see ghost.py).
 """
 
 from __future__ import annotations
 
-from typing import Iterator, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 Curvature = Literal["gradient_outer", "fisher", "ggn"]
 CURVATURES = ("gradient_outer", "fisher", "ggn")
+EIGEN_MAX_CLASSES = 256  # ggn factors by eigendecomposition up to this many classes
 
 
 def logits_of(output: object) -> torch.Tensor:
@@ -34,37 +37,48 @@ def logits_of(output: object) -> torch.Tensor:
                     "curvature='fisher'/'ggn' needs the model to return logits")
 
 
-def pseudo_losses(logits: torch.Tensor, curvature: Curvature, samples: int | None, reduction: str,
-                  generator: torch.Generator) -> Iterator[torch.Tensor]:
-    """Yield the pseudo-losses whose per-sample gradients are the curvature rows.
+def logit_gradients(logits: torch.Tensor, curvature: Curvature, samples: int | None, reduction: str,
+                    generator: torch.Generator) -> torch.Tensor:
+    """The gradients wrt the logits [passes, *logits.shape] of the pseudo-losses whose per-sample
+    parameter gradients are the curvature rows.
 
     ``logits`` are [B, C] or [B, T, C]; a sample's own loss is its token mean under
-    ``reduction="mean"`` and its token sum under ``"sum"``, as for the gradients.
+    ``reduction="mean"`` and its token sum under ``"sum"``, as for the gradients. The gradient of
+    cross-entropy with label c wrt the logits is softmax - e_c, so no backward is needed here.
     """
-    flat = logits.reshape(logits.shape[0], -1, logits.shape[-1])
-    detached = flat.detach()
-    probs = torch.softmax(detached.float() if detached.dtype in (torch.float16, torch.bfloat16) else detached, dim=-1)
+    flat = logits.detach().reshape(logits.shape[0], -1, logits.shape[-1])
+    probs = torch.softmax(flat.float() if flat.dtype in (torch.float16, torch.bfloat16) else flat, dim=-1)
+    per_token = 1.0 / flat.shape[1] if reduction == "mean" else 1.0
     if curvature == "fisher":
         samples = samples or 1
-        for _ in range(samples):
-            labels = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
-            yield _own_losses(flat, labels.reshape(probs.shape[:-1]), None, reduction) / samples ** 0.5
+        labels = torch.multinomial(probs.reshape(-1, probs.shape[-1]), samples, replacement=True, generator=generator)
+        labels = labels.t().reshape(samples, *probs.shape[:-1])  # pass s: one sampled label per token
+        vectors = (probs - F.one_hot(labels, probs.shape[-1]).to(probs.dtype)) * (per_token / samples ** 0.5)
     elif curvature == "ggn":
         if flat.shape[1] != 1:
             raise ValueError("curvature='ggn' is exact only for one prediction per sample; use 'fisher' for sequences")
-        n_classes = flat.shape[-1]
-        k = n_classes if samples is None else min(samples, n_classes)
-        top_p, top_c = probs.topk(k, dim=-1)  # all classes in order, or each sample's k most likely
-        for j in range(k):
-            yield _own_losses(flat, top_c[..., j], top_p[..., j].sqrt(), reduction)
+        vectors = _ggn_factors(probs[:, 0], samples)[:, :, None]  # [passes, B, 1, C]
     else:
         raise ValueError(f"curvature {curvature!r} needs no extra pass")
+    return vectors.to(logits.dtype).reshape(vectors.shape[0], *logits.shape)
 
 
-def _own_losses(flat: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor | None, reduction: str) -> torch.Tensor:
-    """sum_i scale_i * own_loss_i(labels) over the batch."""
-    per_token = F.cross_entropy(flat.transpose(1, 2), labels, reduction="none")  # [B, T]
-    if scale is not None:
-        per_token = per_token * scale.to(per_token.dtype)
-    own = per_token.mean(1) if reduction == "mean" else per_token.sum(1)
-    return own.sum()
+def _ggn_factors(probs: torch.Tensor, samples: int | None) -> torch.Tensor:
+    """Vectors v_j [passes, B, C] with sum_j v_j v_j^T ~ diag(p) - p p^T per sample.
+
+    ``diag(p) - p p^T`` has rank <= C - 1 (its rows sum to 0): its eigenvectors scaled by
+    sqrt(eigenvalue) give it exactly in C - 1 passes, or, with ``samples=k``, its best rank-k
+    approximation (Eckart-Young) in k passes. Beyond ``EIGEN_MAX_CLASSES`` classes the exact
+    identity sum_c p_c (p - e_c)(p - e_c)^T is used instead, truncated to the k most likely classes.
+    """
+    n_classes = probs.shape[-1]
+    if n_classes <= EIGEN_MAX_CLASSES:
+        k = n_classes - 1 if samples is None else min(samples, n_classes - 1)
+        lam = torch.diag_embed(probs) - probs[:, :, None] * probs[:, None, :]
+        values, vecs = torch.linalg.eigh(lam)  # ascending, in the logits' precision (at least float32)
+        top = vecs[:, :, -k:] * values[:, None, -k:].clamp(min=0).sqrt()
+        return top.permute(2, 0, 1).flip(0)  # largest first
+    k = n_classes if samples is None else min(samples, n_classes)
+    top_p, top_c = probs.topk(k, dim=-1)
+    onehots = F.one_hot(top_c.t(), n_classes).to(probs.dtype)
+    return (probs - onehots) * top_p.t()[..., None].sqrt()

@@ -10,9 +10,10 @@ on the layer's output tensor, which fires with ds during backward.
 Micro-batches (gradient accumulation) are told apart by the phase: the first forward
 after a backward starts a new micro-batch whose rows follow the previous ones.
 
-With a curvature other than ``gradient_outer``, a hook on the model's output runs extra
-backward passes of pseudo-losses (see curvature.py) right after each forward; the same
-layer hooks then collect the curvature rows into separate streams.
+With a curvature other than ``gradient_outer``, a hook on the model's output runs, right
+after each forward, one vectorised backward (``is_grads_batched``) of all curvature passes
+from the logits to the tracked layers' outputs only (no parameter gradients), and projects
+each pass's output gradient against the layer's input like a gradient.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .curvature import Curvature, logits_of, pseudo_losses
+from .curvature import Curvature, logit_gradients, logits_of
 from .selection import LayerSpec
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -54,11 +55,15 @@ class _Projector:
 
     def project(self, a: torch.Tensor, ds: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
         """Per-sample projected gradients [b, k_out * k_in] of ``scale * loss`` from a [b, ..., d_in], ds [b, ..., d_out]."""
+        return self.project_passes(a, ds.unsqueeze(0), scale)
+
+    def project_passes(self, a: torch.Tensor, ds: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """Rows [b, passes * k_out * k_in] of several output gradients ds [passes, b, ..., d_out] sharing one input a."""
         if a.dtype in _LOW_PRECISION:
             a = a.float()
-        b = a.shape[0]
+        b, passes = a.shape[0], ds.shape[0]
         a = a.reshape(-1, a.shape[-1])
-        ds = ds.to(a.dtype).reshape(-1, ds.shape[-1])
+        ds = ds.to(a.dtype).reshape(passes, -1, ds.shape[-1])
         in_t, in_bias, out_t = self.factors(a.dtype, a.device, scale)
         if in_t is not None:
             a = torch.addmm(in_bias, a, in_t) if in_bias is not None else a @ in_t
@@ -69,9 +74,11 @@ class _Projector:
         elif scale != 1.0:
             ds = ds * scale
         tokens = a.shape[0] // b
-        if tokens == 1:  # one token per sample: an outer product
-            return torch.bmm(ds.unsqueeze(2), a.unsqueeze(1)).reshape(b, -1)
-        return torch.bmm(ds.reshape(b, tokens, -1).transpose(1, 2), a.reshape(b, tokens, -1)).reshape(b, -1)
+        if passes == 1 and tokens == 1:  # one token per sample: an outer product
+            return torch.bmm(ds[0].unsqueeze(2), a.unsqueeze(1)).reshape(b, -1)
+        # per sample: sum over tokens of [ds of all passes]^T a, i.e. (passes * k_out) x k_in
+        ds = ds.reshape(passes, b, tokens, -1).permute(1, 2, 0, 3).reshape(b, tokens, -1)
+        return torch.bmm(ds.transpose(1, 2), a.reshape(b, tokens, -1)).reshape(b, -1)
 
 
 class GhostCapture:
@@ -133,18 +140,20 @@ class GhostCapture:
             raise RuntimeError("no gradients were captured: run forward and backward through the model inside the step")
         if n_rows is not None and rows != n_rows:
             raise ValueError(f"the forward passes of this step covered {rows} samples but {n_rows} ids were given")
-        streams = [[self._assemble(spec, parts, rows) for spec, parts in zip(self.specs, stream)]
-                   for stream in self._streams]
+        grads = [self._assemble(spec, parts, rows) for spec, parts in zip(self.specs, self._parts)]
+        curvature = None
+        if self.curvature != "gradient_outer":
+            curvature = [self._assemble(spec, parts, rows) for spec, parts in zip(self.specs, self._curvature_parts)]
         self._reset()
-        if len(streams) == 1:
-            return streams[0], None
-        return streams[0], [torch.cat([s[i] for s in streams[1:]], dim=1) for i in range(len(self.specs))]
+        return grads, curvature
 
     # -- internals -------------------------------------------------------------------
     def _reset(self) -> None:
-        # stream 0: gradients; stream s >= 1: the s-th curvature pass (created on first use)
-        self._streams: list[list[dict[int, torch.Tensor]]] = [[{} for _ in self.specs]]
-        self._stream = 0
+        # per layer, row offset -> block: gradients, and curvature rows (all passes side by side)
+        self._parts: list[dict[int, torch.Tensor]] = [{} for _ in self.specs]
+        self._curvature_parts: list[dict[int, torch.Tensor]] = [{} for _ in self.specs]
+        self._pending: list[tuple[int, torch.Tensor, int, torch.Tensor]] = []  # (layer, a, offset, output)
+        self._curving = False
         self._scale = 1.0
         self._offset = 0
         self._mb_rows: int | None = None
@@ -160,7 +169,7 @@ class GhostCapture:
         first = next(iter(parts.values()))
         if len(parts) == 1 and 0 in parts and first.shape[0] == rows:  # one micro-batch: no copy
             return first
-        full = first.new_zeros(rows, spec.dim)
+        full = first.new_zeros(rows, first.shape[1])
         for offset, block in parts.items():
             full[offset: offset + block.shape[0]] = block
         return full
@@ -175,7 +184,9 @@ class GhostCapture:
             a = inputs[0].detach()
             self._start_rows(a.shape[0], self.specs[idx].name)
             offset = self._offset
-            output.register_hook(lambda ds: self._on_grad(idx, a, offset, ds))
+            output.register_hook(lambda ds: None if self._curving else self._on_grad(idx, a, offset, ds))
+            if self.curvature != "gradient_outer":
+                self._pending.append((idx, a, offset, output))
 
         return hook
 
@@ -193,24 +204,29 @@ class GhostCapture:
                 "tracked layers must take inputs whose first dimension is the sample")
 
     def _curvature_hook(self, module: nn.Module, inputs: tuple, output: object) -> None:
-        """After a recorded forward, backpropagate each curvature pseudo-loss into its own stream."""
+        """After a recorded forward, backpropagate all curvature pseudo-losses at once to the tracked outputs."""
+        pending, self._pending = self._pending, []
         if not (self._active and torch.is_grad_enabled()) or torch._C._current_graph_task_id() != -1:
             return
         logits = logits_of(output)
-        if not logits.requires_grad:
+        if not (logits.requires_grad and pending):
             return
-        weights = [m.weight for m in self.modules]
-        phase = self._in_backward
+        vectors = logit_gradients(logits, self.curvature, self.curvature_samples, self.reduction,
+                                  self._generator(logits.device))
+        self._curving = True  # the layer-output hooks fire during this backward: they must ignore it
         try:
-            for s, loss in enumerate(pseudo_losses(logits, self.curvature, self.curvature_samples, self.reduction,
-                                                   self._generator(logits.device)), start=1):
-                while len(self._streams) <= s:
-                    self._streams.append([{} for _ in self.specs])
-                self._stream = s
-                torch.autograd.grad(loss, weights, retain_graph=True, allow_unused=True)
+            grads = _output_gradients(logits, [out for _, _, _, out in pending], vectors)
         finally:
-            self._stream = 0
-            self._in_backward = phase
+            self._curving = False
+        parts = self._curvature_parts
+        for (idx, a, offset, _), ds in zip(pending, grads):
+            if ds is None:  # this call's output does not reach the logits
+                continue
+            block = self._projectors[idx].project_passes(a, ds)
+            if offset in parts[idx]:
+                parts[idx][offset] += block
+            else:
+                parts[idx][offset] = block
 
     def _generator(self, device: torch.device) -> torch.Generator:
         """The seeded label sampler of a device (curvature='fisher' is reproducible)."""
@@ -223,9 +239,23 @@ class GhostCapture:
         if not self._active:
             return
         # the step's loss is sum_i w_i loss_i; scaling by 1/w gives the sample's own gradient
-        block = self._projectors[idx].project(a, ds.detach(), self._scale if self._stream == 0 else 1.0)
-        parts = self._streams[self._stream][idx]
+        block = self._projectors[idx].project(a, ds.detach(), self._scale)
+        parts = self._parts[idx]
         if offset in parts:
             parts[offset] += block  # the module was used more than once in this micro-batch
         else:
             parts[offset] = block
+
+
+def _output_gradients(logits: torch.Tensor, outputs: list[torch.Tensor],
+                      vectors: torch.Tensor) -> Sequence[torch.Tensor | None]:
+    """Gradients [passes, *output.shape] of vectors . logits wrt each output, in one vectorised backward.
+
+    Falls back to one backward per pass where an operation in the model has no batching rule.
+    """
+    try:
+        return torch.autograd.grad(logits, outputs, vectors, retain_graph=True, allow_unused=True,
+                                   is_grads_batched=True)
+    except RuntimeError:
+        per_pass = [torch.autograd.grad(logits, outputs, v, retain_graph=True, allow_unused=True) for v in vectors]
+        return [None if g[0] is None else torch.stack(g) for g in zip(*per_pass)]

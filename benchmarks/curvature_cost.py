@@ -1,0 +1,108 @@
+"""Capture cost of the curvature options, on the MLP of the fidelity study.
+
+Model 784-128-10 with GELU (``dvemb evaluate fidelity --dataset mnist``'s), batch 32 of
+random MNIST-shaped data, mean cross-entropy, plain SGD lr 0.1 by hand, 1024 dims per layer.
+Each variant trains blocks of steps into a fresh store (made outside the timing; every
+block ends with ``Recorder.flush`` so all commits are inside it). Variants alternate in one
+process on the same model. Reported per variant: median ms per step, the median over runs
+of its ratio to the default recorded step (``gradient_outer``, the paper's curvature) of the
+same run, which is the "capture cost" of the fidelity issue, and its ratio to a plain step.
+
+    python benchmarks/curvature_cost.py [--runs 7] [--steps 40]
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from common import (Elapsed, alternate, base_parser, configure, elapsed, median, print_table, ratios,
+                    write_results)
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dvemb
+
+SIZES = (784, 128, 10)
+BATCH = 32
+LR = 0.1
+DIM = 1024
+CONFIGS: dict[str, dict] = {
+    "gradient_outer (default)": {},
+    "fisher, 1 label": {"curvature": "fisher"},
+    "ggn, rank 1": {"curvature": "ggn", "curvature_samples": 1},
+    "ggn, rank 2": {"curvature": "ggn", "curvature_samples": 2},
+    "ggn, rank 3": {"curvature": "ggn", "curvature_samples": 3},
+    "ggn, exact (rank 9)": {"curvature": "ggn"},
+}
+
+
+def fidelity_mlp() -> nn.Sequential:
+    """The fidelity study's MLP 784-128-10 with GELU."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(SIZES[0], SIZES[1]), nn.GELU(), nn.Linear(SIZES[1], SIZES[2]))
+
+
+def train(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], rec: dvemb.Recorder | None) -> None:
+    """Plain SGD steps over the batches, recorded when ``rec`` is given (then flushed)."""
+    for t, (x, y) in enumerate(batches):
+        if rec is None:
+            F.cross_entropy(model(x), y).backward()
+        else:
+            with rec.step(range(t * BATCH, (t + 1) * BATCH), lr=LR):
+                F.cross_entropy(model(x), y).backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(p.grad, alpha=-LR)
+                p.grad = None
+    if rec is not None:
+        rec.flush()
+
+
+def block(model: nn.Module, batches: list, config: dict | None, root: str) -> Elapsed:
+    """Time per step of one block: plain when ``config`` is None, else recorded with those Recorder options."""
+    if config is None:
+        return elapsed(lambda: train(model, batches, None)).per(len(batches))
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        rec = dvemb.Recorder(model, Path(tmp) / "store", projection_dim=DIM, **config)
+        try:
+            return elapsed(lambda: train(model, batches, rec)).per(len(batches))
+        finally:
+            rec.close()
+
+
+def main() -> None:
+    """Time every curvature option against the default and plain steps; print and write JSON."""
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40, help="steps per timed block")
+    parser.add_argument("--store-dir", default=tempfile.gettempdir(), help="where the recorded stores go")
+    args = parser.parse_args()
+    configure(args)
+    model = fidelity_mlp()
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(BATCH, SIZES[0], generator=gen), torch.randint(0, SIZES[-1], (BATCH,), generator=gen))
+               for _ in range(args.steps)]
+    timed: dict[str, Callable[[], Elapsed]] = {"plain": lambda: block(model, batches, None, args.store_dir)}
+    for name, config in CONFIGS.items():
+        timed[name] = lambda config=config: block(model, batches, config, args.store_dir)
+    alternate(timed, 1)  # warm-up
+    wall = {k: [t.wall for t in v] for k, v in alternate(timed, args.runs).items()}
+    default = wall["gradient_outer (default)"]
+    cases = {name: {"options": CONFIGS[name], "step_ms": 1e3 * median(wall[name]),
+                    "cost_vs_default": median(ratios(wall[name], default)),
+                    "ratio_to_plain": median(ratios(wall[name], wall["plain"])),
+                    "costs_vs_default": ratios(wall[name], default)} for name in CONFIGS}
+    print(f"MLP {'-'.join(map(str, SIZES))} GELU, batch {BATCH}, {DIM} dims/layer, {torch.get_num_threads()} "
+          f"thread(s), median of {args.runs} runs of {args.steps} steps; plain step {1e3 * median(wall['plain']):.3g} ms")
+    print_table(["curvature", "ms/step", "x default capture", "x plain step"],
+                [[n, c["step_ms"], c["cost_vs_default"], c["ratio_to_plain"]] for n, c in cases.items()])
+    write_results("curvature_cost", args, {"model": "fidelity_mlp", "sizes": SIZES, "activation": "gelu",
+                                           "batch": BATCH, "projection_dim": DIM,
+                                           "plain_step_ms": 1e3 * median(wall["plain"]), "cases": cases})
+
+
+if __name__ == "__main__":
+    main()
