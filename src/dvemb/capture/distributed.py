@@ -6,6 +6,7 @@ exchange two numbers (a non-finite flag and their sample count), never gradients
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -43,13 +44,13 @@ class DistributedContext:
 
 def refuse_fsdp(model: nn.Module) -> None:
     """FSDP shards parameters and gradients, which the ghost capture does not handle yet."""
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # older torch
-        DTensor = ()  # noqa: N806
-    if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()) or any(
-            isinstance(p, DTensor) for p in model.parameters()):
+    # an FSDP module or a DTensor can only exist once its module was imported: importing them
+    # here ourselves would cost ~0.5 s (DTensor pulls in sympy) for every user
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    tensor = sys.modules.get("torch.distributed.tensor")
+    sharded_modules = tuple(c for c in (getattr(fsdp, "FullyShardedDataParallel", None),) if c is not None)
+    sharded_params = tuple(c for c in (getattr(tensor, "DTensor", None),) if c is not None)
+    if (sharded_modules and any(isinstance(m, sharded_modules) for m in model.modules())) or (
+            sharded_params and any(isinstance(p, sharded_params) for p in model.parameters())):
         raise ValueError("FSDP-sharded models are not supported yet: record with DDP (DistributedDataParallel), "
                          "or with the unsharded model")
