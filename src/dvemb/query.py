@@ -53,9 +53,9 @@ class Influence:
     def by_sample(self) -> tuple[np.ndarray, np.ndarray]:
         """All-epoch removal: (unique sample ids [n_ids], scores summed over each id's records [n_test, n_ids])."""
         ids, inverse = np.unique(self.sample_ids, return_inverse=True)
-        summed = np.zeros((self.scores.shape[0], len(ids)), dtype=np.float64)
-        np.add.at(summed.T, inverse, self.scores.T)
-        return ids, summed
+        summed = torch.zeros(self.scores.shape[0], len(ids), dtype=torch.float64)  # (np.add.at is ~50x slower)
+        summed.index_add_(1, torch.from_numpy(inverse.astype(np.int64)), torch.from_numpy(self.scores).double())
+        return ids, summed.numpy()
 
     def top_k(self, k: int) -> TopK:
         """The k most helpful and k most harmful records for each test point."""
