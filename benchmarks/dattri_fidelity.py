@@ -12,7 +12,7 @@ dattri is not a dependency of dvemb. Install it in its own environment, e.g.::
         --dataset mnist --data-dir /work/shared/data/mnist --out results/fidelity/dattri-mnist.json
 
 Each method runs end to end (training with capture, embeddings, test gradients and scores) in a
-subprocess of its own, ``--repeats`` times; the fastest run's time is reported. Peak memory is
+subprocess of its own, ``--repeats`` times; the median time is reported. Peak memory is
 the process's peak resident set while the method runs (Linux VmHWM, reset when it starts), and
 its increase over the resident set at the start; the largest over the repeats. Store size:
 dvemb's store directory on disk; dattri keeps everything in memory, so its size is the cached
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -187,14 +188,15 @@ def _interval(d: dict[str, float]) -> str:
 
 
 def _spawn(python: str, worker: str, args: argparse.Namespace) -> dict[str, object]:
-    """Runs one worker ``args.repeats`` times, each in a fresh process: the fastest run's time, the others' maxima."""
+    """Runs one worker ``args.repeats`` times, each in a fresh process: the median time, the peak memories' maxima."""
     runs = []
     with tempfile.TemporaryDirectory() as directory:
         result = Path(directory) / "result.json"
         for _ in range(args.repeats):
             subprocess.run([python, __file__, *sys.argv[1:], "--worker", worker, "--result", str(result)], check=True)
             runs.append(json.loads(result.read_text()))
-    return {**runs[0], "seconds": min(r["seconds"] for r in runs), "all_seconds": [r["seconds"] for r in runs],
+    return {**runs[0], "seconds": statistics.median(r["seconds"] for r in runs),
+            "all_seconds": [r["seconds"] for r in runs],
             "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
             "peak_rss_increase_mib": max(r["peak_rss_mib"] - r["rss_before_mib"] for r in runs)}
 
@@ -234,7 +236,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--projection-dim", type=_projection_dim, default=1024, metavar="K|none")
     parser.add_argument("--resamples", type=int, default=1000)
-    parser.add_argument("--repeats", type=int, default=3, help="runs of each method; the fastest time is reported")
+    parser.add_argument("--repeats", type=int, default=5, help="runs of each method; the median time is reported")
     parser.add_argument("--out", default=None, help="JSON report path")
     parser.add_argument("--worker", choices=sorted(WORKERS), default=None, help=argparse.SUPPRESS)
     parser.add_argument("--result", default=None, help=argparse.SUPPRESS)

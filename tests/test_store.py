@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dvemb
-from dvemb.store import HEADER_BYTES, Store, StoreError, to_torch
+from dvemb.store import HEADER_BYTES, Store, StoreError, StoreWriter, to_torch
 
 WRITER = textwrap.dedent("""
     import os, signal, sys, torch, torch.nn.functional as F
@@ -78,16 +78,13 @@ def test_killed_between_write_and_commit_opens_with_committed_steps(tmp_path):
 
 def test_killed_at_random_moment_then_resumed(tmp_path):
     proc = run_writer(tmp_path / "s", kill_at=-1)
-    seen = 0
-    for line in proc.stdout:  # let it commit a few steps, then kill it while it keeps writing
-        seen = int(line)
-        if seen >= 5:
-            time.sleep(0.01)
+    for line in proc.stdout:  # let it commit a few steps (in the background), then kill it while it keeps writing
+        if int(line) >= 5 and Store(tmp_path / "s").n_steps >= 5:
             break
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
     store = Store(tmp_path / "s")
-    assert store.n_steps >= seen
+    assert store.n_steps >= 5
     assert_consistent(store)
     committed = store.n_steps
 
@@ -237,3 +234,34 @@ def test_shard_rolls_back_to_the_global_commit(tmp_path):
     store = Store(tmp_path / "s")
     assert store.n_steps == 2 and store.n_records == 8
     assert (store.path / "records.npy").stat().st_size == HEADER_BYTES + 8 * store.records.dtype.itemsize
+
+
+def test_background_commits_group_steps_and_catch_up_when_idle(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    x, y = torch.randn(12, 6), torch.randint(0, 3, (12,))
+    commits = []
+    original = StoreWriter._write_manifest
+
+    def counting(self):
+        commits.append(self.n_steps)
+        original(self)
+
+    StoreWriter._write_manifest = counting
+    try:
+        with dvemb.Recorder(model, tmp_path / "s") as rec:
+            rec._writer.commit_interval = 10.0  # nothing commits by time during the steps below
+            for t in range(3):
+                with rec.step(range(4 * t, 4 * t + 4), lr=0.1):
+                    F.cross_entropy(model(x[4 * t: 4 * t + 4]), y[4 * t: 4 * t + 4]).backward()
+            rec.flush()  # the three steps, one commit
+            assert commits == [0, 3] and Store(tmp_path / "s").n_steps == 3
+            rec._writer.commit_interval = 0.02
+            with rec.step([12, 13], lr=0.1):
+                F.cross_entropy(model(x[:2]), y[:2]).backward()
+            deadline = time.monotonic() + 5
+            while Store(tmp_path / "s").n_steps < 4 and time.monotonic() < deadline:  # no flush: the timer commits
+                time.sleep(0.005)
+            assert Store(tmp_path / "s").n_steps == 4
+    finally:
+        StoreWriter._write_manifest = original

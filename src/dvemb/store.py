@@ -530,6 +530,7 @@ class StoreWriter(_Committed):
             self._open_curvature(self.manifest["curvature_passes"])
         for arr in (self._records, *self._grads):
             arr.open_for_append(self.n_records)
+        self._written = (self.n_steps, self.n_records)  # steps and records written, committed or not
         self._write_manifest()
 
     @staticmethod
@@ -566,7 +567,15 @@ class StoreWriter(_Committed):
 
     def append_steps(self, steps: Sequence[tuple]) -> None:
         """Write several steps (``append_step``'s arguments each), then commit them with one manifest replace."""
-        n_steps, n_records = self.n_steps, self.n_records
+        self.write_steps(steps)
+        self.commit()
+
+    def write_steps(self, steps: Sequence[tuple]) -> None:
+        """Append steps' records and rows after those already written; they count once :meth:`commit` runs.
+
+        On an error, every written but uncommitted step is dropped.
+        """
+        n_steps, n_records = self._written
         try:
             for sample_ids, weights, lr, grads, curvature, rank in steps:
                 if curvature is not None:
@@ -579,14 +588,27 @@ class StoreWriter(_Committed):
                     arr.append(rows)
                 n_steps, n_records = n_steps + 1, n_records + len(sample_ids)
         except BaseException:
-            for arr in self._arrays:
-                arr.rollback(self.n_records)
+            self._drop_uncommitted()
             raise
-        for arr in self._arrays:
-            arr.flush(self.fsync)
-        self.manifest["committed_steps"] = n_steps
-        self.manifest["committed_records"] = n_records
+        self._written = (n_steps, n_records)
+
+    def commit(self) -> None:
+        """Make every written step durable: flush the rows, then atomically replace the manifest."""
+        if self._written == (self.n_steps, self.n_records):
+            return
+        try:
+            for arr in self._arrays:
+                arr.flush(self.fsync)
+        except BaseException:
+            self._drop_uncommitted()
+            raise
+        self.manifest["committed_steps"], self.manifest["committed_records"] = self._written
         self._write_manifest()
+
+    def _drop_uncommitted(self) -> None:
+        for arr in self._arrays:
+            arr.rollback(self.n_records)
+        self._written = (self.n_steps, self.n_records)
 
     def _check_curvature(self, curvature: Sequence[np.ndarray], rows_written: int) -> None:
         """Open the curvature arrays on the first step that has them; refuse a change of shape."""
@@ -614,45 +636,63 @@ class StoreWriter(_Committed):
         """Nothing is pending in a synchronous writer."""
 
     def close(self) -> None:
-        """Bring the .npy headers up to date and close all files (committed data stays)."""
+        """Bring the .npy headers up to date and close all files (committed data stays, the rest is dropped)."""
+        if self._written != (self.n_steps, self.n_records):
+            self._drop_uncommitted()
         for arr in self._arrays:
             arr.close(self.n_records)
 
 
 class BackgroundWriter:
-    """Commits a StoreWriter's steps in a worker thread, in order, with at most ``depth`` in flight.
+    """Writes a StoreWriter's steps in a worker thread, in order, with at most ``depth`` waiting.
 
-    Training does not wait for the disk; steps that queue up while the disk is busy are
-    committed together (one manifest replace). A crash loses only the steps in flight,
-    which were never committed. An error in the thread is raised at the next call.
+    Training does not wait for the disk. Rows are written as steps arrive; commits (one
+    manifest replace each) group the steps of up to ``commit_interval`` seconds, and
+    :meth:`flush` and :meth:`close` commit at once. A crash loses only uncommitted steps:
+    at most the last ``commit_interval`` seconds of training, never a partial step. An error
+    in the thread drops the uncommitted steps and is raised at the next call.
     """
 
-    def __init__(self, writer: StoreWriter, depth: int = 4) -> None:
+    _FLUSH = object()  # queue marker: commit now
+
+    def __init__(self, writer: StoreWriter, depth: int = 4, commit_interval: float = 0.05) -> None:
         self.writer = writer
         self.submitted = writer.n_steps
+        self.commit_interval = commit_interval
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="dvemb-store-writer", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        stop = False
-        while not stop:
-            batch = [self._queue.get()]
-            while batch[-1] is not None:  # steps that queued up meanwhile are committed together
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            stop = batch[-1] is None
-            steps = batch[:-1] if stop else batch
-            if steps and self._error is None:
-                try:
-                    self.writer.append_steps(steps)
-                except BaseException as exc:  # handed to the training thread
-                    self._error = exc
-            for _ in batch:
-                self._queue.task_done()
+        uncommitted = 0  # queue items taken but not yet marked done: they complete at the next commit
+        last_commit = time.monotonic()
+        while True:
+            timeout = None if uncommitted == 0 else max(0.0, last_commit + self.commit_interval - time.monotonic())
+            try:
+                item = self._queue.get(timeout=timeout)
+            except queue.Empty:
+                item = self._FLUSH  # the interval is over: commit what was written
+            else:
+                uncommitted += 1
+            if item is not None and item is not self._FLUSH and self._error is None:
+                self._guarded(self.writer.write_steps, [item])
+            if item is None or item is self._FLUSH or time.monotonic() - last_commit >= self.commit_interval:
+                if self._error is None:
+                    self._guarded(self.writer.commit)
+                last_commit = time.monotonic()
+                for _ in range(uncommitted):
+                    self._queue.task_done()
+                uncommitted = 0
+            if item is None:
+                return
+
+    def _guarded(self, call, *args: object) -> None:
+        """Run a writer call, keeping its error for the training thread."""
+        try:
+            call(*args)
+        except BaseException as exc:  # handed to the training thread
+            self._error = exc
 
     def _raise(self) -> None:
         if self._error is not None:
@@ -660,13 +700,14 @@ class BackgroundWriter:
             raise StoreError(f"writing to {self.writer.path} failed: {error}") from error
 
     def append_step(self, *args) -> None:
-        """Queue a step for :meth:`StoreWriter.append_step` (blocks while ``depth`` steps are pending)."""
+        """Queue a step for :meth:`StoreWriter.write_steps` (blocks while ``depth`` steps wait)."""
         self._raise()
         self._queue.put(args)
         self.submitted += 1
 
     def flush(self) -> None:
         """Wait until every queued step is committed."""
+        self._queue.put(self._FLUSH)
         self._queue.join()
         self._raise()
 

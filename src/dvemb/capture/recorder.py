@@ -43,7 +43,9 @@ class Recorder:
 
     Use ``with rec.step(ids, lr=lr): loss.backward()`` around each optimizer step's
     forward and backward passes (several passes for gradient accumulation; their
-    samples follow ``ids`` in order). A step is committed to disk when the block exits.
+    samples follow ``ids`` in order). Steps are written in a background thread as the
+    blocks exit and committed together at least every 50 ms; ``flush`` and ``close`` commit
+    at once, and a crash loses only uncommitted steps, never part of one.
     ``save_checkpoints`` (every N steps, or a list of steps) saves theta_t before those
     steps, and theta_T on close, as safetensors files for checkpoint queries.
     """
