@@ -265,3 +265,31 @@ def test_background_commits_group_steps_and_catch_up_when_idle(tmp_path):
             assert Store(tmp_path / "s").n_steps == 4
     finally:
         StoreWriter._write_manifest = original
+
+
+def test_prefetched_rows_yield_each_range_in_order_and_close_early(tmp_path):
+    from dvemb.store import AppendableArray, PrefetchedRows
+    arrays = []
+    for i, dim in enumerate((3, 5)):
+        arr = AppendableArray(tmp_path / f"a{i}.npy", np.float32, (dim,))
+        arr.open_for_append(0)
+        arr.append(np.arange(20 * dim, dtype=np.float32).reshape(20, dim) + 1000 * i)
+        arr.close(20)
+        arrays.append(arr)
+    ranges = [(0, 7), (7, 14), (14, 20), (2, 3)]
+    rows = PrefetchedRows(arrays, ranges, max_rows=7)
+    try:
+        for (r0, r1), got in zip(ranges, rows):
+            for arr, block in zip(arrays, got):  # equal to the .npy file's rows (np.load: independent reader)
+                np.testing.assert_array_equal(block, np.load(arr.path)[r0:r1])
+    finally:
+        rows.close()
+    early = PrefetchedRows(arrays, ranges, max_rows=7)
+    next(iter(early))
+    early.close()  # returns although the reader thread was waiting for a free buffer
+    broken = PrefetchedRows(arrays, [(0, 7), (15, 22)], max_rows=7)  # the second range runs past the end
+    try:
+        with pytest.raises(StoreError, match="ends before row 22"):
+            list(broken)
+    finally:
+        broken.close()

@@ -220,6 +220,57 @@ class RowReader:
         os.close(self._fd)
 
 
+class PrefetchedRows:
+    """Row ranges of several arrays, read ahead in a background thread into reused buffers.
+
+    Iterating yields, per range, one array per file: views of a buffer that stays valid
+    until the next item is requested. The positional reads release the GIL, so reading
+    the next range overlaps the caller's work on this one; ``depth`` buffer sets bound memory.
+    """
+
+    _END = object()
+
+    def __init__(self, arrays: Sequence[AppendableArray], ranges: Sequence[tuple[int, int]], max_rows: int,
+                 depth: int = 2) -> None:
+        self._ranges = list(ranges)
+        self._sets = [[RowReader(a, max_rows) for a in arrays] for _ in range(depth)]
+        self._free = threading.Semaphore(depth)
+        self._ready: queue.Queue = queue.Queue()
+        self._stop = False
+        self._thread = threading.Thread(target=self._produce, name="dvemb-row-prefetch", daemon=True)
+        self._thread.start()
+
+    def _produce(self) -> None:
+        try:
+            for i, (r0, r1) in enumerate(self._ranges):
+                self._free.acquire()
+                if self._stop:
+                    return
+                self._ready.put([reader.read(r0, r1) for reader in self._sets[i % len(self._sets)]])
+        except BaseException as exc:  # handed to the consumer
+            self._ready.put(exc)
+        self._ready.put(self._END)
+
+    def __iter__(self) -> Iterator[list[np.ndarray]]:
+        while True:
+            item = self._ready.get()
+            if item is self._END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            self._free.release()  # the consumer is done with this buffer set
+
+    def close(self) -> None:
+        """Stop reading ahead and close the files."""
+        self._stop = True
+        self._free.release()
+        self._thread.join()
+        for readers in self._sets:
+            for reader in readers:
+                reader.close()
+
+
 class RowFile:
     """Writes rows of an allocated .npy file at their positions: ``rows_file[r0:r1] = block``."""
 
