@@ -131,3 +131,19 @@ def test_curvature_options_are_validated(tmp_path):
         with pytest.raises(ValueError, match="use 'fisher' for sequences"):
             with rec.step([0, 1], lr=0.1):
                 seq(torch.randn(2, 5, 3)).sum().backward()
+
+
+def test_curvature_without_batching_rules_falls_back_to_one_backward_per_pass(tmp_path, monkeypatch):
+    tiny(tmp_path / "batched", "ggn")
+    grad = torch.autograd.grad
+
+    def unbatched(*args, **kwargs):
+        if kwargs.get("is_grads_batched"):
+            raise RuntimeError("no batching rule")  # as vmap reports an unsupported operation
+        return grad(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", unbatched)
+    tiny(tmp_path / "looped", "ggn")
+    for i in range(2):  # same rows either way (float64: only summation order may differ)
+        np.testing.assert_allclose(np.asarray(Store(tmp_path / "looped").curvature(i)),
+                                   np.asarray(Store(tmp_path / "batched").curvature(i)), rtol=1e-12, atol=1e-14)
