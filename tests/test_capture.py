@@ -251,3 +251,68 @@ def test_per_sample_weights_for_token_mean_loss_with_padding(tmp_path):
     with pytest.raises(ValueError, match="weights must be 4"):
         with dvemb.Recorder(model, tmp_path / "t") as rec, rec.step(range(4), lr=0.1, weights=[1.0, 2.0]):
             pass
+
+
+def small_cnn(padding=1, padding_mode="zeros", stride=1, dilation=1, bias=True) -> nn.Module:
+    torch.manual_seed(3)
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, stride=stride, padding=padding, dilation=dilation, bias=bias, padding_mode=padding_mode),
+        nn.Tanh(), nn.Conv2d(4, 3, (2, 3), padding="same"), nn.ReLU(), nn.Flatten(), nn.LazyLinear(5))
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+@pytest.mark.parametrize("conv", [dict(), dict(padding=0, stride=2, bias=False), dict(padding=2, dilation=2),
+                                  dict(padding_mode="reflect"), dict(padding_mode="circular", stride=2)])
+@pytest.mark.parametrize("projection_dim", [None, 12])
+def test_conv2d_patches_against_torch_func(tmp_path, conv, projection_dim):
+    model = small_cnn(**conv)
+    x, y = torch.randn(6, 2, 7, 6), torch.randint(0, 5, (6,))
+    model(x)  # materialise the lazy head
+    store = record(model, tmp_path / "s", [(x, y)], projection_dim=projection_dim)
+    assert [s.kind for s in store.layers] == ["conv2d", "conv2d", "linear"]
+    assert (store.layers[0].d_in, store.layers[0].d_out) == (18, 4)
+    check_against_reference(store, model, x, y, TOL32)
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+def test_conv2d_float64_projected_is_exact_and_grouped_convs_are_skipped(tmp_path):
+    model = small_cnn().double()
+    x, y = torch.randn(4, 2, 5, 5, dtype=torch.float64), torch.randint(0, 5, (4,))
+    model(x)
+    store = record(model, tmp_path / "s", [(x, y)], projection_dim=9, dtype=torch.float64)
+    check_against_reference(store, model, x, y, 1e-10)
+    grouped = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Flatten(), nn.Linear(4, 2))
+    with dvemb.Recorder(grouped, tmp_path / "g") as rec:
+        assert rec.layers == ["2"]  # groups > 1 is not supported: not tracked by default
+    with pytest.raises(ValueError, match="not a supported layer type"):
+        dvemb.Recorder(grouped, tmp_path / "h", modules=["0"])
+
+
+class TinyLM(nn.Module):
+    """Embedding (with a padding id) -> Linear head over the vocabulary."""
+
+    def __init__(self, vocab: int = 11, dim: int = 6) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.emb = nn.Embedding(vocab, dim, padding_idx=0)
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.emb(ids)))
+
+
+@pytest.mark.parametrize("projection_dim", [None, 15])
+def test_embedding_tracked_when_named_against_torch_func(tmp_path, projection_dim):
+    model = TinyLM()
+    x = torch.randint(0, 11, (5, 4))
+    x[0, :2] = 0  # padding tokens: their embedding row gets no gradient
+    x[1] = 3  # the same id several times in one sample
+    y = torch.randint(0, 11, (5, 4))
+    assert [s.name for s in record(model, tmp_path / "d", [(x, y)]).layers] == ["head"]  # not by default
+    store = record(model, tmp_path / "s", [(x, y)], projection_dim=projection_dim, modules=["emb", "head"])
+    assert [s.kind for s in store.layers] == ["embedding", "linear"]
+    assert (store.layers[0].d_in, store.layers[0].d_out, store.layers[0].bias) == (11, 6, False)
+    ref = per_sample_gradients(_float64_copy(model), lambda o, t: token_ce(o, t, "mean"), x, y, ["emb", "head"])
+    for i, spec in enumerate(store.layers):
+        want = project(spec, ref[spec.name])
+        assert rel_err(to_torch(store.grads(i), store.dtype).double(), want) < TOL32

@@ -147,3 +147,27 @@ def test_curvature_without_batching_rules_falls_back_to_one_backward_per_pass(tm
     for i in range(2):  # same rows either way (float64: only summation order may differ)
         np.testing.assert_allclose(np.asarray(Store(tmp_path / "looped").curvature(i)),
                                    np.asarray(Store(tmp_path / "batched").curvature(i)), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+def test_ggn_rows_of_a_cnn_match_the_class_sum_of_gradient_outer_products(tmp_path):
+    from test_capture import small_cnn
+    model = small_cnn().double()
+    x, y = torch.randn(3, 2, 5, 5, dtype=torch.float64), torch.randint(0, 5, (3,))
+    model(x)
+    params0 = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    with dvemb.Recorder(model, tmp_path / "s", projection_dim=10, dtype=torch.float64, curvature="ggn") as rec:
+        with rec.step(range(3), lr=0.1):
+            F.cross_entropy(model(x), y).backward()
+    model.load_state_dict(params0)  # nothing was updated, but be explicit: theta at the step
+    store = Store(tmp_path / "s")
+    probs = torch.softmax(model(x), -1).detach()
+    names = [s.name for s in store.layers]
+    # J^T (diag(p) - pp^T) J = sum_c p_c g(c) g(c)^T with g(c) the gradient at label c (independent of the eigen path)
+    per_class = [per_sample_gradients(model, F.cross_entropy, x, torch.full((3,), c), names) for c in range(5)]
+    for i, spec in enumerate(store.layers):
+        p_in, p_out = spec.proj_in.matrix(torch.float64), spec.proj_out.matrix(torch.float64)
+        g = torch.stack([(p_out @ pc[spec.name] @ p_in.t()).reshape(3, -1) for pc in per_class], 1)  # [B, C, dim]
+        want = torch.einsum("bc,bcd,bce->bde", probs, g, g)
+        rows = to_torch(store.curvature(i), "float64").reshape(3, store.curvature_passes, -1)
+        torch.testing.assert_close(rows.transpose(1, 2) @ rows, want, rtol=1e-9, atol=1e-12)

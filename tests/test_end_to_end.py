@@ -17,7 +17,15 @@ from dvemb.data import load_digits_split  # noqa: E402
 SPEARMAN_FLOOR = 0.9  # issue acceptance bound; measured ~0.99 (see the printed figure)
 
 
-def digits_spec(epochs: int = 3, batch: int = 32, lr: float = 0.05, seed: int = 0, n_train: int = 640):
+ARCHITECTURES = {
+    "mlp": lambda: nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10)),
+    "cnn": lambda: nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 6, 3, padding=1), nn.Tanh(),
+                                 nn.Conv2d(6, 4, 3, stride=2), nn.Tanh(), nn.Flatten(), nn.Linear(36, 10)),
+}
+
+
+def digits_spec(epochs: int = 3, batch: int = 32, lr: float = 0.05, seed: int = 0, n_train: int = 640,
+                arch: str = "mlp"):
     x, y, xv, yv = load_digits_split(seed=seed)
     x, y = x[:n_train], y[:n_train]
     g = torch.Generator().manual_seed(seed)
@@ -25,13 +33,14 @@ def digits_spec(epochs: int = 3, batch: int = 32, lr: float = 0.05, seed: int = 
 
     def factory() -> nn.Module:
         torch.manual_seed(seed)
-        return nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
+        return ARCHITECTURES[arch]()
 
     return TrainingSpec(factory, x, y, batches, lr), xv.double(), yv
 
 
-def test_dvemb_matches_replayed_tsloo_on_validation_loss(tmp_path):
-    spec, xv, yv = digits_spec()
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+def test_dvemb_matches_replayed_tsloo_on_validation_loss(tmp_path, arch):
+    spec, xv, yv = digits_spec(arch=arch)
     model = record_run(spec, tmp_path / "s", projection_dim=None, dtype=torch.float64)
     traj = train(spec)
     for name, p in model.named_parameters():  # the recorded run is the replayed trajectory
@@ -44,7 +53,7 @@ def test_dvemb_matches_replayed_tsloo_on_validation_loss(tmp_path):
     removals = [[(int(inf.steps[r]), int(inf.sample_ids[r]))] for r in chosen]
     truth = tsloo(spec, removals, lambda m: F.cross_entropy(m(xv), yv), trajectory=traj, show_progress=False)[0]
     rho = spearman(estimate[chosen], truth)
-    print(f"\nSpearman(DVEmb, replayed TSLOO) over 50 last-epoch records: {rho:.4f}")
+    print(f"\n{arch}: Spearman(DVEmb, replayed TSLOO) over 50 last-epoch records: {rho:.4f}")
     assert rho >= SPEARMAN_FLOOR
 
 

@@ -1,7 +1,7 @@
 """Projected per-sample gradients from layer inputs and output gradients (the ghost trick).
 
-For a tracked layer with input a (b x n_tok x d_in) and output gradient ds
-(b x n_tok x d_out), sample j's projected weight-and-bias gradient is
+For a tracked layer whose input and output gradient give token rows a (b x n_tok x d_in)
+and ds (b x n_tok x d_out) (see layers.py), sample j's projected weight-and-bias gradient is
     sum_tok (P_out ds_jt) (P_in [a_jt, 1])^T,
 a k_out x k_in matrix, so the cost is O(n_tok (d_in k_in + d_out k_out + k_in k_out))
 and the full gradient is never formed. A forward hook keeps a and registers a hook
@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .curvature import Curvature, logit_gradients, logits_of
+from .layers import RULES, LayerRule
 from .selection import LayerSpec
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -37,6 +38,10 @@ class _Projector:
 
     spec: LayerSpec
     _cache: dict = field(default_factory=dict)
+    _rule: LayerRule = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._rule = next(rule for rule in RULES if rule.kind == self.spec.kind)
 
     def factors(self, dtype: torch.dtype, device: torch.device, scale: float) -> tuple:
         """(P_in^T restricted to the weight columns, P_in's bias column, scale * P_out^T); None = exact side."""
@@ -53,32 +58,26 @@ class _Projector:
             self._cache[key] = (in_t, in_bias, out_t)
         return self._cache[key]
 
-    def project(self, a: torch.Tensor, ds: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-        """Per-sample projected gradients [b, k_out * k_in] of ``scale * loss`` from a [b, ..., d_in], ds [b, ..., d_out]."""
-        return self.project_passes(a, ds.unsqueeze(0), scale)
+    def project(self, module: nn.Module, a: torch.Tensor, ds: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """Per-sample projected gradients [b, k_out * k_in] of ``scale * loss`` from the layer's input and ds."""
+        return self.project_passes(module, a, ds.unsqueeze(0), scale)
 
-    def project_passes(self, a: torch.Tensor, ds: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-        """Rows [b, passes * k_out * k_in] of several output gradients ds [passes, b, ..., d_out] sharing one input a."""
-        if a.dtype in _LOW_PRECISION:
-            a = a.float()
-        b, passes = a.shape[0], ds.shape[0]
-        a = a.reshape(-1, a.shape[-1])
-        ds = ds.to(a.dtype).reshape(passes, -1, ds.shape[-1])
-        in_t, in_bias, out_t = self.factors(a.dtype, a.device, scale)
-        if in_t is not None:
-            a = torch.addmm(in_bias, a, in_t) if in_bias is not None else a @ in_t
-        elif self.spec.bias:
-            a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
+    def project_passes(self, module: nn.Module, a: torch.Tensor, ds: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """Rows [b, passes * k_out * k_in] of several output gradients ds [passes, b, ...] sharing one input a."""
+        dtype = torch.float32 if ds.dtype in _LOW_PRECISION else ds.dtype
+        in_t, in_bias, out_t = self.factors(dtype, ds.device, scale)
+        a = self._rule.inputs(module, a, in_t, in_bias, self.spec.bias, dtype)  # [b, tokens, k_in]
+        ds = self._rule.outputs(ds.to(dtype))  # [passes, b, tokens, d_out]
         if out_t is not None:
             ds = ds @ out_t
         elif scale != 1.0:
             ds = ds * scale
-        tokens = a.shape[0] // b
+        passes, b, tokens = ds.shape[:3]
         if passes == 1 and tokens == 1:  # one token per sample: an outer product (broadcast: 2-3x faster than bmm)
-            return (ds[0].unsqueeze(2) * a.unsqueeze(1)).reshape(b, -1)
+            return (ds[0, :, 0, :, None] * a[:, 0, None, :]).reshape(b, -1)
         # per sample: sum over tokens of [ds of all passes]^T a, i.e. (passes * k_out) x k_in
-        ds = ds.reshape(passes, b, tokens, -1).permute(1, 2, 0, 3).reshape(b, tokens, -1)
-        return torch.bmm(ds.transpose(1, 2), a.reshape(b, tokens, -1)).reshape(b, -1)
+        ds = ds.permute(1, 2, 0, 3).reshape(b, tokens, -1)
+        return torch.bmm(ds.transpose(1, 2), a).reshape(b, -1)
 
 
 class GhostCapture:
@@ -222,7 +221,7 @@ class GhostCapture:
         for (idx, a, offset, _), ds in zip(pending, grads):
             if ds is None:  # this call's output does not reach the logits
                 continue
-            block = self._projectors[idx].project_passes(a, ds)
+            block = self._projectors[idx].project_passes(self.modules[idx], a, ds)
             if offset in parts[idx]:
                 parts[idx][offset] += block
             else:
@@ -239,7 +238,7 @@ class GhostCapture:
         if not self._active:
             return
         # the step's loss is sum_i w_i loss_i; scaling by 1/w gives the sample's own gradient
-        block = self._projectors[idx].project(a, ds.detach(), self._scale)
+        block = self._projectors[idx].project(self.modules[idx], a, ds.detach(), self._scale)
         parts = self._parts[idx]
         if offset in parts:
             parts[offset] += block  # the module was used more than once in this micro-batch

@@ -1,9 +1,12 @@
 """Per-module-type rules: which modules are tracked and how their weight is oriented.
 
-Every supported layer is an affine map on its last dimension, s = a W' + b, so the
+Every supported layer is affine in its weight token by token, s_tok = W a_tok + b, so the
 per-sample gradient of its weight (with the bias as an extra input column) is
-sum_tok ds_tok [a_tok, 1]^T. Rules only say how to recognise the module, its sizes,
-and how to view its weight (or weight gradient) as a d_out x d_in matrix.
+sum_tok ds_tok [a_tok, 1]^T. For nn.Linear and GPT-2's Conv1D a token is a position of
+the last dimension's map, for nn.Conv2d an output position (a_tok its input patch), for
+nn.Embedding a looked-up id (a_tok its one-hot vector). Rules say how to recognise the
+module, its sizes, how to view its weight as a d_out x d_in matrix, and how to turn its
+input and output gradient into token rows (projecting the input side on the way).
 """
 
 from __future__ import annotations
@@ -12,7 +15,12 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+
+Inputs = Callable[[nn.Module, torch.Tensor, "torch.Tensor | None", "torch.Tensor | None", bool, torch.dtype],
+                  torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -23,6 +31,12 @@ class LayerRule:
     matches: Callable[[nn.Module], bool]
     sizes: Callable[[nn.Module], tuple[int, int]]  # (d_in, d_out) without the bias column
     as_matrix: Callable[[torch.Tensor], torch.Tensor]  # weight-shaped tensor -> d_out x d_in
+    # (module, input, in_t, in_bias, bias, dtype) -> input rows [b, tokens, k_in]: projected by
+    # in_t (d_in x k_in) and in_bias (k_in, the bias column of P_in), or exact (in_t None) with a ones column
+    inputs: Inputs
+    # output gradients [passes, b, ...] -> [passes, b, tokens, d_out], tokens in the order of the inputs
+    outputs: Callable[[torch.Tensor], torch.Tensor]
+    default: bool = True  # tracked by modules=None
 
 
 def _is_hf_conv1d(module: nn.Module) -> bool:
@@ -30,10 +44,70 @@ def _is_hf_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
 
 
+def _affine_inputs(module: nn.Module, x: torch.Tensor, in_t: torch.Tensor | None, in_bias: torch.Tensor | None,
+                   bias: bool, dtype: torch.dtype) -> torch.Tensor:
+    """Inputs of a map on the last dimension: every leading position of a sample is a token."""
+    b = x.shape[0]
+    x = x.to(dtype).reshape(-1, x.shape[-1])
+    if in_t is not None:
+        x = torch.addmm(in_bias, x, in_t) if in_bias is not None else x @ in_t
+    elif bias:
+        x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
+    return x.reshape(b, -1, x.shape[-1])
+
+
+def _last_dim_outputs(ds: torch.Tensor) -> torch.Tensor:
+    return ds.reshape(ds.shape[0], ds.shape[1], -1, ds.shape[-1])
+
+
+def _conv2d_inputs(module: nn.Conv2d, x: torch.Tensor, in_t: torch.Tensor | None, in_bias: torch.Tensor | None,
+                   bias: bool, dtype: torch.dtype) -> torch.Tensor:
+    """Patches of a 2-D convolution, one token per output position.
+
+    Projected, P_in times every patch is a convolution of the input with the k_in rows of
+    P_in as filters (and P_in's bias column as their bias), so patches are never unfolded.
+    """
+    x = x.to(dtype)
+    padding = module.padding
+    if isinstance(padding, str) or module.padding_mode != "zeros":  # pad as the module does, then none
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        x, padding = F.pad(x, module._reversed_padding_repeated_twice, mode=mode), 0
+    if in_t is not None:
+        filters = in_t.t().reshape(-1, *module.weight.shape[1:])
+        return F.conv2d(x, filters, in_bias, module.stride, padding, module.dilation).flatten(2).transpose(1, 2)
+    patches = F.unfold(x, module.kernel_size, module.dilation, padding, module.stride).transpose(1, 2)
+    if bias:
+        patches = torch.cat([patches, patches.new_ones(*patches.shape[:2], 1)], dim=2)
+    return patches
+
+
+def _conv2d_outputs(ds: torch.Tensor) -> torch.Tensor:
+    return ds.flatten(-2).transpose(-1, -2)  # [passes, b, C_out, H, W] -> [passes, b, H * W, C_out]
+
+
+def _embedding_inputs(module: nn.Embedding, ids: torch.Tensor, in_t: torch.Tensor | None,
+                      in_bias: torch.Tensor | None, bias: bool, dtype: torch.dtype) -> torch.Tensor:
+    """One-hot rows of the looked-up ids (projected: the ids' rows of P_in^T); padding_idx gets no gradient."""
+    ids = ids.reshape(ids.shape[0], -1)
+    rows = in_t[ids] if in_t is not None else F.one_hot(ids, module.num_embeddings).to(dtype)
+    if module.padding_idx is not None:
+        rows = rows * (ids != module.padding_idx).unsqueeze(-1).to(rows.dtype)
+    return rows
+
+
 RULES: tuple[LayerRule, ...] = (
-    LayerRule("linear", lambda m: isinstance(m, nn.Linear), lambda m: (m.in_features, m.out_features), lambda w: w),
-    LayerRule("conv1d", _is_hf_conv1d, lambda m: (m.weight.shape[0], m.weight.shape[1]), lambda w: w.t()),
+    LayerRule("linear", lambda m: isinstance(m, nn.Linear), lambda m: (m.in_features, m.out_features), lambda w: w,
+              _affine_inputs, _last_dim_outputs),
+    LayerRule("conv1d", _is_hf_conv1d, lambda m: (m.weight.shape[0], m.weight.shape[1]), lambda w: w.t(),
+              _affine_inputs, _last_dim_outputs),
+    LayerRule("conv2d", lambda m: isinstance(m, nn.Conv2d) and m.groups == 1,
+              lambda m: (m.weight[0].numel(), m.out_channels), lambda w: w.reshape(w.shape[0], -1),
+              _conv2d_inputs, _conv2d_outputs),
+    LayerRule("embedding", lambda m: isinstance(m, nn.Embedding),
+              lambda m: (m.num_embeddings, m.embedding_dim), lambda w: w.t(),
+              _embedding_inputs, _last_dim_outputs, default=False),
 )
+SUPPORTED = "nn.Linear, nn.Conv2d (groups=1), nn.Embedding (when named), GPT-2 Conv1D"
 
 
 def rule_for(module: nn.Module) -> LayerRule | None:

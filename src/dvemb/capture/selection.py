@@ -9,7 +9,7 @@ from typing import Sequence
 
 from torch import nn
 
-from .layers import has_bias, rule_for
+from .layers import SUPPORTED, has_bias, rule_for
 from .projection import FactorProjection, ProjectionKind, layer_projections
 
 ModuleSelection = None | str | Sequence[str]
@@ -75,17 +75,18 @@ class LayerSpec:
 def select_modules(model: nn.Module, modules: ModuleSelection = None) -> list[tuple[str, nn.Module]]:
     """Tracked (canonical name, module) pairs in model order.
 
-    ``None`` tracks every trainable supported layer; a string is a glob pattern over
-    names; a sequence lists names exactly (each must exist and be supported).
+    ``None`` tracks every trainable nn.Linear, nn.Conv2d and GPT-2 Conv1D (embeddings only
+    when chosen); a string is a glob pattern over names; a sequence lists names exactly
+    (each must exist and be supported).
     """
     named = named_modules(model)
     supported = [(n, m) for n, m in named if rule_for(m) is not None]
     if modules is None:
-        chosen = [(n, m) for n, m in supported if m.weight.requires_grad]
+        chosen = [(n, m) for n, m in supported if m.weight.requires_grad and rule_for(m).default]
     elif isinstance(modules, str):
         chosen = [(n, m) for n, m in supported if fnmatch.fnmatchcase(n, modules)]
         if not chosen:
-            raise ValueError(f"no supported layer (nn.Linear, GPT-2 Conv1D) matches {modules!r}; "
+            raise ValueError(f"no supported layer ({SUPPORTED}) matches {modules!r}; "
                              f"supported layers: {[n for n, _ in supported]}")
     else:
         by_name = dict(named)
@@ -111,7 +112,7 @@ def select_modules(model: nn.Module, modules: ModuleSelection = None) -> list[tu
             warnings.warn(message + "; it is not tracked", stacklevel=3)
             chosen.remove((n, m))
     if not chosen:
-        raise ValueError("model has no trainable nn.Linear or GPT-2 Conv1D layer to track")
+        raise ValueError(f"model has no trainable layer to track (supported: {SUPPORTED})")
     return chosen
 
 
