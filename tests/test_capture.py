@@ -316,3 +316,30 @@ def test_embedding_tracked_when_named_against_torch_func(tmp_path, projection_di
     for i, spec in enumerate(store.layers):
         want = project(spec, ref[spec.name])
         assert rel_err(to_torch(store.grads(i), store.dtype).double(), want) < TOL32
+
+
+def test_projection_on_the_worker_thread_equals_projection_in_the_hook(tmp_path, monkeypatch):
+    from dvemb.capture import ghost
+
+    class Twice(nn.Module):  # a layer used twice per micro-batch: its blocks are summed
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(5)
+            self.shared, self.head = nn.Linear(12, 12), nn.Linear(12, 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.tanh(self.shared(torch.tanh(self.shared(x)))))
+
+    x, y = torch.randn(8, 12), torch.randint(0, 5, (8,))
+    stores = {}
+    for overlap in (False, True):
+        monkeypatch.setattr(ghost, "_spare_cpu", lambda overlap=overlap: overlap)
+        model = Twice()
+        stores[overlap] = record(model, tmp_path / str(overlap), [(x, y)], accumulate=2, projection_dim=20,
+                                 curvature="ggn", curvature_samples=2)
+        with dvemb.Recorder(model, tmp_path / f"r{overlap}") as rec:
+            assert rec._capture.overlap is overlap
+    for i in range(2):  # the same operations on the same tensors: bitwise equal
+        np.testing.assert_array_equal(np.asarray(stores[True].grads(i)), np.asarray(stores[False].grads(i)))
+        np.testing.assert_array_equal(np.asarray(stores[True].curvature(i)), np.asarray(stores[False].curvature(i)))
+    check_against_reference(stores[True], Twice(), x, y, TOL32)

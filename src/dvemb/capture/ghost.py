@@ -18,6 +18,8 @@ each pass's output gradient against the layer's input like a gradient.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -85,7 +87,7 @@ class GhostCapture:
 
     def __init__(self, model: nn.Module, modules: Sequence[nn.Module], specs: Sequence[LayerSpec], *,
                  curvature: Curvature = "gradient_outer", curvature_samples: int | None = None, reduction: str = "mean",
-                 seed: int = 0) -> None:
+                 seed: int = 0, overlap: bool | None = None) -> None:
         self.model = model
         self.modules = list(modules)
         self.specs = list(specs)
@@ -97,6 +99,9 @@ class GhostCapture:
         self._projectors = [_Projector(s) for s in self.specs]
         self._handles: list[RemovableHandle] = []
         self._active = False
+        # with a spare CPU the projections run on a worker thread, overlapping the rest of the backward
+        self.overlap = overlap if overlap is not None else _spare_cpu()
+        self._worker: ThreadPoolExecutor | None = None
         self._reset()
 
     # -- lifecycle -------------------------------------------------------------------
@@ -104,6 +109,8 @@ class GhostCapture:
         """Register the forward hooks (idempotent)."""
         if self._handles:
             return
+        if self.overlap:
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dvemb-projection")
         for idx, module in enumerate(self.modules):
             self._handles.append(module.register_forward_hook(self._forward_hook(idx)))
         if self.curvature != "gradient_outer":
@@ -116,6 +123,9 @@ class GhostCapture:
         self._handles.clear()
         self._active = False
         self._reset()
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
+            self._worker = None
 
     def begin(self, scale: float = 1.0) -> None:
         """Start collecting a fresh set of rows; gradients are multiplied by ``scale`` (e.g. 1/w)."""
@@ -148,9 +158,10 @@ class GhostCapture:
 
     # -- internals -------------------------------------------------------------------
     def _reset(self) -> None:
-        # per layer, row offset -> block: gradients, and curvature rows (all passes side by side)
-        self._parts: list[dict[int, torch.Tensor]] = [{} for _ in self.specs]
-        self._curvature_parts: list[dict[int, torch.Tensor]] = [{} for _ in self.specs]
+        # per layer, row offset -> blocks (or their futures) to sum: gradients, and curvature rows (all passes
+        # side by side)
+        self._parts: list[dict[int, list]] = [{} for _ in self.specs]
+        self._curvature_parts: list[dict[int, list]] = [{} for _ in self.specs]
         self._pending: list[tuple[int, torch.Tensor, int, torch.Tensor]] = []  # (layer, a, offset, output)
         self._curving = False
         self._scale = 1.0
@@ -159,8 +170,9 @@ class GhostCapture:
         self._in_backward = False
 
     @staticmethod
-    def _assemble(spec: LayerSpec, parts: dict[int, torch.Tensor], rows: int) -> torch.Tensor:
+    def _assemble(spec: LayerSpec, queued: dict[int, list], rows: int) -> torch.Tensor:
         """Rows of all micro-batches in order; micro-batches that missed this layer are zero."""
+        parts = {offset: _total(blocks) for offset, blocks in queued.items()}
         if not parts:
             raise RuntimeError(
                 f"layer {spec.name!r} received no gradient in this step; track only layers used in the "
@@ -217,15 +229,10 @@ class GhostCapture:
             grads = _output_gradients(logits, [out for _, _, _, out in pending], vectors)
         finally:
             self._curving = False
-        parts = self._curvature_parts
         for (idx, a, offset, _), ds in zip(pending, grads):
-            if ds is None:  # this call's output does not reach the logits
-                continue
-            block = self._projectors[idx].project_passes(self.modules[idx], a, ds)
-            if offset in parts[idx]:
-                parts[idx][offset] += block
-            else:
-                parts[idx][offset] = block
+            if ds is not None:  # else this call's output does not reach the logits
+                self._add(self._curvature_parts[idx], offset, self._projectors[idx].project_passes,
+                          self.modules[idx], a, ds)
 
     def _generator(self, device: torch.device) -> torch.Generator:
         """The seeded label sampler of a device (curvature='fisher' is reproducible)."""
@@ -238,12 +245,16 @@ class GhostCapture:
         if not self._active:
             return
         # the step's loss is sum_i w_i loss_i; scaling by 1/w gives the sample's own gradient
-        block = self._projectors[idx].project(self.modules[idx], a, ds.detach(), self._scale)
-        parts = self._parts[idx]
-        if offset in parts:
-            parts[offset] += block  # the module was used more than once in this micro-batch
-        else:
-            parts[offset] = block
+        self._add(self._parts[idx], offset, self._projectors[idx].project, self.modules[idx], a, ds.detach(),
+                  self._scale)
+
+    def _add(self, parts: dict[int, list], offset: int, project, *args: object) -> None:
+        """Queue a block of rows at ``offset``: projected on the worker thread when there is one, else now.
+
+        A module used several times in a micro-batch adds several blocks; they are summed in :meth:`collect`.
+        """
+        block = project(*args) if self._worker is None else self._worker.submit(project, *args)
+        parts.setdefault(offset, []).append(block)
 
 
 def _output_gradients(logits: torch.Tensor, outputs: list[torch.Tensor],
@@ -258,3 +269,20 @@ def _output_gradients(logits: torch.Tensor, outputs: list[torch.Tensor],
     except RuntimeError:
         per_pass = [torch.autograd.grad(logits, outputs, v, retain_graph=True, allow_unused=True) for v in vectors]
         return [None if g[0] is None else torch.stack(g) for g in zip(*per_pass)]
+
+
+def _total(blocks: list) -> torch.Tensor:
+    """Sum of row blocks, waiting for those still being projected."""
+    total = None
+    for block in blocks:
+        block = block.result() if isinstance(block, Future) else block
+        total = block if total is None else total + block
+    return total
+
+
+def _spare_cpu() -> bool:
+    """Whether this process may run on more than one CPU."""
+    try:
+        return len(os.sched_getaffinity(0)) > 1
+    except AttributeError:  # not Linux
+        return (os.cpu_count() or 1) > 1
