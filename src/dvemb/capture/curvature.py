@@ -5,7 +5,7 @@
     ``curvature_samples`` labels drawn from the model (one extra pass each).
 ``ggn``: the Gauss-Newton matrix of softmax cross-entropy for classification,
     J^T (diag(p) - p p^T) J, exactly in C - 1 passes (eigenvectors of diag(p) - p p^T), or
-    with ``curvature_samples=k`` its best rank-k approximation per sample (k passes).
+    with ``curvature_samples=k`` its leading rank-k part per sample (k passes).
 
 Each pass is a *pseudo-loss* sum_i m_i * own_loss_i(labels) whose per-sample gradients are
 the rows c_is with H_t ~ sum_i w_ti sum_s c_is c_is^T. Its gradient wrt the logits has a
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 Curvature = Literal["gradient_outer", "fisher", "ggn"]
 CURVATURES = ("gradient_outer", "fisher", "ggn")
-EIGEN_MAX_CLASSES = 256  # ggn factors by eigendecomposition up to this many classes
+EIGEN_MAX_CLASSES = 256  # exact ggn factors by eigendecomposition up to this many classes
 
 
 def logits_of(output: object) -> torch.Tensor:
@@ -67,18 +67,41 @@ def _ggn_factors(probs: torch.Tensor, samples: int | None) -> torch.Tensor:
     """Vectors v_j [passes, B, C] with sum_j v_j v_j^T ~ diag(p) - p p^T per sample.
 
     ``diag(p) - p p^T`` has rank <= C - 1 (its rows sum to 0): its eigenvectors scaled by
-    sqrt(eigenvalue) give it exactly in C - 1 passes, or, with ``samples=k``, its best rank-k
-    approximation (Eckart-Young) in k passes. Beyond ``EIGEN_MAX_CLASSES`` classes the exact
-    identity sum_c p_c (p - e_c)(p - e_c)^T is used instead, truncated to the k most likely classes.
+    sqrt(eigenvalue) give it exactly in C - 1 passes (beyond ``EIGEN_MAX_CLASSES`` classes the
+    identity sum_c p_c (p - e_c)(p - e_c)^T is used instead, C passes). With ``samples=k`` the
+    k passes approximate its best rank-k part: exactly when k >= C - 1, else by Rayleigh-Ritz
+    (see ``_ritz_factors``).
     """
     n_classes = probs.shape[-1]
-    if n_classes <= EIGEN_MAX_CLASSES:
-        k = n_classes - 1 if samples is None else min(samples, n_classes - 1)
-        lam = torch.diag_embed(probs) - probs[:, :, None] * probs[:, None, :]
-        values, vecs = torch.linalg.eigh(lam)  # ascending, in the logits' precision (at least float32)
-        top = vecs[:, :, -k:] * values[:, None, -k:].clamp(min=0).sqrt()
-        return top.permute(2, 0, 1).flip(0)  # largest first
-    k = n_classes if samples is None else min(samples, n_classes)
-    top_p, top_c = probs.topk(k, dim=-1)
-    onehots = F.one_hot(top_c.t(), n_classes).to(probs.dtype)
-    return (probs - onehots) * top_p.t()[..., None].sqrt()
+    if samples is not None and samples < n_classes - 1:
+        return _ritz_factors(probs, samples)
+    if n_classes > EIGEN_MAX_CLASSES:
+        onehots = F.one_hot(torch.arange(n_classes, device=probs.device), n_classes).to(probs.dtype)
+        return (probs - onehots[:, None, :]) * probs.t()[..., None].sqrt()
+    k = n_classes - 1
+    lam = torch.diag_embed(probs) - probs[:, :, None] * probs[:, None, :]
+    values, vecs = torch.linalg.eigh(lam)  # ascending, in the logits' precision (at least float32)
+    top = vecs[:, :, -k:] * values[:, None, -k:].clamp(min=0).sqrt()
+    return top.permute(2, 0, 1).flip(0)  # largest first
+
+
+def _ritz_factors(probs: torch.Tensor, k: int) -> torch.Tensor:
+    """The k leading Ritz pairs of diag(p) - p p^T on span{e_c of the k most likely classes, r}.
+
+    r is the other classes' probabilities, normalised. The subspace holds p, and is invariant
+    when those probabilities are equal, so the pairs are then exact eigenpairs; in general the
+    error is the spread of the unlikely classes' probabilities. It needs one eigendecomposition
+    of a (k+1) x (k+1) matrix per sample instead of C x C (4x4 instead of 10x10: ~4x cheaper).
+    """
+    top_p, top_c = probs.topk(k, dim=-1)  # [B, k]
+    rest = probs.scatter(1, top_c, 0.0)
+    norm = rest.norm(dim=1, keepdim=True)
+    safe = norm.clamp(min=torch.finfo(probs.dtype).tiny)
+    # in this basis diag(p) is diagonal (disjoint supports) and p has coordinates (p_top, |rest|)
+    diagonal = torch.cat([top_p, (rest ** 3).sum(1, keepdim=True) / safe ** 2], 1)
+    coords = torch.cat([top_p, norm], 1)
+    small = torch.diag_embed(diagonal) - coords[:, :, None] * coords[:, None, :]
+    values, vecs = torch.linalg.eigh(small)  # ascending
+    basis = torch.cat([F.one_hot(top_c, probs.shape[-1]).to(probs.dtype), (rest / safe)[:, None, :]], 1)
+    ritz = vecs[:, :, -k:].transpose(1, 2) @ basis  # [B, k, C], orthonormal rows
+    return (ritz * values[:, -k:, None].clamp(min=0).sqrt()).transpose(0, 1).flip(0)  # largest first

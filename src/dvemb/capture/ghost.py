@@ -10,6 +10,10 @@ on the layer's output tensor, which fires with ds during backward.
 Micro-batches (gradient accumulation) are told apart by the phase: the first forward
 after a backward starts a new micro-batch whose rows follow the previous ones.
 
+When the process may use more than one CPU, the projections run on one worker thread: the
+hooks only queue them, so they overlap the rest of the backward pass (torch kernels release
+the GIL), and ``collect`` waits for them, so a step still ends with all its rows.
+
 With a curvature other than ``gradient_outer``, a hook on the model's output runs, right
 after each forward, one vectorised backward (``is_grads_batched``) of all curvature passes
 from the logits to the tracked layers' outputs only (no parameter gradients), and projects
@@ -36,7 +40,8 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 @dataclass
 class _Projector:
-    """A layer's projection factors, prepared once per dtype/device (and output scale)."""
+    """A layer's projection factors (prepared once per dtype/device and output scale) and the two halves of
+    its projected gradient: input rows and, from output gradients, the rows themselves."""
 
     spec: LayerSpec
     _cache: dict = field(default_factory=dict)
@@ -45,41 +50,62 @@ class _Projector:
     def __post_init__(self) -> None:
         self._rule = next(rule for rule in RULES if rule.kind == self.spec.kind)
 
-    def factors(self, dtype: torch.dtype, device: torch.device, scale: float) -> tuple:
-        """(P_in^T restricted to the weight columns, P_in's bias column, scale * P_out^T); None = exact side."""
-        key = (dtype, device, scale)
+    def in_factors(self, dtype: torch.dtype, device: torch.device) -> tuple:
+        """(P_in^T restricted to the weight columns, P_in's bias column); (None, None) = exact input side."""
+        key = ("in", dtype, device)
         if key not in self._cache:
-            p_in, p_out = self.spec.proj_in, self.spec.proj_out
-            in_t = in_bias = out_t = None
-            if not p_in.is_identity:
-                m = p_in.matrix(dtype, device)
+            in_t = in_bias = None
+            if not self.spec.proj_in.is_identity:
+                m = self.spec.proj_in.matrix(dtype, device)
                 in_t = m[:, : self.spec.d_in].t().contiguous()
                 in_bias = m[:, self.spec.d_in].contiguous() if self.spec.bias else None
-            if not p_out.is_identity:
-                out_t = (p_out.matrix(dtype, device).t() * scale).contiguous()
-            self._cache[key] = (in_t, in_bias, out_t)
+            self._cache[key] = (in_t, in_bias)
         return self._cache[key]
 
-    def project(self, module: nn.Module, a: torch.Tensor, ds: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-        """Per-sample projected gradients [b, k_out * k_in] of ``scale * loss`` from the layer's input and ds."""
-        return self.project_passes(module, a, ds.unsqueeze(0), scale)
+    def out_factor(self, dtype: torch.dtype, device: torch.device, scale: float) -> torch.Tensor | None:
+        """scale * P_out^T; None = exact output side."""
+        key = ("out", dtype, device, scale)
+        if key not in self._cache:
+            p_out = self.spec.proj_out
+            self._cache[key] = None if p_out.is_identity else (p_out.matrix(dtype, device).t() * scale).contiguous()
+        return self._cache[key]
 
-    def project_passes(self, module: nn.Module, a: torch.Tensor, ds: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-        """Rows [b, passes * k_out * k_in] of several output gradients ds [passes, b, ...] sharing one input a."""
-        dtype = torch.float32 if ds.dtype in _LOW_PRECISION else ds.dtype
-        in_t, in_bias, out_t = self.factors(dtype, ds.device, scale)
-        a = self._rule.inputs(module, a, in_t, in_bias, self.spec.bias, dtype)  # [b, tokens, k_in]
-        ds = self._rule.outputs(ds.to(dtype))  # [passes, b, tokens, d_out]
+    def inputs(self, module: nn.Module, a: torch.Tensor) -> torch.Tensor:
+        """The layer input's token rows, projected: [b, tokens, k_in]."""
+        dtype = a.dtype if a.is_floating_point() else module.weight.dtype
+        dtype = torch.float32 if dtype in _LOW_PRECISION else dtype
+        return self._rule.inputs(module, a, *self.in_factors(dtype, a.device), self.spec.bias, dtype)
+
+    def rows(self, inputs: "_InputRows", ds: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """Rows [b, passes * k_out * k_in] of ``scale`` times output gradients ds [passes, b, ...] with input rows."""
+        a_rows = inputs.get()
+        out_t = self.out_factor(a_rows.dtype, ds.device, scale)
+        ds = self._rule.outputs(ds.to(a_rows.dtype))  # [passes, b, tokens, d_out]
         if out_t is not None:
             ds = ds @ out_t
         elif scale != 1.0:
             ds = ds * scale
         passes, b, tokens = ds.shape[:3]
-        if passes == 1 and tokens == 1:  # one token per sample: an outer product (broadcast: 2-3x faster than bmm)
-            return (ds[0, :, 0, :, None] * a[:, 0, None, :]).reshape(b, -1)
+        if tokens == 1:  # one token per sample: outer products (broadcasting is 2-3x faster than bmm here)
+            return (ds[:, :, 0].transpose(0, 1).unsqueeze(3) * a_rows[:, None, :, :]).reshape(b, -1)
         # per sample: sum over tokens of [ds of all passes]^T a, i.e. (passes * k_out) x k_in
         ds = ds.permute(1, 2, 0, 3).reshape(b, tokens, -1)
-        return torch.bmm(ds.transpose(1, 2), a).reshape(b, -1)
+        return torch.bmm(ds.transpose(1, 2), a_rows).reshape(b, -1)
+
+
+class _InputRows:
+    """A forward call's projected input rows, computed on first use (by the gradient or a curvature pass)."""
+
+    __slots__ = ("projector", "module", "a", "value")
+
+    def __init__(self, projector: _Projector, module: nn.Module, a: torch.Tensor) -> None:
+        self.projector, self.module, self.a, self.value = projector, module, a, None
+
+    def get(self) -> torch.Tensor:
+        """[b, tokens, k_in]; only one thread (the worker, or the training thread without one) calls this."""
+        if self.value is None:
+            self.value, self.a = self.projector.inputs(self.module, self.a), None
+        return self.value
 
 
 class GhostCapture:
@@ -195,9 +221,10 @@ class GhostCapture:
             a = inputs[0].detach()
             self._start_rows(a.shape[0], self.specs[idx].name)
             offset = self._offset
-            output.register_hook(lambda ds: None if self._curving else self._on_grad(idx, a, offset, ds))
+            a_rows = _InputRows(self._projectors[idx], module, a)  # shared by the gradient and the curvature
+            output.register_hook(lambda ds: None if self._curving else self._on_grad(idx, a_rows, offset, ds))
             if self.curvature != "gradient_outer":
-                self._pending.append((idx, a, offset, output))
+                self._pending.append((idx, a_rows, offset, output))
 
         return hook
 
@@ -229,10 +256,9 @@ class GhostCapture:
             grads = _output_gradients(logits, [out for _, _, _, out in pending], vectors)
         finally:
             self._curving = False
-        for (idx, a, offset, _), ds in zip(pending, grads):
+        for (idx, a_rows, offset, _), ds in zip(pending, grads):
             if ds is not None:  # else this call's output does not reach the logits
-                self._add(self._curvature_parts[idx], offset, self._projectors[idx].project_passes,
-                          self.modules[idx], a, ds)
+                self._add(self._curvature_parts[idx], offset, self._projectors[idx].rows, a_rows, ds)
 
     def _generator(self, device: torch.device) -> torch.Generator:
         """The seeded label sampler of a device (curvature='fisher' is reproducible)."""
@@ -240,21 +266,20 @@ class GhostCapture:
             self._generators[device] = torch.Generator(device=device).manual_seed(self._seed)
         return self._generators[device]
 
-    def _on_grad(self, idx: int, a: torch.Tensor, offset: int, ds: torch.Tensor) -> None:
+    def _on_grad(self, idx: int, a_rows: _InputRows, offset: int, ds: torch.Tensor) -> None:
         self._in_backward = True
         if not self._active:
             return
         # the step's loss is sum_i w_i loss_i; scaling by 1/w gives the sample's own gradient
-        self._add(self._parts[idx], offset, self._projectors[idx].project, self.modules[idx], a, ds.detach(),
+        self._add(self._parts[idx], offset, self._projectors[idx].rows, a_rows, ds.detach().unsqueeze(0),
                   self._scale)
 
-    def _add(self, parts: dict[int, list], offset: int, project, *args: object) -> None:
-        """Queue a block of rows at ``offset``: projected on the worker thread when there is one, else now.
+    def _add(self, parts: dict[int, list], offset: int, fn, *args: object) -> None:
+        """Queue the block of rows ``fn(*args)`` at ``offset``: a Future on the worker thread, or computed now.
 
         A module used several times in a micro-batch adds several blocks; they are summed in :meth:`collect`.
         """
-        block = project(*args) if self._worker is None else self._worker.submit(project, *args)
-        parts.setdefault(offset, []).append(block)
+        parts.setdefault(offset, []).append(fn(*args) if self._worker is None else self._worker.submit(fn, *args))
 
 
 def _output_gradients(logits: torch.Tensor, outputs: list[torch.Tensor],
