@@ -1,14 +1,15 @@
-"""Capture cost of the curvature options, on the MLP of the fidelity study.
+"""Capture cost of the curvature options, on the MLP of the fidelity study (or the paper's MNIST MLP).
 
 Model 784-128-10 with GELU (``dvemb evaluate fidelity --dataset mnist``'s), batch 32 of
-random MNIST-shaped data, mean cross-entropy, plain SGD lr 0.1 by hand, 1024 dims per layer.
+random MNIST-shaped data, mean cross-entropy, plain SGD lr 0.1 by hand, 1024 dims per layer;
+``--model paper``: 784-512-256-10 with GELU, batch 64 (the capture benchmark's shapes).
 Each variant trains blocks of steps into a fresh store (made outside the timing; every
 block ends with ``Recorder.flush`` so all commits are inside it). Variants alternate in one
 process on the same model. Reported per variant: median ms per step, the median over runs
 of its ratio to the default recorded step (``gradient_outer``, the paper's curvature) of the
 same run, which is the "capture cost" of the fidelity issue, and its ratio to a plain step.
 
-    python benchmarks/curvature_cost.py [--runs 7] [--steps 40]
+    python benchmarks/curvature_cost.py [--runs 7] [--steps 40] [--model fidelity|paper]
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from torch import nn
 
 import dvemb
 
-SIZES = (784, 128, 10)
-BATCH = 32
+MODELS = {"fidelity": ((784, 128, 10), 32), "wide": ((784, 512, 10), 32),  # sizes, batch
+          "paper": ((784, 512, 256, 10), 64)}
 LR = 0.1
 DIM = 1024
 CONFIGS: dict[str, dict] = {
@@ -40,10 +41,13 @@ CONFIGS: dict[str, dict] = {
 }
 
 
-def fidelity_mlp() -> nn.Sequential:
-    """The fidelity study's MLP 784-128-10 with GELU."""
+def gelu_mlp(sizes: tuple[int, ...]) -> nn.Sequential:
+    """An MLP with GELU activations."""
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(SIZES[0], SIZES[1]), nn.GELU(), nn.Linear(SIZES[1], SIZES[2]))
+    layers: list[nn.Module] = []
+    for d_in, d_out in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(d_in, d_out), nn.GELU()]
+    return nn.Sequential(*layers[:-1])
 
 
 def train(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], rec: dvemb.Recorder | None) -> None:
@@ -52,7 +56,7 @@ def train(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], re
         if rec is None:
             F.cross_entropy(model(x), y).backward()
         else:
-            with rec.step(range(t * BATCH, (t + 1) * BATCH), lr=LR):
+            with rec.step(range(t * len(x), (t + 1) * len(x)), lr=LR):
                 F.cross_entropy(model(x), y).backward()
         with torch.no_grad():
             for p in model.parameters():
@@ -79,11 +83,15 @@ def main() -> None:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40, help="steps per timed block")
     parser.add_argument("--store-dir", default=tempfile.gettempdir(), help="where the recorded stores go")
+    parser.add_argument("--model", choices=sorted(MODELS), default="fidelity",
+                        help="fidelity: 784-128-10, batch 32 (default); wide: 784-512-10, batch 32 "
+                             "(the study with --hidden 512); paper: 784-512-256-10, batch 64")
     args = parser.parse_args()
     configure(args)
-    model = fidelity_mlp()
+    sizes, batch = MODELS[args.model]
+    model = gelu_mlp(sizes)
     gen = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(BATCH, SIZES[0], generator=gen), torch.randint(0, SIZES[-1], (BATCH,), generator=gen))
+    batches = [(torch.randn(batch, sizes[0], generator=gen), torch.randint(0, sizes[-1], (batch,), generator=gen))
                for _ in range(args.steps)]
     timed: dict[str, Callable[[], Elapsed]] = {"plain": lambda: block(model, batches, None, args.store_dir)}
     for name, config in CONFIGS.items():
@@ -95,12 +103,12 @@ def main() -> None:
                     "cost_vs_default": median(ratios(wall[name], default)),
                     "ratio_to_plain": median(ratios(wall[name], wall["plain"])),
                     "costs_vs_default": ratios(wall[name], default)} for name in CONFIGS}
-    print(f"MLP {'-'.join(map(str, SIZES))} GELU, batch {BATCH}, {DIM} dims/layer, {torch.get_num_threads()} "
+    print(f"MLP {'-'.join(map(str, sizes))} GELU, batch {batch}, {DIM} dims/layer, {torch.get_num_threads()} "
           f"thread(s), median of {args.runs} runs of {args.steps} steps; plain step {1e3 * median(wall['plain']):.3g} ms")
     print_table(["curvature", "ms/step", "x default capture", "x plain step"],
                 [[n, c["step_ms"], c["cost_vs_default"], c["ratio_to_plain"]] for n, c in cases.items()])
-    write_results("curvature_cost", args, {"model": "fidelity_mlp", "sizes": SIZES, "activation": "gelu",
-                                           "batch": BATCH, "projection_dim": DIM,
+    write_results(f"curvature_cost_{args.model}", args, {"model": args.model, "sizes": sizes, "activation": "gelu",
+                                                         "batch": batch, "projection_dim": DIM,
                                            "plain_step_ms": 1e3 * median(wall["plain"]), "cases": cases})
 
 
