@@ -157,6 +157,11 @@ def test_curvature_options_are_validated(tmp_path):
         with pytest.raises(ValueError, match="use 'fisher' for sequences"):
             with rec.step([0, 1], lr=0.1):
                 seq(torch.randn(2, 5, 3)).sum().backward()
+    single = nn.Linear(3, 1)
+    with dvemb.Recorder(single, tmp_path / "c", curvature="ggn") as rec:
+        with pytest.raises(ValueError, match=">= 2 classes"):
+            with rec.step([0, 1], lr=0.1):
+                single(torch.randn(2, 3)).sum().backward()
 
 
 def test_curvature_without_batching_rules_falls_back_to_one_backward_per_pass(tmp_path, monkeypatch):

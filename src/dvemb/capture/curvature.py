@@ -57,6 +57,8 @@ def logit_gradients(logits: torch.Tensor, curvature: Curvature, samples: int | N
     elif curvature == "ggn":
         if flat.shape[1] != 1:
             raise ValueError("curvature='ggn' is exact only for one prediction per sample; use 'fisher' for sequences")
+        if flat.shape[-1] < 2:
+            raise ValueError("curvature='ggn' is for softmax cross-entropy over >= 2 classes; the model returns 1 logit")
         vectors = _ggn_factors(probs[:, 0], samples)[:, :, None]  # [passes, B, 1, C]
     else:
         raise ValueError(f"curvature {curvature!r} needs no extra pass")
