@@ -110,6 +110,29 @@ def test_chunking_does_not_change_results(tmp_path):
     np.testing.assert_array_equal(outs[0], outs[2])
 
 
+def test_default_chunks_are_bounded_in_bytes(tmp_path, monkeypatch):
+    from dvemb.embed import recursion
+    train_recorded(tmp_path / "s", steps=9, batch=6, dtype=torch.float64, projection_dim=None)
+    store = Store(tmp_path / "s")
+    row_bytes = sum(8 * spec.dim for spec in store.layers)
+    assert recursion.rows_per_chunk(row_bytes, None) == recursion.CHUNK_BYTES // row_bytes
+    assert recursion.rows_per_chunk(row_bytes, 5) == 5 and recursion.rows_per_chunk(10 ** 12, None) == 1
+    dvemb.compute_embeddings(tmp_path / "s", show_progress=False)
+    whole = np.array(final_arrays(store, "float64")[0].read(store.n_records))
+    reads = []
+    original = Store.iter_steps_backward
+
+    def spy(self, arrays, chunk_rows, *args):
+        reads.append(chunk_rows)
+        return original(self, arrays, chunk_rows, *args)
+
+    monkeypatch.setattr(Store, "iter_steps_backward", spy)
+    monkeypatch.setattr(recursion, "CHUNK_BYTES", 3 * row_bytes)  # 3 records per chunk: about one step
+    dvemb.compute_embeddings(tmp_path / "s", show_progress=False)
+    assert reads == [3]
+    np.testing.assert_array_equal(np.array(final_arrays(store, "float64")[0].read(store.n_records)), whole)
+
+
 def test_iter_steps_backward_covers_every_step_once(tmp_path):
     train_recorded(tmp_path / "s", steps=9, batch=6, dtype=torch.float32, projection_dim=None)
     store = Store(tmp_path / "s")

@@ -18,7 +18,8 @@ from ..progress import ProgressBar
 from ..store import MANIFEST, Store, release_pages, write_json_atomic
 from .checkpointing import Checkpoints, compose, segment_boundaries
 from .layout import SEGMENTS_DIR, embeddings_dir, final_arrays, propagator_arrays, segment_arrays
-from .recursion import TORCH_DTYPES, Blocking, Precision, block_layers, default_precision, run_recursion
+from .recursion import (TORCH_DTYPES, Blocking, Precision, block_layers, default_precision, rows_per_chunk,
+                        run_recursion)
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ def compute_embeddings(
     workers: int = 1,
     precision: Precision | None = None,
     blocking: Blocking = "layer",
-    chunk_rows: int = 8192,
+    chunk_rows: int | None = None,
     show_progress: bool = True,
 ) -> EmbeddingInfo:
     """Compute data value embeddings for the store at ``path`` and write them into it.
@@ -63,7 +64,9 @@ def compute_embeddings(
     become checkpoints for ``influence(..., checkpoint=l)``. ``workers`` processes share
     the segments and, when there are more workers than segments, the layers.
     ``blocking="global"`` uses one M over all layers (cross-layer curvature; memory
-    (sum of dims)^2) instead of one per layer.
+    (sum of dims)^2) instead of one per layer. Records are read in chunks of ``chunk_rows``
+    rows, by default as many as fit in ``recursion.CHUNK_BYTES`` (96 MiB), whatever the
+    number and size of the tracked layers.
     """
     store = Store(path)
     boundaries = segment_boundaries(store.n_steps, checkpoints)
@@ -123,7 +126,7 @@ def _plan(store: Store, boundaries: Sequence[int], blocks: list[list[int]], work
             for j in range(n_segments) for g in groups]
 
 
-def _run_task(store: Store, task: _Task, precision: str, blocks: list[list[int]], chunk_rows: int,
+def _run_task(store: Store, task: _Task, precision: str, blocks: list[list[int]], chunk_rows: int | None,
               n_segments: int, on_step) -> None:
     """Run one task in this process, writing into the preallocated files.
 
@@ -160,12 +163,12 @@ def _count_step() -> None:
         _counter.value += 1
 
 
-def _worker(path: str, task: _Task, precision: str, blocks: list[list[int]], chunk_rows: int,
+def _worker(path: str, task: _Task, precision: str, blocks: list[list[int]], chunk_rows: int | None,
             n_segments: int) -> None:
     _run_task(Store(path), task, precision, blocks, chunk_rows, n_segments, _count_step)
 
 
-def _run_parallel(store: Store, tasks: list[_Task], precision: str, blocks: list[list[int]], chunk_rows: int,
+def _run_parallel(store: Store, tasks: list[_Task], precision: str, blocks: list[list[int]], chunk_rows: int | None,
                   n_segments: int, workers: int, bar: ProgressBar) -> None:
     """Run tasks in ``workers`` spawned processes, each with its share of the CPU threads."""
     ctx = get_context("spawn")
@@ -181,7 +184,7 @@ def _run_parallel(store: Store, tasks: list[_Task], precision: str, blocks: list
 
 
 def _compose_final(store: Store, boundaries: Sequence[int], precision: str, blocks: list[list[int]],
-                   chunk_rows: int) -> None:
+                   chunk_rows: int | None) -> None:
     """Final embeddings: each segment's local embeddings mapped to T by the later propagators."""
     dtype = TORCH_DTYPES[precision]
     starts = store.step_starts
@@ -191,11 +194,12 @@ def _compose_final(store: Store, boundaries: Sequence[int], precision: str, bloc
         stack = stack_arr.read(len(boundaries) - 1)
         maps = compose([torch.from_numpy(np.array(k)).to(dtype) for k in stack])
         sizes = [store.layers[i].dim for i in block]
+        rows = rows_per_chunk(sum(sizes) * dtype.itemsize, chunk_rows)
         for j, c in enumerate(maps[:-1]):  # the last segment was written as final already
-            for r0 in range(starts[boundaries[j]], starts[boundaries[j + 1]], chunk_rows):
-                r1 = min(r0 + chunk_rows, starts[boundaries[j + 1]])
-                rows = torch.cat([torch.from_numpy(np.array(local[i][r0:r1])) for i in block], 1) @ c.t()
-                for i, part in zip(block, rows.split(sizes, dim=1)):
+            for r0 in range(starts[boundaries[j]], starts[boundaries[j + 1]], rows):
+                r1 = min(r0 + rows, starts[boundaries[j + 1]])
+                mapped = torch.cat([torch.from_numpy(np.array(local[i][r0:r1])) for i in block], 1) @ c.t()
+                for i, part in zip(block, mapped.split(sizes, dim=1)):
                     finals[i][r0:r1] = part.numpy()
                 for i in block:
                     release_pages(local[i])

@@ -9,9 +9,10 @@ kept as K = I - M, one M per layer, updated from the last step backwards::
         e_ti = eta_t w_ti (g_ti - M g_ti)        (row form: E = eta w (G - G M^T))
         M   += sum_i e_ti g_ti^T                  (M += E^T G)
 
-so DVEmb(t, i) = e_ti = eta_t w_ti K g_ti. Memory is O(sum_l dim_l^2) plus one chunk
-of records, read from the store backwards in time. ``blocking="global"`` keeps one M over
-all layers instead (O((sum_l dim_l)^2)), which keeps the cross-layer curvature.
+so DVEmb(t, i) = e_ti = eta_t w_ti K g_ti. Memory is O(sum_l dim_l^2) plus two chunks
+of records (CHUNK_BYTES each by default), read from the store backwards in time.
+``blocking="global"`` keeps one M over all layers instead (O((sum_l dim_l)^2)), which keeps
+the cross-layer curvature.
 """
 
 from __future__ import annotations
@@ -26,6 +27,12 @@ from ..store import RowFile, Store, to_torch
 Precision = Literal["float32", "float64"]
 Blocking = Literal["layer", "global"]
 TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+CHUNK_BYTES = 96 << 20  # records read per chunk (two are alive while the next is read); 8,200 rows of 3 x 1024 fp32
+
+
+def rows_per_chunk(row_bytes: int, chunk_rows: int | None) -> int:
+    """``chunk_rows`` if given, else as many rows as fit in CHUNK_BYTES (at least one)."""
+    return chunk_rows if chunk_rows is not None else max(1, CHUNK_BYTES // max(1, row_bytes))
 
 
 def default_precision(store: Store) -> Precision:
@@ -40,7 +47,7 @@ def run_recursion(
     start: int,
     stop: int,
     precision: Precision,
-    chunk_rows: int,
+    chunk_rows: int | None,
     on_step: Callable[[], None] = lambda: None,
 ) -> list[torch.Tensor]:
     """Run the recursion over steps [start, stop) from M = 0 for the given blocks of layers.
@@ -49,7 +56,8 @@ def run_recursion(
     dimensions: one layer per block is the layer-wise approximation, all layers in one
     block is a global M. Writes each record's embedding relative to step ``stop`` into
     ``sinks`` (row writers by layer index, rows indexed like the store) and
-    returns the segment's propagators K = I - M, one per block.
+    returns the segment's propagators K = I - M, one per block. Records are read in chunks of
+    ``chunk_rows`` rows, by default as many as fit in CHUNK_BYTES.
     """
     dtype = TORCH_DTYPES[precision]
     records = store.records
@@ -59,6 +67,7 @@ def run_recursion(
     arrays = [store.grads(i) for i in layers] + ([store.curvature(i) for i in layers] if passes else [])
     dims = [[store.layers[i].dim for i in block] for block in blocks]
     ms = [torch.zeros(sum(d), sum(d), dtype=dtype) for d in dims]
+    chunk_rows = rows_per_chunk(sum(a.dtype.itemsize * a.shape[1] for a in arrays), chunk_rows)
     for _, r0, r1, rows in store.iter_steps_backward(arrays, chunk_rows, start, stop):
         by_layer = dict(zip(layers, rows))
         curv_by_layer = dict(zip(layers, rows[len(layers):]))
