@@ -50,6 +50,9 @@ SWEEP_DIMS = tuple(2**k for k in range(5, 13))
 """Per-layer projected sizes of ``--projection-sweep``: 32 .. 4096."""
 UNPROJECTED_LIMIT = 4096
 """Largest per-layer gradient size for which unprojected DVEmb (a p x p matrix per layer) is added."""
+CURVATURE_VARIANT = "dvemb-ggn3-global"
+CURVATURE_VARIANT_OPTIONS = {"curvature": "ggn", "curvature_samples": 3, "blocking": "global"}
+"""The study's second DVEmb: the most faithful curvature at about 2x the default capture (README, "Which curvature?")."""
 MNIST_POOL = 10000
 """The training subset is drawn from the first MNIST_POOL training images."""
 SETTING_LABELS = {SINGLE: "single-epoch removal", ALL_EPOCH: "all-epoch removal"}
@@ -72,6 +75,7 @@ class FidelityOptions:
     lr: float = 0.1
     projection_dim: int | None = DEFAULT_PROJECTION_DIM
     projection_sweep: bool = False
+    curvature_variant: bool = True
     extra_configs: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
     resamples: int = 1000
 
@@ -169,7 +173,7 @@ def build_run(options: FidelityOptions, seed: int) -> StudyRun:
 
 
 def dvemb_configs(options: FidelityOptions, spec: TrainingSpec) -> dict[str, Mapping[str, object]]:
-    """The study's DVEmb configurations: ``dvemb``, unprojected when affordable, sweep, extras.
+    """The study's DVEmb configurations: ``dvemb``, unprojected when affordable, sweep, GGN variant, extras.
 
     Extra configurations use the study's projection unless they set ``projection_dim``.
     """
@@ -179,6 +183,8 @@ def dvemb_configs(options: FidelityOptions, spec: TrainingSpec) -> dict[str, Map
         configs["dvemb-unprojected"] = {"projection_dim": None, "dtype": torch.float64}
     if options.projection_sweep:
         configs.update({f"dvemb-k{k}": {"projection_dim": k} for k in SWEEP_DIMS})
+    if options.curvature_variant:
+        configs[CURVATURE_VARIANT] = {"projection_dim": options.projection_dim, **CURVATURE_VARIANT_OPTIONS}
     clash = set(configs) & set(options.extra_configs)
     if clash:
         raise ValueError(f"configuration names already used by the study: {sorted(clash)}")
@@ -281,6 +287,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a small run for smoke tests: few samples, one seed, 200 resamples")
     parser.add_argument("--projection-sweep", action="store_true",
                         help=f"also run DVEmb at per-layer projected sizes {SWEEP_DIMS[0]}..{SWEEP_DIMS[-1]}")
+    parser.add_argument("--no-curvature-variant", action="store_true",
+                        help=f"skip {CURVATURE_VARIANT} (DVEmb with {CURVATURE_VARIANT_OPTIONS}), run by default")
     parser.add_argument("--train-size", type=positive_int, default=None, metavar="N",
                         help="training samples (default: 1000 on MNIST, 640 on digits)")
     parser.add_argument("--val-size", type=positive_int, default=None, metavar="N",
@@ -328,7 +336,8 @@ def options_from(args: argparse.Namespace) -> FidelityOptions:
         seeds=args.seeds, train_size=args.train_size or (1000 if mnist else 640),
         val_size=args.val_size or (1000 if mnist else 297), hidden=args.hidden or (128 if mnist else 32),
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, projection_dim=args.projection_dim,
-        projection_sweep=args.projection_sweep, extra_configs=dict(args.config), resamples=args.resamples)
+        projection_sweep=args.projection_sweep, curvature_variant=not args.no_curvature_variant,
+        extra_configs=dict(args.config), resamples=args.resamples)
     if not args.quick:
         return options
     return replace(options, records=min(options.records, 24), seeds=1, train_size=min(options.train_size, 192),
