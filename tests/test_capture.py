@@ -274,6 +274,20 @@ def test_conv2d_patches_against_torch_func(tmp_path, conv, projection_dim):
     check_against_reference(store, model, x, y, TOL32)
 
 
+@pytest.mark.parametrize("conv", [dict(), dict(padding=0, stride=2, dilation=2, bias=False),
+                                  dict(padding="same", padding_mode="reflect"), dict(padding_mode="circular")])
+@pytest.mark.parametrize("projection_dim", [None, 10])
+def test_conv1d_patches_against_torch_func(tmp_path, conv, projection_dim):
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Conv1d(3, 4, 3, **{"padding": 1, **conv}), nn.Tanh(), nn.Flatten(), nn.LazyLinear(5))
+    x, y = torch.randn(5, 3, 11), torch.randint(0, 5, (5,))
+    model(x)
+    store = record(model, tmp_path / "s", [(x, y)], projection_dim=projection_dim)
+    assert [s.kind for s in store.layers] == ["torch_conv1d", "linear"]
+    assert (store.layers[0].d_in, store.layers[0].d_out) == (9, 4)
+    check_against_reference(store, model, x, y, TOL32)
+
+
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
 def test_conv2d_float64_projected_is_exact_and_grouped_convs_are_skipped(tmp_path):
     model = small_cnn().double()

@@ -3,7 +3,7 @@
 Every supported layer is affine in its weight token by token, s_tok = W a_tok + b, so the
 per-sample gradient of its weight (with the bias as an extra input column) is
 sum_tok ds_tok [a_tok, 1]^T. For nn.Linear and GPT-2's Conv1D a token is a position of
-the last dimension's map, for nn.Conv2d an output position (a_tok its input patch), for
+the last dimension's map, for nn.Conv1d / nn.Conv2d an output position (a_tok its input patch), for
 nn.Embedding a looked-up id (a_tok its one-hot vector). Rules say how to recognise the
 module, its sizes, how to view its weight as a d_out x d_in matrix, and how to turn its
 input and output gradient into token rows (projecting the input side on the way).
@@ -60,29 +60,35 @@ def _last_dim_outputs(ds: torch.Tensor) -> torch.Tensor:
     return ds.reshape(ds.shape[0], ds.shape[1], -1, ds.shape[-1])
 
 
-def _conv2d_inputs(module: nn.Conv2d, x: torch.Tensor, in_t: torch.Tensor | None, in_bias: torch.Tensor | None,
-                   bias: bool, dtype: torch.dtype) -> torch.Tensor:
-    """Patches of a 2-D convolution, one token per output position.
+def _conv_inputs(module: nn.Conv1d | nn.Conv2d, x: torch.Tensor, in_t: torch.Tensor | None,
+                 in_bias: torch.Tensor | None, bias: bool, dtype: torch.dtype) -> torch.Tensor:
+    """Patches of a 1-D or 2-D convolution, one token per output position.
 
     Projected, P_in times every patch is a convolution of the input with the k_in rows of
     P_in as filters (and P_in's bias column as their bias), so patches are never unfolded.
+    A 1-D convolution runs as a 2-D one of height 1.
     """
     x = x.to(dtype)
     padding = module.padding
     if isinstance(padding, str) or module.padding_mode != "zeros":  # pad as the module does, then none
         mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
         x, padding = F.pad(x, module._reversed_padding_repeated_twice, mode=mode), 0
+    kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
+    if isinstance(module, nn.Conv1d):
+        x = x.unsqueeze(2)
+        kernel, stride, dilation = (1, *kernel), (1, *stride), (1, *dilation)
+        padding = (0, *padding) if isinstance(padding, tuple) else (0, padding)
     if in_t is not None:
-        filters = in_t.t().reshape(-1, *module.weight.shape[1:])
-        return F.conv2d(x, filters, in_bias, module.stride, padding, module.dilation).flatten(2).transpose(1, 2)
-    patches = F.unfold(x, module.kernel_size, module.dilation, padding, module.stride).transpose(1, 2)
+        filters = in_t.t().reshape(-1, x.shape[1], *kernel)
+        return F.conv2d(x, filters, in_bias, stride, padding, dilation).flatten(2).transpose(1, 2)
+    patches = F.unfold(x, kernel, dilation, padding, stride).transpose(1, 2)
     if bias:
         patches = torch.cat([patches, patches.new_ones(*patches.shape[:2], 1)], dim=2)
     return patches
 
 
-def _conv2d_outputs(ds: torch.Tensor) -> torch.Tensor:
-    return ds.flatten(-2).transpose(-1, -2)  # [passes, b, C_out, H, W] -> [passes, b, H * W, C_out]
+def _conv_outputs(ds: torch.Tensor) -> torch.Tensor:
+    return ds.flatten(3).transpose(-1, -2)  # [passes, b, C_out, *spatial] -> [passes, b, positions, C_out]
 
 
 def _embedding_inputs(module: nn.Embedding, ids: torch.Tensor, in_t: torch.Tensor | None,
@@ -102,12 +108,15 @@ RULES: tuple[LayerRule, ...] = (
               _affine_inputs, _last_dim_outputs),
     LayerRule("conv2d", lambda m: isinstance(m, nn.Conv2d) and m.groups == 1,
               lambda m: (m.weight[0].numel(), m.out_channels), lambda w: w.reshape(w.shape[0], -1),
-              _conv2d_inputs, _conv2d_outputs),
+              _conv_inputs, _conv_outputs),
+    LayerRule("torch_conv1d", lambda m: isinstance(m, nn.Conv1d) and m.groups == 1,
+              lambda m: (m.weight[0].numel(), m.out_channels), lambda w: w.reshape(w.shape[0], -1),
+              _conv_inputs, _conv_outputs),
     LayerRule("embedding", lambda m: isinstance(m, nn.Embedding),
               lambda m: (m.num_embeddings, m.embedding_dim), lambda w: w.t(),
               _embedding_inputs, _last_dim_outputs, default=False),
 )
-SUPPORTED = "nn.Linear, nn.Conv2d (groups=1), nn.Embedding (when named), GPT-2 Conv1D"
+SUPPORTED = "nn.Linear, nn.Conv1d / nn.Conv2d (groups=1), nn.Embedding (when named), GPT-2 Conv1D"
 
 
 def rule_for(module: nn.Module) -> LayerRule | None:

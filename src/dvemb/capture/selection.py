@@ -75,7 +75,7 @@ class LayerSpec:
 def select_modules(model: nn.Module, modules: ModuleSelection = None) -> list[tuple[str, nn.Module]]:
     """Tracked (canonical name, module) pairs in model order.
 
-    ``None`` tracks every trainable nn.Linear, nn.Conv2d and GPT-2 Conv1D (embeddings only
+    ``None`` tracks every trainable nn.Linear, nn.Conv1d, nn.Conv2d and GPT-2 Conv1D (embeddings only
     when chosen); a string is a glob pattern over names; a sequence lists names exactly
     (each must exist and be supported).
     """
