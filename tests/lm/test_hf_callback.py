@@ -73,14 +73,16 @@ def expected_steps(reads: list[int]) -> list[list[int]]:
 
 
 def plain_loop(net: nn.Module, data: Sequences, steps: list[list[int]], path) -> None:
-    """The same training by hand: the loss of a step is the sum over its label tokens / their count (HF's)."""
+    """The same training by hand: the loss of a step is the sum over its label tokens / their count (HF's),
+    sample i weighing n_i / N."""
     with dvemb.Recorder(net, path, projection_dim=PROJECTION, modules=LAYERS) as rec:
         for t, ids in enumerate(steps):
             lr = LR * (len(steps) - t) / len(steps)  # linear decay to 0, no warm-up
             batches = [collate([{"input_ids": data.rows[i], "sample_id": i} for i in ids[k:k + MICRO]])
                        for k in range(0, len(ids), MICRO)]
-            n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-            with rec.step(ids, lr=lr):
+            counts = torch.cat([(b["labels"][:, 1:] != -100).sum(1) for b in batches]).double()
+            n_tokens = int(counts.sum())
+            with rec.step(ids, lr=lr, weights=counts / n_tokens):  # each sample's own mean token loss
                 for b in batches:
                     logits = net(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
                     loss = F.cross_entropy(logits.flatten(0, 1), b["labels"][:, 1:].flatten(), reduction="sum")

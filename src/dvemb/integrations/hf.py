@@ -17,10 +17,11 @@ the model sees them, and :class:`DVEmbCallback` records the step with a :class:`
 - One record set per optimizer step: with gradient accumulation the step's micro-batches are
   one batch, in order. The learning rate is the optimizer's when the step ends, i.e. the one
   the scheduler set for that step.
-- Loss convention: the Trainer's causal-LM loss is the mean over every label token of the
-  optimizer step (N tokens, B samples), and the Recorder stores each sample's gradient divided
-  by its weight w = 1/B. A sample's stored gradient is therefore that of its own loss
-  ``(B / N) * (sum of its token losses)``; with equal token counts this is its mean token loss.
+- Loss convention: when the Trainer divides the optimizer step's summed token losses by their
+  count N (``num_items_in_batch``: models that take loss kwargs, transformers >= 5), each sample
+  is recorded with weight w_i = n_i / N (n_i its label tokens, counted as the Trainer counts N),
+  so its stored gradient is that of its own mean token loss. Otherwise the Recorder's 1/B is
+  used and a sample's stored gradient is that of ``(B / N) * (sum of its token losses)``.
 - The Recorder assumes plain SGD: other optimizers are warned about, and gradient clipping
   (the Trainer clips at ``max_grad_norm=1.0`` by default) rescales steps without being recorded.
 
@@ -71,14 +72,19 @@ class DVEmbCallback(TrainerCallback):
         self.recorder_kwargs = recorder_kwargs
         self.recorder: Recorder | None = None
         self._next_ids: np.ndarray | None = None
+        self._next_weights: np.ndarray | None = None
         self._open_step: AbstractContextManager | None = None
 
-    def take_ids(self, batches: Sequence[MutableMapping[str, Any]]) -> None:
-        """Remove the id column from one optimizer step's micro-batches; their ids, in order, make the step."""
+    def take_ids(self, batches: Sequence[MutableMapping[str, Any]], weights: np.ndarray | None = None) -> None:
+        """Remove the id column from one optimizer step's micro-batches; their ids, in order, make the step.
+
+        ``weights``: each sample's weight in the step's loss when it is not 1/B (see DVEmbTrainerMixin).
+        """
         if any(self.id_column not in batch for batch in batches):
             raise KeyError(f"training batches have no {self.id_column!r} column: keep it with TrainingArguments("
                            "remove_unused_columns=False) and a data collator that passes it through")
         self._next_ids = np.concatenate([as_ids(batch.pop(self.id_column)) for batch in batches])
+        self._next_weights = weights
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        model: Any = None, optimizer: Any = None, **kwargs: Any) -> None:
@@ -99,9 +105,9 @@ class DVEmbCallback(TrainerCallback):
         if self._next_ids is None:
             raise RuntimeError("DVEmbCallback received no sample ids for this step: train with DVEmbTrainer, or "
                                "mix DVEmbTrainerMixin into your Trainer class")
-        step = self.recorder.step(self._next_ids)
+        step = self.recorder.step(self._next_ids, weights=self._next_weights)
         step.__enter__()
-        self._open_step, self._next_ids = step, None
+        self._open_step, self._next_ids, self._next_weights = step, None, None
 
     def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                               **kwargs: Any) -> None:
@@ -150,8 +156,25 @@ class DVEmbTrainerMixin:
         if len(found) != 1:
             raise ValueError(f"{type(self).__name__} needs exactly one DVEmbCallback in callbacks=, found {len(found)}")
         if batches:
-            found[0].take_ids(batches)
+            found[0].take_ids(batches, self._sample_weights(batches, num_items_in_batch))
         return batches, num_items_in_batch
+
+    def _sample_weights(self, batches: Sequence[MutableMapping[str, Any]], num_items_in_batch: Any) -> np.ndarray | None:
+        """w_i = n_i / N when the Trainer divides the step's summed token losses by its label-token count N.
+
+        n_i counts sample i's tokens the way the Trainer counts N (``labels[..., 1:]`` for losses that shift
+        labels, ``shift_labels`` when given). Otherwise (no count, or a transformers without that rule) None:
+        the reduction's 1/B, as documented in this module.
+        """
+        shifts = getattr(self, "_loss_shifts_labels", None)
+        if num_items_in_batch is None or shifts is None or any("labels" not in b for b in batches):
+            return None
+        counts = []
+        for batch in batches:
+            labels = batch["shift_labels"] if "shift_labels" in batch else (
+                batch["labels"][..., 1:] if shifts else batch["labels"])
+            counts.append(labels.ne(-100).reshape(labels.shape[0], -1).sum(1).cpu().numpy())
+        return np.concatenate(counts).astype(np.float64) / float(num_items_in_batch)
 
     def train(self, *args: Any, **kwargs: Any):
         """``Trainer.train``; on an error the store keeps exactly the committed steps and the hooks are removed."""
