@@ -152,7 +152,7 @@ def _score_chunks(q: _Query, chunk_rows: int | None, show_progress: bool) -> Ite
                 tests = _propagate(tests, info["blocks"], [k[j] for k in stacks], tests[0].dtype)
     chunks = [(r0, min(r0 + chunk_rows, r_stop), tests)
               for r_start, r_stop, tests in plan for r0 in range(r_start, r_stop, chunk_rows)]
-    rows = PrefetchedRows(arrays, [(r0, r1) for r0, r1, _ in chunks], chunk_rows)
+    rows = PrefetchedRows(arrays, [(r0, r1) for r0, r1, _ in chunks], max((r1 - r0 for r0, r1, _ in chunks), default=1))
     try:
         for (r0, r1, tests), embeddings in zip(chunks, rows):
             acc = tests[0] @ torch.from_numpy(embeddings[0]).t()
