@@ -357,3 +357,16 @@ def test_projection_on_the_worker_thread_equals_projection_in_the_hook(tmp_path,
         np.testing.assert_array_equal(np.asarray(stores[True].grads(i)), np.asarray(stores[False].grads(i)))
         np.testing.assert_array_equal(np.asarray(stores[True].curvature(i)), np.asarray(stores[False].curvature(i)))
     check_against_reference(stores[True], Twice(), x, y, TOL32)
+
+
+def test_worker_thread_only_when_cpus_outnumber_torch_threads(monkeypatch):
+    from dvemb.capture import ghost
+    monkeypatch.setattr(ghost.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert ghost._spare_cpu()
+        torch.set_num_threads(2)
+        assert not ghost._spare_cpu()  # torch already uses both CPUs: a worker would compete with it
+    finally:
+        torch.set_num_threads(threads)
