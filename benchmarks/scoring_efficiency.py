@@ -5,8 +5,9 @@ A store is recorded from the paper's MNIST MLP (784-512-256-10, batch 64, random
 these are timed alternately in one process (median over runs of the same run's ratios):
 
 - ``score``: dvemb's scoring loop (``dvemb.query._score_chunks`` into a fresh score matrix,
-  as ``influence`` runs it) over the float32 embedding files (positional reads, read ahead), read once beforehand so
-  they sit in the page cache; the test gradients are taken once, outside the timing;
+  as ``influence`` runs it) over the float32 embedding files (positional reads, read ahead),
+  read once beforehand so they sit in the page cache; the test gradients are taken once,
+  outside the timing;
 - ``influence``: ``dvemb.influence`` end to end (store, test gradients, scoring);
 - ``top_k``: ``dvemb.top_k`` end to end (k = 10, no full score matrix);
 - ``read_numpy`` / ``read_torch``: a sum over an in-memory array of the embeddings' size,
