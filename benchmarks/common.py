@@ -54,12 +54,13 @@ def configure(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
 
 
-def mnist_mlp(seed: int = 0) -> nn.Sequential:
-    """The paper's MNIST MLP 784-512-256-10 with ReLU activations."""
+def mnist_mlp(seed: int = 0, sizes: Sequence[int] = MLP_SIZES, activation: type[nn.Module] = nn.ReLU
+              ) -> nn.Sequential:
+    """An MLP; by default the paper's MNIST MLP 784-512-256-10 with ReLU activations."""
     torch.manual_seed(seed)
     layers: list[nn.Module] = []
-    for d_in, d_out in zip(MLP_SIZES[:-1], MLP_SIZES[1:]):
-        layers += [nn.Linear(d_in, d_out), nn.ReLU()]
+    for d_in, d_out in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(d_in, d_out), activation()]
     return nn.Sequential(*layers[:-1])
 
 
@@ -70,17 +71,18 @@ def random_batches(n: int, batch: int = BATCH, seed: int = 0) -> Iterator[Batch]
         yield torch.randn(batch, MLP_SIZES[0], generator=gen), torch.randint(0, MLP_SIZES[-1], (batch,), generator=gen)
 
 
-def sgd_step(model: nn.Module, batch: Batch, rec: dvemb.Recorder | None = None, first_id: int = 0) -> None:
+def sgd_step(model: nn.Module, batch: Batch, rec: dvemb.Recorder | None = None, first_id: int = 0,
+             lr: float = LR) -> None:
     """One plain SGD step (forward, mean cross-entropy, backward, update by hand), recorded when ``rec`` is given."""
     x, y = batch
     if rec is None:
         F.cross_entropy(model(x), y).backward()
     else:
-        with rec.step(range(first_id, first_id + len(x)), lr=LR):
+        with rec.step(range(first_id, first_id + len(x)), lr=lr):
             F.cross_entropy(model(x), y).backward()
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(p.grad, alpha=-LR)
+            p.add_(p.grad, alpha=-lr)
             p.grad = None
 
 

@@ -18,11 +18,10 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from common import (Elapsed, alternate, base_parser, configure, elapsed, median, print_table, ratios,
-                    write_results)
+from common import (Batch, Elapsed, alternate, base_parser, configure, elapsed, median, mnist_mlp, print_table,
+                    ratios, sgd_step, write_results)
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import dvemb
@@ -41,27 +40,10 @@ CONFIGS: dict[str, dict] = {
 }
 
 
-def gelu_mlp(sizes: tuple[int, ...]) -> nn.Sequential:
-    """An MLP with GELU activations."""
-    torch.manual_seed(0)
-    layers: list[nn.Module] = []
-    for d_in, d_out in zip(sizes[:-1], sizes[1:]):
-        layers += [nn.Linear(d_in, d_out), nn.GELU()]
-    return nn.Sequential(*layers[:-1])
-
-
-def train(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], rec: dvemb.Recorder | None) -> None:
+def train(model: nn.Module, batches: list[Batch], rec: dvemb.Recorder | None) -> None:
     """Plain SGD steps over the batches, recorded when ``rec`` is given (then flushed)."""
-    for t, (x, y) in enumerate(batches):
-        if rec is None:
-            F.cross_entropy(model(x), y).backward()
-        else:
-            with rec.step(range(t * len(x), (t + 1) * len(x)), lr=LR):
-                F.cross_entropy(model(x), y).backward()
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(p.grad, alpha=-LR)
-                p.grad = None
+    for t, batch in enumerate(batches):
+        sgd_step(model, batch, rec, first_id=t * len(batch[0]), lr=LR)
     if rec is not None:
         rec.flush()
 
@@ -89,7 +71,7 @@ def main() -> None:
     args = parser.parse_args()
     configure(args)
     sizes, batch = MODELS[args.model]
-    model = gelu_mlp(sizes)
+    model = mnist_mlp(0, sizes, nn.GELU)
     gen = torch.Generator().manual_seed(0)
     batches = [(torch.randn(batch, sizes[0], generator=gen), torch.randint(0, sizes[-1], (batch,), generator=gen))
                for _ in range(args.steps)]
