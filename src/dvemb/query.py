@@ -70,7 +70,7 @@ class Influence:
 def query_gradients(store: Store, model: nn.Module, loss_fn: LossClosure) -> tuple[list[torch.Tensor], int]:
     """Projected per-example gradients of the closure's losses at the model's current parameters."""
     modules = match_specs(model, store.layers)
-    capture = GhostCapture(model, modules, store.layers)
+    capture = GhostCapture(model, modules, store.layers, overlap=False)  # one backward: nothing to overlap
     capture.attach()
     try:
         capture.begin()
