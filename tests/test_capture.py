@@ -347,7 +347,7 @@ def test_projection_on_the_worker_thread_equals_projection_in_the_hook(tmp_path,
     x, y = torch.randn(8, 12), torch.randint(0, 5, (8,))
     stores = {}
     for overlap in (False, True):
-        monkeypatch.setattr(ghost, "_spare_cpu", lambda overlap=overlap: overlap)
+        monkeypatch.setattr(ghost, "spare_cpu", lambda overlap=overlap: overlap)
         model = Twice()
         stores[overlap] = record(model, tmp_path / str(overlap), [(x, y)], accumulate=2, projection_dim=20,
                                  curvature="ggn", curvature_samples=2)
@@ -360,13 +360,13 @@ def test_projection_on_the_worker_thread_equals_projection_in_the_hook(tmp_path,
 
 
 def test_worker_thread_only_when_cpus_outnumber_torch_threads(monkeypatch):
-    from dvemb.capture import ghost
-    monkeypatch.setattr(ghost.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    from dvemb import cpus
+    monkeypatch.setattr(cpus.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        assert ghost._spare_cpu()
+        assert cpus.spare_cpu()
         torch.set_num_threads(2)
-        assert not ghost._spare_cpu()  # torch already uses both CPUs: a worker would compete with it
+        assert not cpus.spare_cpu()  # torch already uses both CPUs: a worker would compete with it
     finally:
         torch.set_num_threads(threads)

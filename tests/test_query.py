@@ -77,3 +77,55 @@ def test_streaming_top_k_equals_top_k_of_full_scores(tmp_path, checkpoint):
         np.testing.assert_array_equal(a.sample_id, b.sample_id)
         np.testing.assert_array_equal(a.step, b.step)
         np.testing.assert_allclose(a.score, b.score, rtol=1e-12)
+
+
+@pytest.mark.parametrize("checkpoint", [None, 0, 1])
+def test_scorer_equals_streamed_queries(tmp_path, checkpoint):
+    model = train_recorded(tmp_path / "s", steps=8, batch=6, dtype=torch.float64, projection_dim=16)
+    xt, yt = torch.randn(4, 10, dtype=torch.float64), torch.tensor([0, 1, 2, 3])
+    loss = lambda: F.cross_entropy(model(xt), yt, reduction="none")  # noqa: E731
+    with dvemb.Scorer(tmp_path / "s", checkpoints=[3, 5]) as scorer:  # computes the embeddings
+        assert dvemb.checkpoint_steps(tmp_path / "s") == [3, 5, 8]
+        for _ in range(2):  # the second query reuses the mappings
+            mapped = scorer.influence(model, loss, checkpoint=checkpoint, chunk_rows=7)
+            top = scorer.top_k(model, loss, 3, checkpoint=checkpoint, chunk_rows=5)
+            streamed = dvemb.influence(tmp_path / "s", model, loss, checkpoint=checkpoint)
+            # float64 products of the same rows, chunked differently: a few ulps apart
+            np.testing.assert_allclose(mapped.scores, streamed.scores, rtol=1e-12, atol=1e-15)
+            np.testing.assert_array_equal(mapped.steps, streamed.steps)
+            np.testing.assert_array_equal(mapped.sample_ids, streamed.sample_ids)
+            want = streamed.top_k(3)
+            np.testing.assert_array_equal(top.helpful.index, want.helpful.index)
+            np.testing.assert_array_equal(top.harmful.sample_id, want.harmful.sample_id)
+            np.testing.assert_allclose(top.harmful.score, want.harmful.score, rtol=1e-12)
+
+
+def test_scorer_refuses_embeddings_recomputed_after_opening(tmp_path):
+    model = train_recorded(tmp_path / "s", steps=6, batch=4, dtype=torch.float32, projection_dim=8)
+    xt, yt = torch.randn(2, 10), torch.tensor([0, 1])
+    loss = lambda: F.cross_entropy(model(xt), yt, reduction="none")  # noqa: E731
+    scorer = dvemb.Scorer(tmp_path / "s")
+    before = scorer.influence(model, loss).scores
+    dvemb.compute_embeddings(tmp_path / "s", checkpoints=2, show_progress=False)
+    with pytest.raises(dvemb.StoreError, match="recomputed since this Scorer was opened"):
+        scorer.influence(model, loss)
+    scorer.close()
+    with dvemb.Scorer(tmp_path / "s") as fresh:  # the last checkpoint's embeddings are the final ones
+        np.testing.assert_allclose(fresh.influence(model, loss).scores, before, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        fresh.top_k(model, loss, 0)
+
+
+@pytest.mark.parametrize("spare_cpu", [True, False])  # read-ahead thread / one mapping per query
+def test_streamed_sources_score_alike(tmp_path, monkeypatch, spare_cpu):
+    model = train_recorded(tmp_path / "s", steps=8, batch=6, dtype=torch.float64, projection_dim=16)
+    xt, yt = torch.randn(4, 10, dtype=torch.float64), torch.tensor([0, 1, 2, 3])
+    loss = lambda: F.cross_entropy(model(xt), yt, reduction="none")  # noqa: E731
+    with dvemb.Scorer(tmp_path / "s", checkpoints=[4]) as scorer:
+        want = scorer.influence(model, loss, checkpoint=0)
+    monkeypatch.setattr("dvemb.query.spare_cpu", lambda: spare_cpu)
+    for chunk_rows in (None, 5):
+        got = dvemb.influence(tmp_path / "s", model, loss, checkpoint=0, chunk_rows=chunk_rows)
+        np.testing.assert_allclose(got.scores, want.scores, rtol=1e-12, atol=1e-15)  # float64, other chunking
+        top = dvemb.top_k(tmp_path / "s", model, loss, 2, checkpoint=0, chunk_rows=chunk_rows)
+        np.testing.assert_array_equal(top.helpful.index, want.top_k(2).helpful.index)

@@ -293,3 +293,44 @@ def test_prefetched_rows_yield_each_range_in_order_and_close_early(tmp_path):
             list(broken)
     finally:
         broken.close()
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="resident set read from Linux /proc")
+@pytest.mark.parametrize("release", [False, True])
+def test_mapped_scans_read_every_row_and_release_scanned_pages(tmp_path, release):
+    from dvemb.store import AppendableArray, MappedArrays
+    arr = AppendableArray(tmp_path / "a.npy", np.float32, (1024,))
+    arr.open_for_append(0)
+    for block in range(8):  # 32 MiB in 8 appends
+        arr.append(np.full((1024, 1024), block, dtype=np.float32) + np.arange(1024, dtype=np.float32))
+    arr.close(8192)
+    ranges = [(r, min(r + 300, 8192)) for r in range(0, 8192, 300)]  # ranges not aligned to pages
+    mapped = MappedArrays(release_scanned=release)
+    before, peak = _resident_bytes(), 0
+    for (r0, r1), (rows,) in zip(ranges, mapped.scan([arr], ranges, 300)):
+        np.testing.assert_array_equal(rows, np.load(arr.path, mmap_mode="r")[r0:r1])  # an independent reader
+        peak = max(peak, _resident_bytes() - before)
+    grown = _resident_bytes() - before
+    if release:  # one range (1.2 MiB) and np.load's pages at most, never the 32 MiB file
+        assert grown < 8 << 20 and peak < 8 << 20
+    else:  # the mapping keeps what was scanned
+        assert grown > 24 << 20
+    mapped.close()
+
+
+def test_reallocated_array_leaves_open_mappings_intact(tmp_path):
+    from dvemb.store import AppendableArray
+    arr = AppendableArray(tmp_path / "a.npy", np.float32, (4,))
+    arr.allocate(3)
+    rows = arr.row_file()
+    rows[0:3] = np.ones((3, 4), dtype=np.float32)
+    rows.close()
+    old = arr.read(3)
+    arr.allocate(1)  # recomputed embeddings: a new, shorter file under the same name
+    np.testing.assert_array_equal(old, np.ones((3, 4)))  # the old mapping still reads its own file (no SIGBUS)
+    assert np.load(arr.path).shape == (1, 4)

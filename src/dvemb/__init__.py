@@ -8,10 +8,10 @@ from ._version import __version__
 from .capture.checkpoints import load_checkpoint, saved_checkpoints
 from .capture.recorder import NonFiniteGradientError, Recorder
 from .embed.compute import EmbeddingInfo, compute_embeddings
-from .query import Influence, Ranking, TopK, checkpoint_steps, influence, top_k
+from .query import Influence, Ranking, Scorer, TopK, checkpoint_steps, influence, top_k
 from .store import Store, StoreError
 
 __all__ = [
     "__version__", "Recorder", "load_checkpoint", "saved_checkpoints", "NonFiniteGradientError", "compute_embeddings", "EmbeddingInfo",
-    "influence", "top_k", "checkpoint_steps", "Influence", "Ranking", "TopK", "Store", "StoreError",
+    "influence", "top_k", "Scorer", "checkpoint_steps", "Influence", "Ranking", "TopK", "Store", "StoreError",
 ]

@@ -170,9 +170,11 @@ class AppendableArray:
     def allocate(self, rows: int) -> None:
         """Create the file at its full size (rows to be filled with :meth:`row_file` or :meth:`writable`)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "wb") as f:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "wb") as f:
             f.write(_npy_header(self.dtype, (rows, *self.row_shape)))
             f.truncate(HEADER_BYTES + rows * self.row_bytes)
+        os.replace(tmp, self.path)  # a new file: readers that hold the old one open or mapped keep it intact
 
     def row_file(self) -> "RowFile":
         """Positional writer of an allocated file's rows (plain writes: no pages stay mapped)."""
@@ -269,6 +271,55 @@ class PrefetchedRows:
         for readers in self._sets:
             for reader in readers:
                 reader.close()
+
+
+class MappedArrays:
+    """Whole arrays mapped once, for scans without copies.
+
+    The rows are the kernel's page-cache pages mapped into this process (copy-on-write,
+    never written): shared with other readers and dropped by the kernel under memory
+    pressure, so stores larger than RAM still work (at disk speed). A page's first scan
+    pays a page fault. Kept mapped (``release_scanned=False``), they count towards the
+    resident set; with ``release_scanned=True`` each range leaves the resident set once the
+    consumer moves on, so a scan's footprint is one range whatever the file sizes.
+    """
+
+    def __init__(self, release_scanned: bool = False) -> None:
+        self.release_scanned = release_scanned
+        self._maps: dict[Path, np.ndarray] = {}
+
+    def array(self, array: AppendableArray) -> np.ndarray:
+        """Every row in ``array``'s file, mapped on first use."""
+        mapped = self._maps.get(array.path)
+        if mapped is None:
+            rows = (os.path.getsize(array.path) - HEADER_BYTES) // array.row_bytes
+            mapped = self._maps[array.path] = array.read(rows)
+        return mapped
+
+    def scan(self, arrays: Sequence[AppendableArray], ranges: Sequence[tuple[int, int]],
+             max_rows: int) -> Iterator[list[np.ndarray]]:
+        """Per range, one view per array (``max_rows`` is unused: nothing is buffered)."""
+        for r0, r1 in ranges:
+            yield [self.array(a)[r0:r1] for a in arrays]
+            if self.release_scanned:  # the consumer asked for the next range: it is done with this one
+                for a in arrays:
+                    _release_rows(self._maps[a.path], a.row_bytes, r0, r1)
+
+    def close(self) -> None:
+        """Forget the mappings (each is unmapped once no view of it is left)."""
+        self._maps.clear()
+
+
+def _release_rows(mapped: np.ndarray, row_bytes: int, r0: int, r1: int) -> None:
+    """Drop the whole pages of a memmap's rows ``r0:r1`` from the resident set (the file is untouched)."""
+    mm = getattr(mapped, "_mmap", None)
+    if mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    base = mapped.offset % mmap.ALLOCATIONGRANULARITY  # where row 0 lies in the mapping
+    start = -(-(base + r0 * row_bytes) // mmap.PAGESIZE) * mmap.PAGESIZE
+    stop = (base + r1 * row_bytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if stop > start:
+        mm.madvise(mmap.MADV_DONTNEED, start, stop - start)
 
 
 class RowFile:

@@ -23,7 +23,6 @@ each pass's output gradient against the layer's input like a gradient.
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -32,6 +31,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from ..cpus import spare_cpu
 from .curvature import Curvature, logit_gradients, logits_of
 from .layers import RULES, LayerRule
 from .selection import LayerSpec
@@ -127,7 +127,7 @@ class GhostCapture:
         self._handles: list[RemovableHandle] = []
         self._active = False
         # with a CPU to spare the projections run on a worker thread, overlapping the rest of the backward
-        self.overlap = overlap if overlap is not None else _spare_cpu()
+        self.overlap = overlap if overlap is not None else spare_cpu()
         self._worker: ThreadPoolExecutor | None = None
         self._reset()
 
@@ -304,16 +304,3 @@ def _total(blocks: list) -> torch.Tensor:
         block = block.result() if isinstance(block, Future) else block
         total = block if total is None else total + block
     return total
-
-
-def _spare_cpu() -> bool:
-    """Whether this process may use more CPUs than torch's intra-op threads already do.
-
-    Measured on 2 CPUs: with 1 torch thread the worker takes the capture overhead from 1.41 to
-    1.22; with 2 it competes with torch's own thread and slows training (0.33 -> 0.41 s end to end).
-    """
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cpus = os.cpu_count() or 1
-    return cpus > torch.get_num_threads()
