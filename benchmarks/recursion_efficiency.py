@@ -3,10 +3,12 @@
 A store is recorded from the paper's MNIST MLP (784-512-256-10, batch 64, random data)
 at ``--dim`` values per layer. Each run times ``dvemb.compute_embeddings`` end to end
 (reading gradients, the recursion, writing embeddings) and, alternating with it, the
-reference: per step and layer, two [B, p] x [p, p] matmuls into preallocated outputs.
-Both count 4 B p^2 FLOPs per layer per step (G M^T and E^T G under gradient_outer).
-A third timing, the rank-B update [p, B] x [B, p] -> [p, p] that E^T G actually is,
-is reported for context. The ratio is the median over runs of the same run's ratio.
+references: per step and layer, two [B, p] x [p, p] matmuls, with ``torch.mm`` into
+preallocated outputs (MKL on x86) and with oneDNN (through torch's op, as dvemb's G M^T
+uses it where available); the faster is the machine's GEMM throughput. All count 4 B p^2
+FLOPs per layer per step (G M^T and E^T G). A last timing, one G M^T and the rank-B update
+M += E^T G ([p, B] x [B, p]) per layer with dvemb's kernels, is reported for context. The
+ratio is the median over runs of the same run's ratio.
 
     python benchmarks/recursion_efficiency.py [--runs 7] [--steps 200] [--dim 1024]
 """
@@ -22,6 +24,7 @@ from common import (BATCH, MLP_SIZES, alternate, base_parser, configure, median,
 import torch
 
 import dvemb
+from dvemb import gemm
 
 
 def step_flops(dims: list[int], batch: int) -> int:
@@ -29,8 +32,8 @@ def step_flops(dims: list[int], batch: int) -> int:
     return sum(4 * batch * p * p for p in dims)
 
 
-def matmul_seconds(dims: list[int], batch: int, steps: int) -> float:
-    """Seconds for ``steps`` steps of two [B, p] x [p, p] matmuls per layer, into preallocated outputs."""
+def matmul_seconds(dims: list[int], batch: int, steps: int, onednn: bool) -> float:
+    """Seconds for ``steps`` steps of two [B, p] x [p, p] matmuls per layer (torch.mm into outputs, or oneDNN)."""
     gs = [torch.randn(batch, p) for p in dims]
     ms = [torch.randn(p, p) for p in dims]
     outs = [torch.empty(batch, p) for p in dims]
@@ -39,24 +42,27 @@ def matmul_seconds(dims: list[int], batch: int, steps: int) -> float:
         """All steps' matmuls."""
         for _ in range(steps):
             for g, m, out in zip(gs, ms, outs):
-                torch.mm(g, m, out=out)
-                torch.mm(g, m, out=out)
+                for _ in range(2):
+                    if onednn:
+                        gemm.rows_product(g, m)
+                    else:
+                        torch.mm(g, m, out=out)
 
     return seconds(run)
 
 
 def rank_update_seconds(dims: list[int], batch: int, steps: int) -> float:
-    """Seconds for ``steps`` steps of one G M^T matmul and one rank-B update M += E^T G per layer."""
+    """Seconds for ``steps`` steps of one G M^T and one rank-B update M += E^T G per layer, as dvemb runs them."""
     gs = [torch.randn(batch, p) for p in dims]
+    es = [1e-6 * torch.randn(batch, p) for p in dims]  # small: M stays finite over the steps
     ms = [torch.zeros(p, p) for p in dims]
-    outs = [torch.empty(batch, p) for p in dims]
 
     def run() -> None:
         """All steps' matmuls and rank-B updates."""
         for _ in range(steps):
-            for g, m, out in zip(gs, ms, outs):
-                torch.mm(g, m.t(), out=out)
-                m.addmm_(out.t(), g, alpha=1e-6)
+            for g, e, m in zip(gs, es, ms):
+                gemm.rows_product(g, m)
+                gemm.add_outer(m, e, g)
 
     return seconds(run)
 
@@ -76,22 +82,25 @@ def main() -> None:
         flops = step_flops(dims, BATCH) * store.n_steps
         timed = {
             "compute_embeddings": lambda: seconds(lambda: dvemb.compute_embeddings(path, show_progress=False)),
-            "matmul": lambda: matmul_seconds(dims, BATCH, store.n_steps),
+            "matmul_mkl": lambda: matmul_seconds(dims, BATCH, store.n_steps, onednn=False),
+            "matmul_onednn": lambda: matmul_seconds(dims, BATCH, store.n_steps, onednn=True),
             "rank_update": lambda: rank_update_seconds(dims, BATCH, store.n_steps),
         }
         alternate(timed, 1)  # warm-up
         times = alternate(timed, args.runs)
     rates = {k: [flops / t / 1e9 for t in v] for k, v in times.items()}
-    efficiency = ratios(rates["compute_embeddings"], rates["matmul"])
+    gemm_rate = [max(a, b) for a, b in zip(rates["matmul_mkl"], rates["matmul_onednn"])]
+    efficiency = ratios(rates["compute_embeddings"], gemm_rate)
     versus_rank_update = ratios(rates["compute_embeddings"], rates["rank_update"])
     print(f"MLP {'-'.join(map(str, MLP_SIZES))} at {args.dim}/layer (dims {dims}), {store.n_steps} steps x {BATCH} "
           f"records, {flops / 1e9:.1f} GFLOP, {torch.get_num_threads()} thread(s), median of {args.runs} runs")
     print_table(["variant", "seconds", "GFLOP/s"], [[k, median(times[k]), median(rates[k])] for k in times])
-    print(f"recursion / [B,p]x[p,p] matmul: {median(efficiency):.1%}   "
+    print(f"recursion / best [B,p]x[p,p] matmul: {median(efficiency):.1%}   "
           f"recursion / (matmul + rank-B update): {median(versus_rank_update):.1%}")
     write_results("recursion_efficiency", args, {
         "model": "mnist_mlp", "sizes": MLP_SIZES, "batch": BATCH, "layer_dims": dims, "steps": store.n_steps,
-        "records": store.n_records, "gflop": flops / 1e9,
+        "records": store.n_records, "gflop": flops / 1e9, "onednn": gemm.onednn_available(),
+        "gemm_gflops": median(gemm_rate),
         "seconds": {k: median(v) for k, v in times.items()}, "gflops": {k: median(v) for k, v in rates.items()},
         "efficiency": median(efficiency), "efficiencies": efficiency,
         "efficiency_vs_rank_update": median(versus_rank_update),

@@ -54,3 +54,23 @@ def test_scores_sum_over_layers():
     got = gemm.scores(tests, rows)
     # the concatenated product: one K = 800 sum, whose rounding bound covers the two partial sums and their addition
     assert_within_rounding(got, torch.cat(tests, 1), torch.cat(rows, 1))
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+@pytest.mark.parametrize("dims", [(64, 300, 300), (16, 400, 200)])  # (B, p, q): square M as in the recursion, and not
+def test_add_outer_is_a_float32_rank_update(onednn, dims):
+    batch, p, q = dims
+    torch.manual_seed(batch)
+    m, e, g = torch.randn(p, q), torch.randn(batch, p), torch.randn(batch, q)
+    assert m.numel() >= gemm.ONEDNN_MIN_ELEMENTS and 2 * m.numel() * 4 <= gemm.last_level_cache_bytes()
+    want = m.double() + e.double().t() @ g.double()
+    gemm.add_outer(m, e, g, onednn=onednn)
+    # the B-term product (gamma_B |e|^T |g|) plus the final addition's rounding (u |M + E^T G|)
+    k, u = batch, 2.0 ** -24
+    bound = k * u / (1 - k * u) * (e.double().abs().t() @ g.double().abs()) + u * want.abs()
+    assert bool(((m.double() - want).abs() <= 2 * bound).all())  # x2: the sum of two rounded values rounds once more
+
+
+def test_last_level_cache_is_read_or_defaulted():
+    size = gemm.last_level_cache_bytes()
+    assert size >= 256 << 10  # any real last-level cache, or the 8 MiB default

@@ -22,6 +22,7 @@ from typing import Callable, Literal, Mapping, Sequence
 import numpy as np
 import torch
 
+from .. import gemm
 from ..store import RowFile, Store, to_torch
 
 Precision = Literal["float32", "float64"]
@@ -74,14 +75,14 @@ def run_recursion(
         scale = torch.from_numpy(scale_all[r0:r1]).to(dtype).unsqueeze(1)
         for block, m in zip(blocks, ms):
             g = torch.cat([to_torch(by_layer[i], store.dtype) for i in block], 1).to(dtype)
-            e = scale * (g - g @ m.t())
+            e = scale * (g - gemm.rows_product(g, m))  # g @ m.T
             if passes:  # H_t = sum_i w_ti sum_s c_tis c_tis^T with separately captured rows c
                 c = torch.cat([to_torch(curv_by_layer[i], store.dtype).reshape(len(g), passes, -1) for i in block],
                               2).reshape(-1, g.shape[1]).to(dtype)
                 c_scale = scale.repeat_interleave(passes, dim=0)
-                m.addmm_((c_scale * (c - c @ m.t())).t(), c)
+                gemm.add_outer(m, c_scale * (c - gemm.rows_product(c, m)), c)
             else:
-                m.addmm_(e.t(), g)
+                gemm.add_outer(m, e, g)
             for i, part in zip(block, e.split([store.layers[i].dim for i in block], dim=1)):
                 sinks[i][r0:r1] = part.numpy()
         on_step()
