@@ -23,6 +23,7 @@ each pass's output gradient against the layer's input like a gradient.
 
 from __future__ import annotations
 
+import functools
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -109,6 +110,12 @@ class _InputRows:
         return self.value
 
 
+@functools.lru_cache(maxsize=1024)
+def _projector(spec: LayerSpec) -> _Projector:
+    """One projector per layer spec, shared by every capture (queries too): factors are built once per dtype."""
+    return _Projector(spec)
+
+
 class GhostCapture:
     """Hooks on tracked modules that accumulate projected per-sample gradients by row."""
 
@@ -123,7 +130,7 @@ class GhostCapture:
         self.reduction = reduction
         self._seed = seed
         self._generators: dict[torch.device, torch.Generator] = {}
-        self._projectors = [_Projector(s) for s in self.specs]
+        self._projectors = [_projector(s) for s in self.specs]
         self._handles: list[RemovableHandle] = []
         self._active = False
         # with a CPU to spare the projections run on a worker thread, overlapping the rest of the backward

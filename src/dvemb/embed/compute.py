@@ -14,6 +14,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .. import gemm
 from ..progress import ProgressBar
 from ..store import MANIFEST, Store, release_pages, write_json_atomic
 from .checkpointing import Checkpoints, compose, segment_boundaries
@@ -198,7 +199,8 @@ def _compose_final(store: Store, boundaries: Sequence[int], precision: str, bloc
         for j, c in enumerate(maps[:-1]):  # the last segment was written as final already
             for r0 in range(starts[boundaries[j]], starts[boundaries[j + 1]], rows):
                 r1 = min(r0 + rows, starts[boundaries[j + 1]])
-                mapped = torch.cat([torch.from_numpy(np.array(local[i][r0:r1])) for i in block], 1) @ c.t()
+                mapped = gemm.rows_product(torch.cat([torch.from_numpy(np.array(local[i][r0:r1])) for i in block], 1),
+                                            c.contiguous())  # rows @ c.T
                 for i, part in zip(block, mapped.split(sizes, dim=1)):
                     finals[i][r0:r1] = part.numpy()
                 for i in block:
