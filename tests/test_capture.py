@@ -253,10 +253,11 @@ def test_per_sample_weights_for_token_mean_loss_with_padding(tmp_path):
             pass
 
 
-def small_cnn(padding=1, padding_mode="zeros", stride=1, dilation=1, bias=True) -> nn.Module:
+def small_cnn(padding=1, padding_mode="zeros", stride=1, dilation=1, bias=True, groups=1) -> nn.Module:
     torch.manual_seed(3)
     return nn.Sequential(
-        nn.Conv2d(2, 4, 3, stride=stride, padding=padding, dilation=dilation, bias=bias, padding_mode=padding_mode),
+        nn.Conv2d(2, 4, 3, stride=stride, padding=padding, dilation=dilation, bias=bias, padding_mode=padding_mode,
+                  groups=groups),
         nn.Tanh(), nn.Conv2d(4, 3, (2, 3), padding="same"), nn.ReLU(), nn.Flatten(), nn.LazyLinear(5))
 
 
@@ -289,17 +290,44 @@ def test_conv1d_patches_against_torch_func(tmp_path, conv, projection_dim):
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
-def test_conv2d_float64_projected_is_exact_and_grouped_convs_are_skipped(tmp_path):
-    model = small_cnn().double()
+@pytest.mark.parametrize("groups", [1, 2])
+def test_conv2d_float64_projected_is_exact(tmp_path, groups):
+    model = small_cnn(groups=groups).double()
     x, y = torch.randn(4, 2, 5, 5, dtype=torch.float64), torch.randint(0, 5, (4,))
     model(x)
     store = record(model, tmp_path / "s", [(x, y)], projection_dim=9, dtype=torch.float64)
     check_against_reference(store, model, x, y, 1e-10)
-    grouped = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Flatten(), nn.Linear(4, 2))
-    with dvemb.Recorder(grouped, tmp_path / "g") as rec:
-        assert rec.layers == ["2"]  # groups > 1 is not supported: not tracked by default
-    with pytest.raises(ValueError, match="not a supported layer type"):
-        dvemb.Recorder(grouped, tmp_path / "h", modules=["0"])
+
+
+@pytest.mark.parametrize("conv", [
+    dict(in_channels=4, out_channels=6, groups=2, padding=1),                        # 2 groups of 2 -> 3
+    dict(in_channels=4, out_channels=4, groups=4, padding=1, bias=False),            # depthwise
+    dict(in_channels=3, out_channels=6, groups=3, stride=2, dilation=2),             # depthwise, multiplier 2
+    dict(in_channels=4, out_channels=8, groups=2, padding="same", padding_mode="reflect"),
+])
+@pytest.mark.parametrize("projection_dim", [None, 8])
+def test_grouped_conv2d_against_torch_func(tmp_path, conv, projection_dim):
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Conv2d(kernel_size=3, **conv), nn.Tanh(), nn.Flatten(), nn.LazyLinear(5))
+    x, y = torch.randn(5, conv["in_channels"], 7, 6), torch.randint(0, 5, (5,))
+    model(x)
+    store = record(model, tmp_path / "s", [(x, y)], projection_dim=projection_dim)
+    assert [s.kind for s in store.layers] == ["conv2d", "linear"]
+    per_group_in = conv["in_channels"] // conv["groups"]
+    assert (store.layers[0].d_in, store.layers[0].d_out) == (per_group_in * 9, conv["out_channels"])
+    check_against_reference(store, model, x, y, TOL32)
+
+
+@pytest.mark.parametrize("projection_dim", [None, 6])
+def test_grouped_conv1d_against_torch_func(tmp_path, projection_dim):
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Conv1d(4, 6, 3, groups=2, padding=1), nn.Tanh(), nn.Conv1d(6, 6, 3, groups=6),
+                          nn.Tanh(), nn.Flatten(), nn.LazyLinear(5))
+    x, y = torch.randn(5, 4, 10), torch.randint(0, 5, (5,))
+    model(x)
+    store = record(model, tmp_path / "s", [(x, y)], projection_dim=projection_dim)
+    assert [s.kind for s in store.layers] == ["torch_conv1d", "torch_conv1d", "linear"]
+    check_against_reference(store, model, x, y, TOL32)
 
 
 class TinyLM(nn.Module):

@@ -181,9 +181,10 @@ def test_curvature_without_batching_rules_falls_back_to_one_backward_per_pass(tm
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
-def test_ggn_rows_of_a_cnn_match_the_class_sum_of_gradient_outer_products(tmp_path):
+@pytest.mark.parametrize("groups", [1, 2])
+def test_ggn_rows_of_a_cnn_match_the_class_sum_of_gradient_outer_products(tmp_path, groups):
     from test_capture import small_cnn
-    model = small_cnn().double()
+    model = small_cnn(groups=groups).double()
     x, y = torch.randn(3, 2, 5, 5, dtype=torch.float64), torch.randint(0, 5, (3,))
     model(x)
     params0 = {k: v.detach().clone() for k, v in model.state_dict().items()}

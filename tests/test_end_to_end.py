@@ -21,6 +21,9 @@ ARCHITECTURES = {
     "mlp": lambda: nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10)),
     "cnn": lambda: nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 6, 3, padding=1), nn.Tanh(),
                                  nn.Conv2d(6, 4, 3, stride=2), nn.Tanh(), nn.Flatten(), nn.Linear(36, 10)),
+    "grouped-cnn": lambda: nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 6, 3, padding=1), nn.Tanh(),
+                                         nn.Conv2d(6, 6, 3, stride=2, groups=6), nn.Tanh(),  # depthwise
+                                         nn.Conv2d(6, 4, 1, groups=2), nn.Tanh(), nn.Flatten(), nn.Linear(36, 10)),
 }
 
 
@@ -38,7 +41,7 @@ def digits_spec(epochs: int = 3, batch: int = 32, lr: float = 0.05, seed: int = 
     return TrainingSpec(factory, x, y, batches, lr), xv.double(), yv
 
 
-@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+@pytest.mark.parametrize("arch", ["mlp", "cnn", "grouped-cnn"])
 def test_dvemb_matches_replayed_tsloo_on_validation_loss(tmp_path, arch):
     spec, xv, yv = digits_spec(arch=arch)
     model = record_run(spec, tmp_path / "s", projection_dim=None, dtype=torch.float64)

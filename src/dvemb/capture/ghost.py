@@ -34,7 +34,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ..cpus import spare_cpu
 from .curvature import Curvature, logit_gradients, logits_of
-from .layers import RULES, LayerRule
+from .layers import RULES, LayerRule, grouped_rows
 from .selection import LayerSpec
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -82,6 +82,10 @@ class _Projector:
         """Rows [b, passes * k_out * k_in] of ``scale`` times output gradients ds [passes, b, ...] with input rows."""
         a_rows = inputs.get()
         out_t = self.out_factor(a_rows.dtype, ds.device, scale)
+        groups = self._rule.groups(inputs.module)
+        if groups > 1:
+            ds = ds.to(a_rows.dtype) if out_t is not None or scale == 1.0 else ds.to(a_rows.dtype) * scale
+            return grouped_rows(ds, a_rows, out_t, groups)
         ds = self._rule.outputs(ds.to(a_rows.dtype))  # [passes, b, tokens, d_out]
         if out_t is not None:
             ds = ds @ out_t

@@ -4,7 +4,9 @@ Every supported layer is affine in its weight token by token, s_tok = W a_tok + 
 per-sample gradient of its weight (with the bias as an extra input column) is
 sum_tok ds_tok [a_tok, 1]^T. For nn.Linear and GPT-2's Conv1D a token is a position of
 the last dimension's map, for nn.Conv1d / nn.Conv2d an output position (a_tok its input patch), for
-nn.Embedding a looked-up id (a_tok its one-hot vector). Rules say how to recognise the
+nn.Embedding a looked-up id (a_tok its one-hot vector). A grouped convolution is one such map
+per group on the group's channels: its gradient's rows of group g are sum_pos ds_g,pos [a_g,pos, 1]^T,
+so its tokens are (group, position) pairs and the sum over positions runs within each group. Rules say how to recognise the
 module, its sizes, how to view its weight as a d_out x d_in matrix, and how to turn its
 input and output gradient into token rows (projecting the input side on the way).
 """
@@ -37,6 +39,7 @@ class LayerRule:
     # output gradients [passes, b, ...] -> [passes, b, tokens, d_out], tokens in the order of the inputs
     outputs: Callable[[torch.Tensor], torch.Tensor]
     default: bool = True  # tracked by modules=None
+    groups: Callable[[nn.Module], int] = lambda m: 1  # > 1: rows by grouped_rows, inputs ordered (group, token)
 
 
 def _is_hf_conv1d(module: nn.Module) -> bool:
@@ -66,7 +69,9 @@ def _conv_inputs(module: nn.Conv1d | nn.Conv2d, x: torch.Tensor, in_t: torch.Ten
 
     Projected, P_in times every patch is a convolution of the input with the k_in rows of
     P_in as filters (and P_in's bias column as their bias), so patches are never unfolded.
-    A 1-D convolution runs as a 2-D one of height 1.
+    A 1-D convolution runs as a 2-D one of height 1. With groups, each group's patches (its
+    input channels) are projected by the same P_in: tokens [b, groups * positions, k_in],
+    group-major.
     """
     x = x.to(dtype)
     padding = module.padding
@@ -78,17 +83,35 @@ def _conv_inputs(module: nn.Conv1d | nn.Conv2d, x: torch.Tensor, in_t: torch.Ten
         x = x.unsqueeze(2)
         kernel, stride, dilation = (1, *kernel), (1, *stride), (1, *dilation)
         padding = (0, *padding) if isinstance(padding, tuple) else (0, padding)
+    b, groups = x.shape[0], module.groups
     if in_t is not None:
-        filters = in_t.t().reshape(-1, x.shape[1], *kernel)
-        return F.conv2d(x, filters, in_bias, stride, padding, dilation).flatten(2).transpose(1, 2)
-    patches = F.unfold(x, kernel, dilation, padding, stride).transpose(1, 2)
-    if bias:
-        patches = torch.cat([patches, patches.new_ones(*patches.shape[:2], 1)], dim=2)
-    return patches
+        filters = in_t.t().reshape(-1, x.shape[1] // groups, *kernel).repeat(groups, 1, 1, 1)
+        in_bias = None if in_bias is None else in_bias.repeat(groups)
+        rows = F.conv2d(x, filters, in_bias, stride, padding, dilation, groups)  # [b, groups * k_in, *out]
+    else:
+        rows = F.unfold(x, kernel, dilation, padding, stride)  # [b, channels * kernel, positions]
+    rows = rows.reshape(b, groups, -1, rows[0, 0].numel()).transpose(2, 3).reshape(b, -1, rows.shape[1] // groups)
+    if in_t is None and bias:
+        rows = torch.cat([rows, rows.new_ones(*rows.shape[:2], 1)], dim=2)
+    return rows
 
 
 def _conv_outputs(ds: torch.Tensor) -> torch.Tensor:
     return ds.flatten(3).transpose(-1, -2)  # [passes, b, C_out, *spatial] -> [passes, b, positions, C_out]
+
+
+def grouped_rows(ds: torch.Tensor, a_rows: torch.Tensor, out_t: torch.Tensor | None, groups: int) -> torch.Tensor:
+    """Rows [b, passes * k_out * k_in] of a grouped convolution: within each group, the sum over
+    positions of ds ⊗ a, then ``out_t`` (scaled P_out^T, None = exact) over all output channels.
+
+    ds: output gradients [passes, b, C_out, *spatial]; a_rows: [b, groups * positions, k_in].
+    """
+    passes, b, c_out = ds.shape[:3]
+    per_group = torch.einsum("pbgcs,bgsi->pbgci", ds.reshape(passes, b, groups, c_out // groups, -1),
+                             a_rows.reshape(b, groups, -1, a_rows.shape[-1])).reshape(passes, b, c_out, -1)
+    if out_t is not None:
+        per_group = torch.einsum("pboi,ok->pbki", per_group, out_t)
+    return per_group.transpose(0, 1).reshape(b, -1)
 
 
 def _embedding_inputs(module: nn.Embedding, ids: torch.Tensor, in_t: torch.Tensor | None,
@@ -106,17 +129,17 @@ RULES: tuple[LayerRule, ...] = (
               _affine_inputs, _last_dim_outputs),
     LayerRule("conv1d", _is_hf_conv1d, lambda m: (m.weight.shape[0], m.weight.shape[1]), lambda w: w.t(),
               _affine_inputs, _last_dim_outputs),
-    LayerRule("conv2d", lambda m: isinstance(m, nn.Conv2d) and m.groups == 1,
+    LayerRule("conv2d", lambda m: isinstance(m, nn.Conv2d),
               lambda m: (m.weight[0].numel(), m.out_channels), lambda w: w.reshape(w.shape[0], -1),
-              _conv_inputs, _conv_outputs),
-    LayerRule("torch_conv1d", lambda m: isinstance(m, nn.Conv1d) and m.groups == 1,
+              _conv_inputs, _conv_outputs, groups=lambda m: m.groups),
+    LayerRule("torch_conv1d", lambda m: isinstance(m, nn.Conv1d),
               lambda m: (m.weight[0].numel(), m.out_channels), lambda w: w.reshape(w.shape[0], -1),
-              _conv_inputs, _conv_outputs),
+              _conv_inputs, _conv_outputs, groups=lambda m: m.groups),
     LayerRule("embedding", lambda m: isinstance(m, nn.Embedding),
               lambda m: (m.num_embeddings, m.embedding_dim), lambda w: w.t(),
               _embedding_inputs, _last_dim_outputs, default=False),
 )
-SUPPORTED = "nn.Linear, nn.Conv1d / nn.Conv2d (groups=1), nn.Embedding (when named), GPT-2 Conv1D"
+SUPPORTED = "nn.Linear, nn.Conv1d / nn.Conv2d (any groups), nn.Embedding (when named), GPT-2 Conv1D"
 
 
 def rule_for(module: nn.Module) -> LayerRule | None:
