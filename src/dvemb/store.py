@@ -23,6 +23,7 @@ No Python objects are serialised: arrays are plain .npy, metadata is JSON.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import mmap
 import os
@@ -38,6 +39,7 @@ import torch
 
 from ._version import __version__
 from .capture.selection import LayerSpec
+from .sgd import SGDSettings
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -374,6 +376,7 @@ class StoreConfig:
     curvature: str = "gradient_outer"
     projection: str = "gaussian"
     seed: int = 0
+    sgd: SGDSettings = SGDSettings()
 
 
 SHARDS_DIR = "shards"
@@ -488,7 +491,8 @@ class Store:
     def config(self) -> StoreConfig:
         """The creation settings."""
         m = self.manifest
-        return StoreConfig(tuple(self.layers), m["dtype"], m["reduction"], m["curvature"], m["projection"], m["seed"])
+        return StoreConfig(tuple(self.layers), m["dtype"], m["reduction"], m["curvature"], m["projection"], m["seed"],
+                           SGDSettings.from_dict(m.get("sgd")))
 
     # -- records -------------------------------------------------------------------------
     @property
@@ -573,6 +577,7 @@ def new_manifest(config: StoreConfig) -> dict:
         "curvature": config.curvature,
         "projection": config.projection,
         "seed": config.seed,
+        "sgd": config.sgd.to_dict(),
         "layers": [s.to_dict() for s in config.layers],
         "committed_steps": 0,
         "committed_records": 0,
@@ -649,6 +654,8 @@ class StoreWriter(_Committed):
             if getattr(found, key) != getattr(wanted, key):
                 raise StoreError(f"cannot resume: store has {key}={getattr(found, key)!r}, "
                                  f"recorder asks {getattr(wanted, key)!r}")
+        if dataclasses.replace(found.sgd, fresh=True) != dataclasses.replace(wanted.sgd, fresh=True):
+            raise StoreError(f"cannot resume: store was recorded with {found.sgd}, the optimizer has {wanted.sgd}")
 
     @property
     def _arrays(self) -> list[AppendableArray]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import warnings
 from pathlib import Path
 from typing import Iterator, Literal, Sequence
 
@@ -19,6 +18,7 @@ from .curvature import CURVATURES, Curvature
 from .distributed import DistributedContext, refuse_fsdp
 from .ghost import GhostCapture
 from .projection import ProjectionKind
+from ..sgd import settings_of
 from .selection import ModuleSelection, layer_spec, select_modules
 
 Reduction = Literal["mean", "sum"]
@@ -80,12 +80,11 @@ class Recorder:
         self.model = model
         self.reduction: Reduction = reduction
         self.optimizer = optimizer
-        if optimizer is not None:
-            _warn_if_not_plain_sgd(optimizer)
         refuse_fsdp(model)
         chosen = select_modules(model, modules)
         specs = [layer_spec(name, m, projection_dim, seed, projection) for name, m in chosen]
-        config = StoreConfig(tuple(specs), dtype_name(dtype), reduction, curvature, projection, seed)
+        sgd = settings_of(optimizer, [m for _, m in chosen])
+        config = StoreConfig(tuple(specs), dtype_name(dtype), reduction, curvature, projection, seed, sgd)
         self._config = config
         self._dist = DistributedContext.detect()
         self._index: DistributedIndex | None = None
@@ -235,12 +234,3 @@ def _local_weights(n: int, reduction: Reduction, weights: object) -> float | np.
     if w.shape != (n,) or not np.isfinite(w).all() or (w < 0).any():
         raise ValueError(f"weights must be {n} finite non-negative numbers (one per id), got shape {w.shape}")
     return w
-
-
-def _warn_if_not_plain_sgd(optimizer: torch.optim.Optimizer) -> None:
-    plain = isinstance(optimizer, torch.optim.SGD) and all(
-        g.get("momentum", 0) == 0 and g.get("weight_decay", 0) == 0 for g in optimizer.param_groups)
-    if not plain:
-        warnings.warn(
-            f"{type(optimizer).__name__} with momentum or weight decay is not plain SGD; data value embeddings "
-            "assume theta <- theta - lr * grad, so scores are an approximation for this optimizer", stacklevel=3)

@@ -78,6 +78,10 @@ def compute_embeddings(
         raise ValueError(f"workers must be >= 1, got {workers}")
     blocks = block_layers(store, blocking)
     n_segments = len(boundaries) - 1
+    if n_segments > 1 and store.config.sgd.momentum:
+        raise ValueError("influence checkpointing (checkpoints=K > 1) is not supported for stores recorded with "
+                         "momentum: composing segments would need each record's effect on the momentum buffer; "
+                         "compute the embeddings relative to the last step (checkpoints=None)")
     out_dir = embeddings_dir(store)
     out_dir.mkdir(exist_ok=True)
     (out_dir / MANIFEST).unlink(missing_ok=True)  # invalidate before overwriting

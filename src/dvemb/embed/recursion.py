@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .. import gemm
+from ..sgd import SGDSettings
 from ..store import RowFile, Store, to_torch
 
 Precision = Literal["float32", "float64"]
@@ -39,6 +40,62 @@ def rows_per_chunk(row_bytes: int, chunk_rows: int | None) -> int:
 def default_precision(store: Store) -> Precision:
     """float64 for float64 stores, else float32 (shown accurate to ~1e-5 by the tests)."""
     return "float64" if store.dtype == "float64" else "float32"
+
+
+class _PlainState:
+    """Plain SGD: the running product K = I - M of one block."""
+
+    def __init__(self, dim: int, dtype: torch.dtype) -> None:
+        self.m = torch.zeros(dim, dim, dtype=dtype)
+
+    def step(self, g: torch.Tensor, w: torch.Tensor, lr: float, c: torch.Tensor | None,
+             c_w: torch.Tensor | None, first: bool) -> torch.Tensor:
+        """Embeddings [B, dim] of a step's records (rows g, weights w), then fold the step's curvature in."""
+        e = (lr * w) * (g - gemm.rows_product(g, self.m))  # eta w (g - M g), rows
+        if c is None:
+            gemm.add_outer(self.m, e, g)  # M += E^T G
+        else:  # H_t = sum_i w_ti sum_s c_tis c_tis^T with separately captured rows c
+            gemm.add_outer(self.m, (lr * c_w) * (c - gemm.rows_product(c, self.m)), c)
+        return e
+
+    def propagator(self) -> torch.Tensor:
+        """K = I - M, in place."""
+        self.m.neg_().diagonal().add_(1.0)
+        return self.m
+
+
+class _MomentumState:
+    """SGD with momentum and/or weight decay: U and V map a change of (theta_t, b_{t-1}) to theta_T.
+
+    With W = V - eta c U (c = mu for Nesterov, else 1) and Phi = gamma W - [Nesterov] eta U,
+    a record's embedding is -w Phi g (the change of theta_T when its gradient is dropped), and
+    going back one step: U += Phi (H + lambda I), V = mu W. Plain SGD gives Phi = -eta U.
+    """
+
+    def __init__(self, dim: int, dtype: torch.dtype, sgd: SGDSettings) -> None:
+        self.u = torch.eye(dim, dtype=dtype)
+        self.v = torch.zeros(dim, dim, dtype=dtype)
+        self.sgd = sgd
+
+    def step(self, g: torch.Tensor, w: torch.Tensor, lr: float, c: torch.Tensor | None,
+             c_w: torch.Tensor | None, first: bool) -> torch.Tensor:
+        """Embeddings [B, dim] of a step's records, then go back one step."""
+        sgd = self.sgd
+        w_mat = self.v - (lr * (sgd.momentum if sgd.nesterov else 1.0)) * self.u
+        phi = sgd.gamma(first) * w_mat
+        if sgd.nesterov:
+            phi -= lr * self.u
+        e = -w * gemm.rows_product(g, phi)  # -w Phi g, rows
+        h, h_e = (g, e) if c is None else (c, -c_w * gemm.rows_product(c, phi))
+        if sgd.weight_decay:
+            self.u.add_(phi, alpha=sgd.weight_decay)
+        gemm.add_outer(self.u, -h_e, h)  # U += sum_i w_i (Phi h_i) h_i^T
+        self.v = w_mat.mul_(sgd.momentum)
+        return e
+
+    def propagator(self) -> torch.Tensor:
+        """U: the map from a change of theta at the segment's start to theta at its end."""
+        return self.u
 
 
 def run_recursion(
@@ -58,37 +115,36 @@ def run_recursion(
     block is a global M. Writes each record's embedding relative to step ``stop`` into
     ``sinks`` (row writers by layer index, rows indexed like the store) and
     returns the segment's propagators K = I - M, one per block. Records are read in chunks of
-    ``chunk_rows`` rows, by default as many as fit in CHUNK_BYTES.
+    ``chunk_rows`` rows, by default as many as fit in CHUNK_BYTES. A store recorded with
+    momentum or weight decay (``store.config.sgd``) keeps two matrices per block (U, V).
     """
     dtype = TORCH_DTYPES[precision]
     records = store.records
-    scale_all = np.asarray(records["lr"]) * np.asarray(records["weight"])
+    lr_all, w_all = np.asarray(records["lr"]), np.ascontiguousarray(records["weight"], dtype=np.float64)
     layers = [i for block in blocks for i in block]
     passes = store.curvature_passes
     arrays = [store.grads(i) for i in layers] + ([store.curvature(i) for i in layers] if passes else [])
-    dims = [[store.layers[i].dim for i in block] for block in blocks]
-    ms = [torch.zeros(sum(d), sum(d), dtype=dtype) for d in dims]
+    dims = [sum(store.layers[i].dim for i in block) for block in blocks]
+    sgd = store.config.sgd
+    states = [_PlainState(d, dtype) if sgd.plain else _MomentumState(d, dtype, sgd) for d in dims]
     chunk_rows = rows_per_chunk(sum(a.dtype.itemsize * a.shape[1] for a in arrays), chunk_rows)
-    for _, r0, r1, rows in store.iter_steps_backward(arrays, chunk_rows, start, stop):
+    for t, r0, r1, rows in store.iter_steps_backward(arrays, chunk_rows, start, stop):
         by_layer = dict(zip(layers, rows))
         curv_by_layer = dict(zip(layers, rows[len(layers):]))
-        scale = torch.from_numpy(scale_all[r0:r1]).to(dtype).unsqueeze(1)
-        for block, m in zip(blocks, ms):
+        w = torch.from_numpy(w_all[r0:r1]).to(dtype).unsqueeze(1)
+        lr = float(lr_all[r0]) if r1 > r0 else 0.0
+        for block, state in zip(blocks, states):
             g = torch.cat([to_torch(by_layer[i], store.dtype) for i in block], 1).to(dtype)
-            e = scale * (g - gemm.rows_product(g, m))  # g @ m.T
-            if passes:  # H_t = sum_i w_ti sum_s c_tis c_tis^T with separately captured rows c
+            c = c_w = None
+            if passes:
                 c = torch.cat([to_torch(curv_by_layer[i], store.dtype).reshape(len(g), passes, -1) for i in block],
                               2).reshape(-1, g.shape[1]).to(dtype)
-                c_scale = scale.repeat_interleave(passes, dim=0)
-                gemm.add_outer(m, c_scale * (c - gemm.rows_product(c, m)), c)
-            else:
-                gemm.add_outer(m, e, g)
+                c_w = w.repeat_interleave(passes, dim=0)
+            e = state.step(g, w, lr, c, c_w, first=t == 0)
             for i, part in zip(block, e.split([store.layers[i].dim for i in block], dim=1)):
                 sinks[i][r0:r1] = part.numpy()
         on_step()
-    for m in ms:  # K = I - M, in place
-        m.neg_().diagonal().add_(1.0)
-    return ms
+    return [state.propagator() for state in states]
 
 
 def block_layers(store: Store, blocking: Blocking) -> list[list[int]]:

@@ -1,0 +1,84 @@
+"""The update rule the embeddings linearise: PyTorch's SGD, with momentum, dampening, Nesterov and weight decay.
+
+    d_t = g_t + lambda theta_t                                     (weight decay)
+    b_t = mu b_{t-1} + (1 - tau) d_t     (b_t = d_t at the first step)
+    theta_{t+1} = theta_t - eta_t (d_t + mu b_t if Nesterov else b_t)
+
+Removing record (t, i) changes g_t by -w_ti g_ti. To first order (H_k ~ sum_i w_ki g_ki g_ki^T
+as for plain SGD) the change reaches theta_T through the pair (theta, b), and the backward
+recursion carries two matrices per block instead of one: U (the effect of a change of theta
+at step t on theta_T) and V (of a change of the momentum buffer). See ``embed/recursion.py``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class SGDSettings:
+    """Hyperparameters of a ``torch.optim.SGD`` run that shape each record's influence (lr is per step)."""
+
+    momentum: float = 0.0
+    dampening: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    fresh: bool = True  # no momentum buffer before the first recorded step (b_0 = d_0, undampened)
+
+    def __post_init__(self) -> None:
+        if self.momentum < 0 or self.weight_decay < 0 or not 0.0 <= self.dampening <= 1.0:
+            raise ValueError(f"unsupported SGD settings {self}")
+        if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+
+    @property
+    def plain(self) -> bool:
+        """theta <- theta - lr * grad: the paper's setting (one matrix per block in the recursion)."""
+        return self.momentum == 0 and self.weight_decay == 0
+
+    def gamma(self, first: bool) -> float:
+        """The factor of d_t in b_t: 1 at a fresh buffer's first step, else 1 - dampening."""
+        return 1.0 if first and self.fresh else 1.0 - self.dampening
+
+    def to_dict(self) -> dict:
+        """JSON form for the manifest."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> "SGDSettings":
+        """From the manifest; stores written before momentum support are plain SGD."""
+        return cls(**data) if data else cls()
+
+
+def settings_of(optimizer: torch.optim.Optimizer | None, modules: Sequence[nn.Module]) -> SGDSettings:
+    """The SGD settings of the groups holding the tracked layers (plain SGD without an optimizer).
+
+    Other optimizers are linearised as plain SGD, with a warning: their scores are an approximation.
+    """
+    if optimizer is None:
+        return SGDSettings()
+    if not isinstance(optimizer, torch.optim.SGD):
+        warnings.warn(f"{type(optimizer).__name__} is not SGD; data value embeddings linearise "
+                      "theta <- theta - lr * grad (with momentum and weight decay for torch.optim.SGD), so scores "
+                      "are an approximation for this optimizer", stacklevel=3)
+        return SGDSettings()
+    params = {id(p) for m in modules for p in m.parameters(recurse=False)}
+    groups = [g for g in optimizer.param_groups if any(id(p) in params for p in g["params"])]
+    found = {(float(g.get("momentum", 0)), float(g.get("dampening", 0)), bool(g.get("nesterov", False)),
+              float(g.get("weight_decay", 0)), bool(g.get("maximize", False))) for g in groups}
+    if len(found) > 1:
+        raise ValueError(f"tracked layers are in SGD groups with different momentum / dampening / Nesterov / "
+                         f"weight decay settings {sorted(found)}; dvemb needs one setting for all tracked layers")
+    if not found:
+        return SGDSettings()
+    momentum, dampening, nesterov, weight_decay, maximize = found.pop()
+    if maximize:
+        raise ValueError("SGD(maximize=True) is not supported: the embeddings assume descent")
+    fresh = not any("momentum_buffer" in optimizer.state.get(p, {}) and optimizer.state[p]["momentum_buffer"]
+                    is not None for m in modules for p in m.parameters(recurse=False))
+    return SGDSettings(momentum, dampening if momentum else 0.0, nesterov, weight_decay, fresh)
