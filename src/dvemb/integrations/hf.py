@@ -22,8 +22,10 @@ the model sees them, and :class:`DVEmbCallback` records the step with a :class:`
   is recorded with weight w_i = n_i / N (n_i its label tokens, counted as the Trainer counts N),
   so its stored gradient is that of its own mean token loss. Otherwise the Recorder's 1/B is
   used and a sample's stored gradient is that of ``(B / N) * (sum of its token losses)``.
-- The Recorder assumes plain SGD: other optimizers are warned about, and gradient clipping
-  (the Trainer clips at ``max_grad_norm=1.0`` by default) rescales steps without being recorded.
+- The Recorder linearises torch's SGD (momentum, Nesterov, dampening and weight decay are read
+  from the optimizer): other optimizers (the Trainer's default AdamW) are warned about, and
+  gradient clipping (the Trainer clips at ``max_grad_norm=1.0`` by default) rescales steps
+  without being recorded.
 
 Why a Trainer subclass and not only a callback: the Recorder needs a step's ids when the step
 begins, and callbacks never see the batches. ``get_batch_samples`` fetches all micro-batches
