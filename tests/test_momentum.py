@@ -112,6 +112,7 @@ def test_optimizer_settings_are_read_and_checked(tmp_path):
     assert rec.path.joinpath("manifest.json").exists()
     manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
     assert manifest["sgd"] == dict(momentum=0.9, dampening=0.0, nesterov=True, weight_decay=0.0, fresh=True)
+    assert "update     SGD, momentum 0.9 (Nesterov)\n" in Store(tmp_path / "c").summary()
 
 
 def _digits_run(seed: int = 0, n_train: int = 256, batch: int = 16, epochs: int = 2):

@@ -213,6 +213,7 @@ def test_info_summary(tmp_path):
     tiny_run(tmp_path / "s", projection_dim=8)
     text = Store(tmp_path / "s").summary()
     assert "steps      3" in text and "records    12" in text and "embeddings not computed" in text
+    assert "update     SGD\n" in text
     dvemb.compute_embeddings(tmp_path / "s", show_progress=False)
     assert "embeddings up to date" in Store(tmp_path / "s").summary()
 

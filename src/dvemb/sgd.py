@@ -45,6 +45,16 @@ class SGDSettings:
         """The factor of d_t in b_t: 1 at a fresh buffer's first step, else 1 - dampening."""
         return 1.0 if first and self.fresh else 1.0 - self.dampening
 
+    def describe(self) -> str:
+        """One line, e.g. ``SGD, momentum 0.9 (Nesterov), weight decay 0.0005``."""
+        parts = ["SGD"]
+        if self.momentum:
+            parts.append(f"momentum {self.momentum:g}" + (" (Nesterov)" if self.nesterov else "")
+                         + (f", dampening {self.dampening:g}" if self.dampening else ""))
+        if self.weight_decay:
+            parts.append(f"weight decay {self.weight_decay:g}")
+        return ", ".join(parts)
+
     def to_dict(self) -> dict:
         """JSON form for the manifest."""
         return asdict(self)

@@ -550,6 +550,7 @@ class Store:
             f"records    {self.n_records}  ({len(np.unique(self.records['sample_id'])) if self.n_records else 0} distinct samples)",
             f"dtype      {self.dtype}   reduction {m['reduction']}   curvature {m['curvature']}   "
             f"projection {m['projection']} (seed {m['seed']})",
+            f"update     {self.config.sgd.describe()}",
             f"layers     {len(self.layers)}, {sum(s.dim for s in self.layers)} values per record",
         ]
         for s in self.layers:
