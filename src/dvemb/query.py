@@ -18,7 +18,8 @@ from .capture.ghost import GhostCapture
 from .capture.selection import match_specs
 from .embed.checkpointing import Checkpoints, segment_boundaries
 from .embed.compute import compute_embeddings
-from .embed.layout import embedding_info, embeddings_are_current, final_arrays, propagator_arrays, segment_arrays
+from .embed.layout import (embedding_info, embeddings_are_current, final_arrays, propagator_arrays, segment_arrays,
+                           state_blocks)
 from .embed.recursion import Blocking
 from .store import AppendableArray, MappedArrays, PrefetchedRows, Store, StoreError
 
@@ -212,13 +213,14 @@ def _score_chunks(q: _Query, chunk_rows: int | None, show_progress: bool,
     if q.last == n_segments - 1:  # relative to T: the composed embeddings
         arrays, plan = final_arrays(store, info["precision"]), [(0, q.n_rows, q.tests)]
     else:  # relative to checkpoint `last`: carry the test gradients back through the propagators
-        arrays = segment_arrays(store, info["precision"])
+        arrays = segment_arrays(store, info["precision"])  # with momentum: theta parts, then buffer parts
         stacks = [a.read(n_segments) for a in propagator_arrays(store, info["precision"], info["blocks"])]
-        plan, tests = [], q.tests
+        blocks = state_blocks(store, info["blocks"])
+        plan, tests = [], q.tests + [torch.zeros_like(t) for t in q.tests] * (len(arrays) // len(q.tests) - 1)
         for j in range(q.last, -1, -1):
             plan.append((int(starts[boundaries[j]]), int(starts[boundaries[j + 1]]), tests))
             if j > 0:
-                tests = _propagate(tests, info["blocks"], [k[j] for k in stacks], tests[0].dtype)
+                tests = _propagate(tests, blocks, [k[j] for k in stacks], tests[0].dtype)
     chunks = [(r0, min(r0 + chunk_rows, r_stop), tests)
               for r_start, r_stop, tests in plan for r0 in range(r_start, r_stop, chunk_rows)]
     rows = source.scan(arrays, [(r0, r1) for r0, r1, _ in chunks],
@@ -376,7 +378,7 @@ def _top_k(q: _Query, chunks: Iterator[tuple[int, int, torch.Tensor]], k: int) -
 
 def _propagate(tests: list[torch.Tensor], blocks: list[list[int]], propagators: list[np.ndarray],
                dtype: torch.dtype) -> list[torch.Tensor]:
-    """Per-layer test gradients times each block's propagator (V_j = V_{j+1} K_{j+1})."""
+    """Per-layer test gradients times each block's propagator (V_j = V_{j+1} K_{j+1}; blocks index ``tests``)."""
     out = list(tests)
     for block, k in zip(blocks, propagators):
         moved = torch.cat([tests[i] for i in block], 1) @ torch.from_numpy(np.array(k)).to(dtype)

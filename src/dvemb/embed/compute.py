@@ -18,7 +18,7 @@ from .. import gemm
 from ..progress import ProgressBar
 from ..store import MANIFEST, Store, release_pages, write_json_atomic
 from .checkpointing import Checkpoints, compose, segment_boundaries
-from .layout import SEGMENTS_DIR, embeddings_dir, final_arrays, propagator_arrays, segment_arrays
+from .layout import SEGMENTS_DIR, embeddings_dir, final_arrays, propagator_arrays, segment_arrays, state_blocks
 from .recursion import (TORCH_DTYPES, Blocking, Precision, block_layers, default_precision, rows_per_chunk,
                         run_recursion)
 
@@ -78,10 +78,6 @@ def compute_embeddings(
         raise ValueError(f"workers must be >= 1, got {workers}")
     blocks = block_layers(store, blocking)
     n_segments = len(boundaries) - 1
-    if n_segments > 1 and store.config.sgd.momentum:
-        raise ValueError("influence checkpointing (checkpoints=K > 1) is not supported for stores recorded with "
-                         "momentum: composing segments would need each record's effect on the momentum buffer; "
-                         "compute the embeddings relative to the last step (checkpoints=None)")
     out_dir = embeddings_dir(store)
     out_dir.mkdir(exist_ok=True)
     (out_dir / MANIFEST).unlink(missing_ok=True)  # invalidate before overwriting
@@ -139,10 +135,14 @@ def _run_task(store: Store, task: _Task, precision: str, blocks: list[list[int]]
     final arrays (no checkpoint query reads them as segment embeddings).
     """
     last = task.segment == n_segments - 1
-    arrays = final_arrays(store, precision) if last else segment_arrays(store, precision)
-    sinks = {i: arrays[i].row_file() for block in task.blocks for i in block}
+    local = segment_arrays(store, precision) if n_segments > 1 else []
+    n_layers = len(store.layers)
+    arrays = final_arrays(store, precision) + local[n_layers:] if last else local  # buffer parts: never final
+    sinks = {i: arrays[i].row_file() for block in state_blocks(store, [list(b) for b in task.blocks]) for i in block
+             if n_segments > 1 or i < n_layers}
     try:
-        propagators = run_recursion(store, task.blocks, sinks, task.start, task.stop, precision, chunk_rows, on_step)
+        propagators = run_recursion(store, task.blocks, sinks, task.start, task.stop, precision, chunk_rows, on_step,
+                                    buffer=n_segments > 1)
     finally:
         for sink in sinks.values():
             sink.close()
@@ -190,24 +190,29 @@ def _run_parallel(store: Store, tasks: list[_Task], precision: str, blocks: list
 
 def _compose_final(store: Store, boundaries: Sequence[int], precision: str, blocks: list[list[int]],
                    chunk_rows: int | None) -> None:
-    """Final embeddings: each segment's local embeddings mapped to T by the later propagators."""
+    """Final embeddings: each segment's local embeddings mapped to T by the later propagators.
+
+    With momentum a local embedding is (effect on theta, effect on the buffer) at the segment's
+    end, and the composed propagators' theta rows map it to theta_T.
+    """
     dtype = TORCH_DTYPES[precision]
     starts = store.step_starts
     local = [a.read(store.n_records) for a in segment_arrays(store, precision)]
     finals = [a.row_file() for a in final_arrays(store, precision)]
-    for block, stack_arr in zip(blocks, propagator_arrays(store, precision, blocks)):
+    for block, state, stack_arr in zip(blocks, state_blocks(store, blocks), propagator_arrays(store, precision, blocks)):
         stack = stack_arr.read(len(boundaries) - 1)
         maps = compose([torch.from_numpy(np.array(k)).to(dtype) for k in stack])
         sizes = [store.layers[i].dim for i in block]
-        rows = rows_per_chunk(sum(sizes) * dtype.itemsize, chunk_rows)
+        rows = rows_per_chunk(sum(sizes) * dtype.itemsize * len(state) // len(block), chunk_rows)
         for j, c in enumerate(maps[:-1]):  # the last segment was written as final already
+            theta_rows = c[:sum(sizes)].contiguous()
             for r0 in range(starts[boundaries[j]], starts[boundaries[j + 1]], rows):
                 r1 = min(r0 + rows, starts[boundaries[j + 1]])
-                mapped = gemm.rows_product(torch.cat([torch.from_numpy(np.array(local[i][r0:r1])) for i in block], 1),
-                                            c.contiguous())  # rows @ c.T
+                mapped = gemm.rows_product(torch.cat([torch.from_numpy(np.array(local[i][r0:r1])) for i in state], 1),
+                                            theta_rows)  # rows @ c[:dim].T
                 for i, part in zip(block, mapped.split(sizes, dim=1)):
                     finals[i][r0:r1] = part.numpy()
-                for i in block:
+                for i in state:
                     release_pages(local[i])
     for sink in finals:
         sink.close()

@@ -4,8 +4,11 @@
     embeddings/<layer>.npy           DVEmb relative to the final step T  [n_records, dim]
     embeddings/segments/<layer>.npy  DVEmb relative to the end of each record's segment (K > 1;
                                      rows of the last segment unused: they are final)
+    embeddings/segments/<layer>.buffer.npy   runs with momentum: each record's effect on the
+                                     momentum buffer at the end of its segment
     embeddings/segments/block-<b>.propagators.npy   K_j = prod_{t in segment j} (I - eta_t H_t)
-                                     of block b (its layers' dims together)  [K, dim_b, dim_b]
+                                     of block b (its layers' dims together)  [K, dim_b, dim_b];
+                                     with momentum the map of (theta, buffer)  [K, 2 dim_b, 2 dim_b]
 """
 
 from __future__ import annotations
@@ -34,15 +37,27 @@ def final_arrays(store: Store, precision: str) -> list[AppendableArray]:
     return [AppendableArray(embeddings_dir(store) / f"{s.name}.npy", _float(precision), (s.dim,)) for s in store.layers]
 
 
+def state_parts(store: Store) -> int:
+    """Parts of a record's local embedding: its effect on theta, and with momentum on the buffer too."""
+    return 2 if store.config.sgd.momentum else 1
+
+
+def state_blocks(store: Store, blocks: list[list[int]]) -> list[list[int]]:
+    """Per block, indices into :func:`segment_arrays`: its layers' theta parts, then their buffer parts."""
+    n = len(store.layers)
+    return [[i + part * n for part in range(state_parts(store)) for i in block] for block in blocks]
+
+
 def segment_arrays(store: Store, precision: str) -> list[AppendableArray]:
-    """Per-layer embeddings relative to the end of their segment."""
-    return [AppendableArray(embeddings_dir(store) / SEGMENTS_DIR / f"{s.name}.npy", _float(precision), (s.dim,))
-            for s in store.layers]
+    """Per-layer embeddings relative to the end of their segment; with momentum, then each layer's buffer part."""
+    suffixes = ["", ".buffer"][:state_parts(store)]
+    return [AppendableArray(embeddings_dir(store) / SEGMENTS_DIR / f"{s.name}{suffix}.npy", _float(precision),
+                            (s.dim,)) for suffix in suffixes for s in store.layers]
 
 
 def propagator_arrays(store: Store, precision: str, blocks: list[list[int]]) -> list[AppendableArray]:
-    """Per-block stacks of segment propagators [K, dim_b, dim_b]."""
-    dims = [sum(store.layers[i].dim for i in block) for block in blocks]
+    """Per-block stacks of segment propagators [K, dim_b, dim_b] ([K, 2 dim_b, 2 dim_b] with momentum)."""
+    dims = [state_parts(store) * sum(store.layers[i].dim for i in block) for block in blocks]
     return [AppendableArray(embeddings_dir(store) / SEGMENTS_DIR / f"block-{b}.propagators.npy", _float(precision),
                             (d, d)) for b, d in enumerate(dims)]
 

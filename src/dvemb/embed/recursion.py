@@ -49,14 +49,14 @@ class _PlainState:
         self.m = torch.zeros(dim, dim, dtype=dtype)
 
     def step(self, g: torch.Tensor, w: torch.Tensor, lr: float, c: torch.Tensor | None,
-             c_w: torch.Tensor | None, first: bool) -> torch.Tensor:
+             c_w: torch.Tensor | None, first: bool) -> list[torch.Tensor]:
         """Embeddings [B, dim] of a step's records (rows g, weights w), then fold the step's curvature in."""
         e = (lr * w) * (g - gemm.rows_product(g, self.m))  # eta w (g - M g), rows
         if c is None:
             gemm.add_outer(self.m, e, g)  # M += E^T G
         else:  # H_t = sum_i w_ti sum_s c_tis c_tis^T with separately captured rows c
             gemm.add_outer(self.m, (lr * c_w) * (c - gemm.rows_product(c, self.m)), c)
-        return e
+        return [e]
 
     def propagator(self) -> torch.Tensor:
         """K = I - M, in place."""
@@ -65,37 +65,44 @@ class _PlainState:
 
 
 class _MomentumState:
-    """SGD with momentum and/or weight decay: U and V map a change of (theta_t, b_{t-1}) to theta_T.
+    """SGD with momentum and/or weight decay: U and V map a change of (theta_t, b_{t-1}) to an output.
 
-    With W = V - eta c U (c = mu for Nesterov, else 1) and Phi = gamma W - [Nesterov] eta U,
-    a record's embedding is -w Phi g (the change of theta_T when its gradient is dropped), and
-    going back one step: U += Phi (H + lambda I), V = mu W. Plain SGD gives Phi = -eta U.
+    The output is theta at the end of the segment, and with ``buffer`` also the momentum
+    buffer there (Algorithm 2 composes segments through both). With W = V - eta c U (c = mu
+    for Nesterov, else 1) and Phi = gamma W - [Nesterov] eta U, a record's embedding is
+    -w Phi g (the output's change when its gradient is dropped), and going back one step:
+    U += Phi (H + lambda I), V = mu W. Plain SGD gives Phi = -eta U.
     """
 
-    def __init__(self, dim: int, dtype: torch.dtype, sgd: SGDSettings) -> None:
-        self.u = torch.eye(dim, dtype=dtype)
-        self.v = torch.zeros(dim, dim, dtype=dtype)
+    def __init__(self, dim: int, dtype: torch.dtype, sgd: SGDSettings, buffer: bool) -> None:
+        eye, zero = torch.eye(dim, dtype=dtype), torch.zeros(dim, dim, dtype=dtype)
+        self.maps = [[eye, zero]] + ([[zero.clone(), eye.clone()]] if buffer else [])  # (U, V) per output
         self.sgd = sgd
 
     def step(self, g: torch.Tensor, w: torch.Tensor, lr: float, c: torch.Tensor | None,
-             c_w: torch.Tensor | None, first: bool) -> torch.Tensor:
-        """Embeddings [B, dim] of a step's records, then go back one step."""
-        sgd = self.sgd
-        w_mat = self.v - (lr * (sgd.momentum if sgd.nesterov else 1.0)) * self.u
-        phi = sgd.gamma(first) * w_mat
-        if sgd.nesterov:
-            phi -= lr * self.u
-        e = -w * gemm.rows_product(g, phi)  # -w Phi g, rows
-        h, h_e = (g, e) if c is None else (c, -c_w * gemm.rows_product(c, phi))
-        if sgd.weight_decay:
-            self.u.add_(phi, alpha=sgd.weight_decay)
-        gemm.add_outer(self.u, -h_e, h)  # U += sum_i w_i (Phi h_i) h_i^T
-        self.v = w_mat.mul_(sgd.momentum)
-        return e
+             c_w: torch.Tensor | None, first: bool) -> list[torch.Tensor]:
+        """Embeddings [B, dim] of a step's records for each output, then go back one step."""
+        sgd, out = self.sgd, []
+        for pair in self.maps:
+            u, v = pair
+            w_mat = v - (lr * (sgd.momentum if sgd.nesterov else 1.0)) * u
+            phi = sgd.gamma(first) * w_mat
+            if sgd.nesterov:
+                phi -= lr * u
+            e = -w * gemm.rows_product(g, phi)  # -w Phi g, rows
+            h, h_e = (g, e) if c is None else (c, -c_w * gemm.rows_product(c, phi))
+            if sgd.weight_decay:
+                u.add_(phi, alpha=sgd.weight_decay)
+            gemm.add_outer(u, -h_e, h)  # U += sum_i w_i (Phi h_i) h_i^T
+            pair[1] = w_mat.mul_(sgd.momentum)
+            out.append(e)
+        return out
 
     def propagator(self) -> torch.Tensor:
-        """U: the map from a change of theta at the segment's start to theta at its end."""
-        return self.u
+        """The map of a change of theta (and of the buffer) at the segment's start to the outputs."""
+        if len(self.maps) == 1:
+            return self.maps[0][0]
+        return torch.cat([torch.cat(pair, 1) for pair in self.maps], 0)  # [[U, V], [U_b, V_b]]
 
 
 def run_recursion(
@@ -107,6 +114,7 @@ def run_recursion(
     precision: Precision,
     chunk_rows: int | None,
     on_step: Callable[[], None] = lambda: None,
+    buffer: bool = False,
 ) -> list[torch.Tensor]:
     """Run the recursion over steps [start, stop) from M = 0 for the given blocks of layers.
 
@@ -116,7 +124,10 @@ def run_recursion(
     ``sinks`` (row writers by layer index, rows indexed like the store) and
     returns the segment's propagators K = I - M, one per block. Records are read in chunks of
     ``chunk_rows`` rows, by default as many as fit in CHUNK_BYTES. A store recorded with
-    momentum or weight decay (``store.config.sgd``) keeps two matrices per block (U, V).
+    momentum or weight decay (``store.config.sgd``) keeps two matrices per block (U, V); with
+    ``buffer`` (momentum, Algorithm 2) also the records' effects on the momentum buffer at
+    ``stop``, written to ``sinks[layer + number of layers]``, and the propagators map
+    (theta, buffer) to (theta, buffer).
     """
     dtype = TORCH_DTYPES[precision]
     records = store.records
@@ -126,7 +137,8 @@ def run_recursion(
     arrays = [store.grads(i) for i in layers] + ([store.curvature(i) for i in layers] if passes else [])
     dims = [sum(store.layers[i].dim for i in block) for block in blocks]
     sgd = store.config.sgd
-    states = [_PlainState(d, dtype) if sgd.plain else _MomentumState(d, dtype, sgd) for d in dims]
+    buffer = buffer and sgd.momentum > 0
+    states = [_PlainState(d, dtype) if sgd.plain else _MomentumState(d, dtype, sgd, buffer) for d in dims]
     chunk_rows = rows_per_chunk(sum(a.dtype.itemsize * a.shape[1] for a in arrays), chunk_rows)
     for t, r0, r1, rows in store.iter_steps_backward(arrays, chunk_rows, start, stop):
         by_layer = dict(zip(layers, rows))
@@ -140,9 +152,10 @@ def run_recursion(
                 c = torch.cat([to_torch(curv_by_layer[i], store.dtype).reshape(len(g), passes, -1) for i in block],
                               2).reshape(-1, g.shape[1]).to(dtype)
                 c_w = w.repeat_interleave(passes, dim=0)
-            e = state.step(g, w, lr, c, c_w, first=t == 0)
-            for i, part in zip(block, e.split([store.layers[i].dim for i in block], dim=1)):
-                sinks[i][r0:r1] = part.numpy()
+            for part, e in enumerate(state.step(g, w, lr, c, c_w, first=t == 0)):
+                offset = part * len(store.layers)
+                for i, rows_i in zip(block, e.split([store.layers[i].dim for i in block], dim=1)):
+                    sinks[i + offset][r0:r1] = rows_i.numpy()
         on_step()
     return [state.propagator() for state in states]
 
