@@ -28,45 +28,44 @@ def data():
         torch.randint(0, 3, (STEPS * GLOBAL_BATCH,), generator=g)
 
 
-def sgd(model: nn.Module) -> None:
-    with torch.no_grad():
-        for p in model.parameters():
-            p -= LR * p.grad
-            p.grad = None
-
-
-def rank_main(rank: int, world: int, path: str, rendezvous: str) -> None:
+def rank_main(rank: int, world: int, path: str, rendezvous: str, momentum: float) -> None:
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     ddp = nn.parallel.DistributedDataParallel(make_model())
+    opt = torch.optim.SGD(ddp.parameters(), lr=LR, momentum=momentum)
     x, y = data()
     local = GLOBAL_BATCH // world
-    with dvemb.Recorder(ddp, path, projection_dim=12, dtype=torch.float64, save_checkpoints=[3]) as rec:
+    with dvemb.Recorder(ddp, path, projection_dim=12, dtype=torch.float64, save_checkpoints=[3], optimizer=opt) as rec:
         for t in range(STEPS):
             ids = list(range(t * GLOBAL_BATCH + rank * local, t * GLOBAL_BATCH + (rank + 1) * local))
-            with rec.step(ids, lr=LR):
+            with rec.step(ids):
                 F.cross_entropy(ddp(x[ids]), y[ids]).backward()  # DDP averages the ranks' gradients
-            sgd(ddp)
+            opt.step()
+            opt.zero_grad()
     dist.destroy_process_group()
 
 
-def record_single(path) -> nn.Module:
+def record_single(path, momentum: float) -> nn.Module:
     model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=momentum)
     x, y = data()
-    with dvemb.Recorder(model, path, projection_dim=12, dtype=torch.float64) as rec:
+    with dvemb.Recorder(model, path, projection_dim=12, dtype=torch.float64, optimizer=opt) as rec:
         for t in range(STEPS):
             ids = list(range(t * GLOBAL_BATCH, (t + 1) * GLOBAL_BATCH))
-            with rec.step(ids, lr=LR):
+            with rec.step(ids):
                 F.cross_entropy(model(x[ids]), y[ids]).backward()
-            sgd(model)
+            opt.step()
+            opt.zero_grad()
     return model
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
-def test_two_rank_ddp_store_equals_single_process(tmp_path):
-    mp.spawn(rank_main, args=(2, str(tmp_path / "ddp"), str(tmp_path / "rdv")), nprocs=2, join=True)
-    model = record_single(tmp_path / "one")
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_two_rank_ddp_store_equals_single_process(tmp_path, momentum):
+    mp.spawn(rank_main, args=(2, str(tmp_path / "ddp"), str(tmp_path / "rdv"), momentum), nprocs=2, join=True)
+    model = record_single(tmp_path / "one", momentum)
     ddp_store, one = Store(tmp_path / "ddp"), Store(tmp_path / "one")
+    assert ddp_store.config.sgd.momentum == momentum == one.config.sgd.momentum
     assert ddp_store.world_size == 2 and ddp_store.n_steps == STEPS and ddp_store.n_records == STEPS * GLOBAL_BATCH
     rec_d, rec_1 = ddp_store.records, one.records
     np.testing.assert_array_equal(rec_d["sample_id"], rec_1["sample_id"])  # step-major, rank-minor order
