@@ -318,6 +318,21 @@ def test_grouped_conv2d_against_torch_func(tmp_path, conv, projection_dim):
     check_against_reference(store, model, x, y, TOL32)
 
 
+@pytest.mark.parametrize("conv", [dict(), dict(stride=2, padding=0, bias=False), dict(groups=2, dilation=(1, 2, 1)),
+                                  dict(padding="same", padding_mode="circular")])
+@pytest.mark.parametrize("projection_dim", [None, 10])
+def test_conv3d_against_torch_func(tmp_path, conv, projection_dim):
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Conv3d(2, 4, (2, 3, 3), **{"padding": 1, **conv}), nn.Tanh(), nn.Flatten(),
+                          nn.LazyLinear(5))
+    x, y = torch.randn(4, 2, 4, 5, 5), torch.randint(0, 5, (4,))
+    model(x)
+    store = record(model, tmp_path / "s", [(x, y)], projection_dim=projection_dim)
+    assert [s.kind for s in store.layers] == ["conv3d", "linear"]
+    assert (store.layers[0].d_in, store.layers[0].d_out) == (2 // conv.get("groups", 1) * 18, 4)
+    check_against_reference(store, model, x, y, TOL32)
+
+
 @pytest.mark.parametrize("projection_dim", [None, 6])
 def test_grouped_conv1d_against_torch_func(tmp_path, projection_dim):
     torch.manual_seed(8)

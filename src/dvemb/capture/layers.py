@@ -3,7 +3,7 @@
 Every supported layer is affine in its weight token by token, s_tok = W a_tok + b, so the
 per-sample gradient of its weight (with the bias as an extra input column) is
 sum_tok ds_tok [a_tok, 1]^T. For nn.Linear and GPT-2's Conv1D a token is a position of
-the last dimension's map, for nn.Conv1d / nn.Conv2d an output position (a_tok its input patch), for
+the last dimension's map, for nn.Conv1d / nn.Conv2d / nn.Conv3d an output position (a_tok its input patch), for
 nn.Embedding a looked-up id (a_tok its one-hot vector). A grouped convolution is one such map
 per group on the group's channels: its gradient's rows of group g are sum_pos ds_g,pos [a_g,pos, 1]^T,
 so its tokens are (group, position) pairs and the sum over positions runs within each group. Rules say how to recognise the
@@ -13,6 +13,7 @@ input and output gradient into token rows (projecting the input side on the way)
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -63,15 +64,15 @@ def _last_dim_outputs(ds: torch.Tensor) -> torch.Tensor:
     return ds.reshape(ds.shape[0], ds.shape[1], -1, ds.shape[-1])
 
 
-def _conv_inputs(module: nn.Conv1d | nn.Conv2d, x: torch.Tensor, in_t: torch.Tensor | None,
+def _conv_inputs(module: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: torch.Tensor, in_t: torch.Tensor | None,
                  in_bias: torch.Tensor | None, bias: bool, dtype: torch.dtype) -> torch.Tensor:
-    """Patches of a 1-D or 2-D convolution, one token per output position.
+    """Patches of a 1-D, 2-D or 3-D convolution, one token per output position.
 
     Projected, P_in times every patch is a convolution of the input with the k_in rows of
     P_in as filters (and P_in's bias column as their bias), so patches are never unfolded.
-    A 1-D convolution runs as a 2-D one of height 1. With groups, each group's patches (its
-    input channels) are projected by the same P_in: tokens [b, groups * positions, k_in],
-    group-major.
+    A 1-D convolution runs as a 2-D one of height 1. Exact 3-D patches are a convolution with
+    one-hot filters (torch has no 3-D unfold). With groups, each group's patches (its input
+    channels) are projected by the same P_in: tokens [b, groups * positions, k_in], group-major.
     """
     x = x.to(dtype)
     padding = module.padding
@@ -83,15 +84,18 @@ def _conv_inputs(module: nn.Conv1d | nn.Conv2d, x: torch.Tensor, in_t: torch.Ten
         x = x.unsqueeze(2)
         kernel, stride, dilation = (1, *kernel), (1, *stride), (1, *dilation)
         padding = (0, *padding) if isinstance(padding, tuple) else (0, padding)
-    b, groups = x.shape[0], module.groups
+    b, groups, exact = x.shape[0], module.groups, in_t is None
+    conv = F.conv3d if isinstance(module, nn.Conv3d) else F.conv2d
+    if exact and conv is F.conv3d:  # exact patches: one-hot filters pick each (channel, offset)
+        in_t = torch.eye(x.shape[1] // groups * math.prod(kernel), dtype=dtype, device=x.device)
     if in_t is not None:
-        filters = in_t.t().reshape(-1, x.shape[1] // groups, *kernel).repeat(groups, 1, 1, 1)
+        filters = in_t.t().reshape(-1, x.shape[1] // groups, *kernel).repeat(groups, *[1] * (len(kernel) + 1))
         in_bias = None if in_bias is None else in_bias.repeat(groups)
-        rows = F.conv2d(x, filters, in_bias, stride, padding, dilation, groups)  # [b, groups * k_in, *out]
+        rows = conv(x, filters, in_bias, stride, padding, dilation, groups)  # [b, groups * k_in, *out]
     else:
         rows = F.unfold(x, kernel, dilation, padding, stride)  # [b, channels * kernel, positions]
     rows = rows.reshape(b, groups, -1, rows[0, 0].numel()).transpose(2, 3).reshape(b, -1, rows.shape[1] // groups)
-    if in_t is None and bias:
+    if exact and bias:
         rows = torch.cat([rows, rows.new_ones(*rows.shape[:2], 1)], dim=2)
     return rows
 
@@ -135,11 +139,14 @@ RULES: tuple[LayerRule, ...] = (
     LayerRule("torch_conv1d", lambda m: isinstance(m, nn.Conv1d),
               lambda m: (m.weight[0].numel(), m.out_channels), lambda w: w.reshape(w.shape[0], -1),
               _conv_inputs, _conv_outputs, groups=lambda m: m.groups),
+    LayerRule("conv3d", lambda m: isinstance(m, nn.Conv3d),
+              lambda m: (m.weight[0].numel(), m.out_channels), lambda w: w.reshape(w.shape[0], -1),
+              _conv_inputs, _conv_outputs, groups=lambda m: m.groups),
     LayerRule("embedding", lambda m: isinstance(m, nn.Embedding),
               lambda m: (m.num_embeddings, m.embedding_dim), lambda w: w.t(),
               _embedding_inputs, _last_dim_outputs, default=False),
 )
-SUPPORTED = "nn.Linear, nn.Conv1d / nn.Conv2d (any groups), nn.Embedding (when named), GPT-2 Conv1D"
+SUPPORTED = "nn.Linear, nn.Conv1d / nn.Conv2d / nn.Conv3d (any groups), nn.Embedding (when named), GPT-2 Conv1D"
 
 
 def rule_for(module: nn.Module) -> LayerRule | None:
