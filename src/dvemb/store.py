@@ -77,6 +77,8 @@ def dtype_name(dtype: torch.dtype | str) -> str:
 
 def to_torch(array: np.ndarray, dtype: str) -> torch.Tensor:
     """View stored rows as a torch tensor of the store's dtype (no copy where possible)."""
+    if not isinstance(array, np.ndarray):  # a distributed store's rows, gathered from the shards
+        array = np.asarray(array)
     if not array.flags.writeable:  # torch tensors cannot be read-only
         array = np.array(array)
     tensor = torch.from_numpy(np.ascontiguousarray(array))

@@ -22,6 +22,8 @@ the model sees them, and :class:`DVEmbCallback` records the step with a :class:`
   is recorded with weight w_i = n_i / N (n_i its label tokens, counted as the Trainer counts N),
   so its stored gradient is that of its own mean token loss. Otherwise the Recorder's 1/B is
   used and a sample's stored gradient is that of ``(B / N) * (sum of its token losses)``.
+- Multi-process runs (torchrun, one process per device) are recorded as under DDP: each rank
+  writes its shard of the store. DataParallel (several GPUs in one process) is refused.
 - The Recorder linearises torch's SGD (momentum, Nesterov, dampening and weight decay are read
   from the optimizer): other optimizers (the Trainer's default AdamW) are warned about, and
   gradient clipping (the Trainer clips at ``max_grad_norm=1.0`` by default) rescales steps
@@ -141,8 +143,9 @@ def _check_arguments(args: TrainingArguments) -> None:
     if args.fp16:
         raise ValueError("fp16 loss scaling multiplies the captured per-sample gradients by the scaler's factor; "
                          "train in float32 or bf16")
-    if args.world_size > 1:
-        raise ValueError("DVEmbCallback records single-process training only")
+    if args.n_gpu > 1:
+        raise ValueError("DVEmbCallback does not record DataParallel (several GPUs in one process): launch one "
+                         "process per GPU (torchrun), which it records like DDP")
     if args.max_grad_norm and args.max_grad_norm > 0:
         warnings.warn(f"gradient clipping (max_grad_norm={args.max_grad_norm}) rescales some steps and dvemb does "
                       "not record it; set max_grad_norm=0 for exact data value embeddings", stacklevel=3)
@@ -166,7 +169,9 @@ class DVEmbTrainerMixin:
 
         n_i counts sample i's tokens the way the Trainer counts N (``labels[..., 1:]`` for losses that shift
         labels, ``shift_labels`` when given). Otherwise (no count, or a transformers without that rule) None:
-        the reduction's 1/B, as documented in this module.
+        the reduction's 1/B, as documented in this module. In a multi-process run the weights are relative
+        to this process's loss, as the Recorder expects under DDP: the Trainer multiplies that loss by the
+        number of processes when N counts every process's tokens (``average_tokens_across_devices``).
         """
         shifts = getattr(self, "_loss_shifts_labels", None)
         if num_items_in_batch is None or shifts is None or any("labels" not in b for b in batches):
@@ -176,7 +181,10 @@ class DVEmbTrainerMixin:
             labels = batch["shift_labels"] if "shift_labels" in batch else (
                 batch["labels"][..., 1:] if shifts else batch["labels"])
             counts.append(labels.ne(-100).reshape(labels.shape[0], -1).sum(1).cpu().numpy())
-        return np.concatenate(counts).astype(np.float64) / float(num_items_in_batch)
+        weights = np.concatenate(counts).astype(np.float64) / float(num_items_in_batch)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            weights *= self.accelerator.num_processes  # the Trainer's loss scale (no tensor parallelism here)
+        return weights
 
     def train(self, *args: Any, **kwargs: Any):
         """``Trainer.train``; on an error the store keeps exactly the committed steps and the hooks are removed."""
