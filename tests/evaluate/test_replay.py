@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tempfile
+
 import numpy as np
 import pytest
 import torch
@@ -11,11 +13,13 @@ from torch import nn
 from dvemb.evaluate import (
     TrainingSpec,
     all_epoch_removal,
+    record_run,
     records_of,
     single_records,
     train,
     tsloo,
 )
+from dvemb.sgd import SGDSettings
 
 N_SAMPLES, N_TEST = 10, 3
 LR = 0.5
@@ -198,3 +202,43 @@ def test_invalid_removals_raise() -> None:
         tsloo(spec, [[(spec.num_steps, 0)]], target_losses, show_progress=False)
     with pytest.raises(ValueError, match="different TrainingSpec"):
         tsloo(spec, [], target_losses, trajectory=train(make_spec()), show_progress=False)
+
+
+def optimizer_losses(spec: TrainingSpec, removed: set[tuple[int, int]]) -> np.ndarray:
+    """Retrains from step 0 with torch.optim.SGD (spec.sgd's settings), zeroing the weights of ``removed``."""
+    model = make_mlp().double()
+    sgd = spec.sgd
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=sgd.momentum, dampening=sgd.dampening,
+                          nesterov=sgd.nesterov, weight_decay=sgd.weight_decay)
+    for t, batch in enumerate(spec.batches):
+        w = torch.tensor([0.0 if (t, i) in removed else 1.0 / len(batch) for i in batch], dtype=torch.float64)
+        (w * F.cross_entropy(model(spec.inputs[batch]), spec.targets[batch], reduction="none")).sum().backward()
+        opt.param_groups[0]["lr"] = spec.lr(t)
+        opt.step()
+        opt.zero_grad()
+    with torch.no_grad():
+        return target_losses(model).numpy()
+
+
+@pytest.mark.parametrize("settings", [dict(momentum=0.9), dict(momentum=0.8, nesterov=True, weight_decay=0.01),
+                                      dict(momentum=0.7, dampening=0.3), dict(weight_decay=0.05)])
+def test_momentum_replay_matches_torch_sgd_retraining(settings) -> None:
+    x, y, _, _ = make_data()
+    spec = TrainingSpec(make_mlp, x, y, epoch_batches(3), [0.2 * 0.9**t for t in range(9)],
+                        sgd=SGDSettings(**settings))
+    records = records_of(spec)
+    removals = single_records([records[1], records[7], records[-3]]) + [[records[2], records[12]]]
+    trajectory = train(spec, keep_steps=[4])  # removals after step 4 replay from its kept state (buffers too)
+    got = tsloo(spec, removals, target_losses, trajectory=trajectory, chunk_size=2, show_progress=False)
+    base = optimizer_losses(spec, set())
+    want = np.stack([optimizer_losses(spec, set(r)) - base for r in removals], axis=1)
+    assert np.abs(want).max() > 1e-3
+    np.testing.assert_allclose(got, want, **TOL)
+    np.testing.assert_allclose(trajectory.model()(x).detach().numpy(),
+                               _trained_with_optimizer(spec)(x).detach().numpy(), rtol=1e-12, atol=1e-12)
+
+
+def _trained_with_optimizer(spec: TrainingSpec) -> nn.Module:
+    """The run recorded by record_run (torch.optim.SGD under a Recorder)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return record_run(spec, f"{tmp}/s", dtype=torch.float64)

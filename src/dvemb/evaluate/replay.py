@@ -1,9 +1,12 @@
 """Ground-truth trajectory-specific leave-one-out (TSLOO) by replaying training.
 
-Training is plain mini-batch SGD over steps ``t = 0..T-1``::
+Training is mini-batch SGD over steps ``t = 0..T-1``::
 
     theta_{t+1} = theta_t - eta_t * grad L_t(theta_t)
     L_t(theta)  = sum_{i in B_t} w_ti * loss(theta, z_i)
+
+or, with ``TrainingSpec(sgd=SGDSettings(...))``, torch.optim.SGD's update with momentum,
+dampening, Nesterov and weight decay (the momentum buffers are replayed with the parameters).
 
 with ``w_ti = 1/|B_t|`` for ``reduction="mean"`` and ``1`` for ``"sum"``. A *record* is one
 use of one sample, ``(step t, sample id i)``. Removing a set of records sets their weights to
@@ -32,7 +35,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -40,7 +43,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
+
 from ..progress import ProgressBar
+from ..sgd import SGDSettings
 
 Record = tuple[int, int]
 """One use of one sample: ``(step, sample_id)``."""
@@ -51,8 +56,12 @@ Params = dict[str, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``loss(outputs, targets) -> [B]`` per-example losses, unweighted."""
 
-StepFn = Callable[[Params, torch.Tensor, torch.Tensor, torch.Tensor, float], Params]
-"""``step(params, x, y, w, lr) -> params`` after one weighted SGD step."""
+StepFn = Callable[[Params, torch.Tensor, torch.Tensor, torch.Tensor, float, bool], Params]
+"""``step(state, x, y, w, lr, first) -> state`` after one weighted SGD step (state: parameters, and
+momentum buffers under :data:`BUFFER` + name; ``first``: the run's first step)."""
+
+BUFFER = "momentum_buffer:"
+"""Key prefix of a parameter's momentum buffer in a replay state."""
 
 
 def per_example_cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -76,6 +85,7 @@ class TrainingSpec:
     loss: LossFn = per_example_cross_entropy
     reduction: Literal["mean", "sum"] = "mean"
     dtype: torch.dtype = torch.float64
+    sgd: SGDSettings = SGDSettings()
 
     def __post_init__(self) -> None:
         """Checks that the run is well formed."""
@@ -135,12 +145,14 @@ class Trajectory:
 
     ``checkpoints[t]`` holds the trainable parameters *before* step ``t``; step 0 is always kept.
     ``fixed`` holds the frozen parameters and buffers, which training never changes.
+    ``momentum[t]`` holds the momentum buffers before step ``t`` (empty without momentum).
     """
 
     spec: TrainingSpec
     checkpoints: Mapping[int, Params]
     final_params: Params
     fixed: Params
+    momentum: Mapping[int, Params] = field(default_factory=dict)
 
     def params_at(self, step: int) -> Params:
         """theta_step: the kept parameters before ``step``; ``step == T`` gives the final ones."""
@@ -149,6 +161,10 @@ class Trajectory:
         if step not in self.checkpoints:
             raise KeyError(f"step {step} was not kept; kept steps: {sorted(self.checkpoints)}")
         return self.checkpoints[step]
+
+    def state_at(self, step: int) -> Params:
+        """Parameters and momentum buffers before a kept ``step``: where a replay starts."""
+        return {**self.params_at(step), **{BUFFER + n: b for n, b in self.momentum.get(step, {}).items()}}
 
     def latest_kept(self, step: int) -> int:
         """The latest step ``<= step`` whose parameters are available (T counts as kept)."""
@@ -201,14 +217,16 @@ def train(
         raise ValueError(f"keep_steps must lie in [0, {spec.num_steps}]")
     model = spec.build_model()
     params, fixed = _split_state(model)
-    step = _make_step(model, spec.loss, fixed)
+    step = _make_step(model, spec.loss, fixed, spec.sgd)
+    state = {**params, **({BUFFER + n: torch.zeros_like(p) for n, p in params.items()} if spec.sgd.momentum else {})}
     checkpoints: dict[int, Params] = {}
+    momentum: dict[int, Params] = {}
     with _deterministic():
         for t in ProgressBar(range(spec.num_steps), desc="train", unit="step", disable=not show_progress):
             if t in keep:
-                checkpoints[t] = params
-            params = step(params, *spec.step_data(t), spec.weights(t), spec.lr(t))
-    return Trajectory(spec, checkpoints, params, fixed)
+                checkpoints[t], momentum[t] = _split_buffers(state)
+            state = step(state, *spec.step_data(t), spec.weights(t), spec.lr(t), t == 0)
+    return Trajectory(spec, checkpoints, _split_buffers(state)[0], fixed, momentum if spec.sgd.momentum else {})
 
 
 def tsloo(
@@ -243,15 +261,15 @@ def tsloo(
     n_target = _evaluate(target, model, trajectory.final_params).shape[0]
     scores = np.zeros((n_target, len(plans)))
     begins = [trajectory.latest_kept(plans[chunk[0]].start) for chunk in chunks]
-    step = vmap(_make_step(model, spec.loss, trajectory.fixed), in_dims=(0, None, None, 0, None))
+    step = vmap(_make_step(model, spec.loss, trajectory.fixed, spec.sgd), in_dims=(0, None, None, 0, None, None))
     total = sum(spec.num_steps - b for b in begins)
     with _deterministic(), ProgressBar(
         total=total, desc="TSLOO replay", unit="step", disable=not show_progress
     ) as bar:
         for chunk, begin in zip(chunks, begins):
             chunk_plans = [plans[r] for r in chunk]
-            stacked = _replay(spec, step, trajectory.params_at(begin), begin, chunk_plans, bar)
-            values = [_evaluate(target, model, _row(stacked, k)) for k in range(len(chunk) + 1)]
+            stacked = _replay(spec, step, trajectory.state_at(begin), begin, chunk_plans, bar)
+            values = [_evaluate(target, model, _split_buffers(_row(stacked, k))[0]) for k in range(len(chunk) + 1)]
             for k, r in enumerate(chunk):
                 scores[:, r] = values[k + 1] - values[0]
     return scores
@@ -282,7 +300,7 @@ def _replay(
     for t in range(begin, spec.num_steps):
         stacked = _join(stacked, sum(plan.start <= t for plan in plans))
         x, y = spec.step_data(t)
-        stacked = step(stacked, x, y, _weights(spec, t, plans[: _rows(stacked) - 1]), spec.lr(t))
+        stacked = step(stacked, x, y, _weights(spec, t, plans[: _rows(stacked) - 1]), spec.lr(t), t == 0)
         bar.update()
     return _join(stacked, len(plans))
 
@@ -314,8 +332,9 @@ def _row(stacked: Params, k: int) -> Params:
     return {name: p[k] for name, p in stacked.items()}
 
 
-def _make_step(model: nn.Module, loss: LossFn, fixed: Params) -> StepFn:
-    """One SGD step on ``sum_i w_i loss_i``, run functionally through ``model``."""
+def _make_step(model: nn.Module, loss: LossFn, fixed: Params, sgd: SGDSettings = SGDSettings()) -> StepFn:
+    """One step of torch.optim.SGD (``sgd``'s settings) on ``sum_i w_i loss_i``, run functionally through
+    ``model``; the same tensor operations as torch's single-tensor SGD, so a replay matches it to round-off."""
 
     def batch_loss(
         params: Params, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor
@@ -329,13 +348,26 @@ def _make_step(model: nn.Module, loss: LossFn, fixed: Params) -> StepFn:
 
     gradient = grad(batch_loss)
 
-    def step(
-        params: Params, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, lr: float
-    ) -> Params:
+    def step(state: Params, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, lr: float, first: bool) -> Params:
+        params, buffers = _split_buffers(state)
         g = gradient(params, x, y, w)
-        return {name: p - lr * g[name] for name, p in params.items()}
+        out: Params = {}
+        for name, p in params.items():
+            d = g[name] if not sgd.weight_decay else g[name].add(p, alpha=sgd.weight_decay)
+            if sgd.momentum:
+                buf = d if first and sgd.fresh else buffers[name].mul(sgd.momentum).add(d, alpha=1 - sgd.dampening)
+                out[BUFFER + name] = buf
+                d = d.add(buf, alpha=sgd.momentum) if sgd.nesterov else buf
+            out[name] = p.add(d, alpha=-lr) if sgd.momentum or sgd.weight_decay else p - lr * d
+        return out
 
     return step
+
+
+def _split_buffers(state: Params) -> tuple[Params, Params]:
+    """(parameters, momentum buffers by parameter name) of a replay state."""
+    params = {n: t for n, t in state.items() if not n.startswith(BUFFER)}
+    return params, {n[len(BUFFER):]: t for n, t in state.items() if n.startswith(BUFFER)}
 
 
 def _split_state(model: nn.Module) -> tuple[Params, Params]:
