@@ -18,6 +18,7 @@ from dvemb.evaluate.baselines import (
     record_weight,
     tracin_cp,
 )
+from dvemb.sgd import SGDSettings
 
 N_SAMPLES, BATCH, EPOCHS, LR = 12, 4, 2, 0.3
 TOL = {"rtol": 1e-9, "atol": 1e-12}
@@ -174,3 +175,36 @@ def test_vector_targets_and_retraining_for_missing_steps(spec, trajectory, valid
     assert per_example.shape == (len(y), len(records))
     scalar = exact_first_order(trajectory, records, mean_loss(validation))
     np.testing.assert_allclose(per_example.mean(axis=0), scalar[0], **TOL)
+
+
+@pytest.mark.parametrize("settings", [dict(momentum=0.9), dict(momentum=0.8, nesterov=True, weight_decay=0.05),
+                                      dict(momentum=0.7, dampening=0.4), dict(weight_decay=0.1)])
+def test_exact_first_order_with_momentum_matches_a_forward_simulation(spec, validation, settings):
+    """d = (H_k + lambda I) dtheta (+ the dropped -w g at the record's step); b = mu b + gamma d;
+    dtheta -= eta (d + mu b if Nesterov else b): exact Hessians, simulated forward per record."""
+    sgd = SGDSettings(**settings)
+    run = TrainingSpec(spec.model_factory, spec.inputs, spec.targets, spec.batches, LR, sgd=sgd)
+    trajectory = train(run, keep_steps=range(run.num_steps))
+    records = some_records(run)
+    hessians = []
+    for t in range(run.num_steps):
+        x, y = run.step_data(t)
+        hessians.append(torch.autograd.functional.hessian(
+            lambda flat: loss_at(trajectory, flat, x, y, run.weights(t)), flat_params(trajectory, t), vectorize=False))
+    test = gradient(trajectory, run.num_steps, *validation)
+    eye = torch.eye(test.shape[0], dtype=torch.float64)
+    expected = []
+    for t, i in records:
+        theta, buf = torch.zeros_like(test), torch.zeros_like(test)
+        for k in range(t, run.num_steps):
+            d = (hessians[k] + sgd.weight_decay * eye) @ theta
+            if k == t:
+                d = d - record_weight(run, (t, i)) * sample_gradient(trajectory, t, i)
+            if sgd.momentum:
+                buf = sgd.momentum * buf + (1.0 if k == 0 else 1.0 - sgd.dampening) * d
+                d = d + sgd.momentum * buf if sgd.nesterov else buf
+            theta = theta - LR * d
+        expected.append(float(test @ theta))
+    estimate = exact_first_order(trajectory, records, mean_loss(validation))
+    assert np.abs(expected).max() > 1e-4
+    np.testing.assert_allclose(estimate[0], expected, **TOL)

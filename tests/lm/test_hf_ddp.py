@@ -38,6 +38,8 @@ def _rank(rank: int, out: str, port: int) -> None:
                            callbacks=[DVEmbCallback(Path(out) / "hf", projection_dim=PROJECTION, modules=LAYERS)])
     trainer.train()
     assert trainer.args.world_size == WORLD
+    dist.barrier()
+    dist.destroy_process_group()  # else gloo's threads can abort the process at exit ("terminate called ...")
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")

@@ -177,7 +177,9 @@ def exact_first_order(
     ``score(t, i) = eta_t w_ti v_{t+1} . g_ti(theta_t)`` and
     ``v_t = v_{t+1} - eta_t H_t(theta_t) v_{t+1}``, where ``H_t`` is the exact Hessian of the
     step's weighted batch loss. This is the derivative of TSLOO in the record's weight: no
-    curvature approximation, no projection.
+    curvature approximation, no projection. With momentum or weight decay (``spec.sgd``) the
+    adjoint is a pair (for theta and for the momentum buffer), carried back as in
+    ``embed/recursion.py`` with exact Hessian-vector products in place of sum_i w g g^T.
 
     Cost: one Hessian-vector product per step per test target (a few gradient costs each), plus
     the per-sample gradients of the records at their own steps. Memory: theta_t for every step
@@ -196,14 +198,27 @@ def exact_first_order(
     adjoint = _flatten(run.target_gradients(trajectory.final_params, target), 1)
     scores = np.zeros((adjoint.shape[0], len(normalised)))
     steps = range(spec.num_steps - 1, first - 1, -1)
+    sgd, buffer = spec.sgd, torch.zeros_like(adjoint)  # buffer: the adjoint of the momentum buffer
+    if not sgd.plain:  # scores are -w Phi . g: the weights alone
+        coefficients = np.array([record_weight(spec, r) for r in normalised], dtype=np.float64)
     for t in ProgressBar(steps, desc="exact adjoint", unit="step", disable=not show_progress):
-        params = trajectory.params_at(t)
+        params, lr = trajectory.params_at(t), spec.lr(t)
+        if sgd.plain:
+            direction = adjoint  # score = eta w v . g;  v <- v - eta H v
+        else:  # Phi = gamma W - [Nesterov] eta v with W = b - eta c v;  score = -w Phi . g
+            w_mat = buffer - lr * (sgd.momentum if sgd.nesterov else 1.0) * adjoint
+            phi = sgd.gamma(t == 0) * w_mat - (lr * adjoint if sgd.nesterov else 0.0) if sgd.momentum else -lr * adjoint
+            direction = -phi
         if t in by_step:
             index = by_step[t]
-            dots = run.dots(adjoint, params, [normalised[k][1] for k in index])
+            dots = run.dots(direction, params, [normalised[k][1] for k in index])
             scores[:, index] = dots * coefficients[index]
         if t > first:
-            adjoint = adjoint - spec.lr(t) * run.hessian_vector_products(t, params, adjoint)
+            if sgd.plain:
+                adjoint = adjoint - lr * run.hessian_vector_products(t, params, adjoint)
+            else:  # v <- v + (H + lambda I) Phi,  b <- mu W
+                adjoint = adjoint + run.hessian_vector_products(t, params, phi) + sgd.weight_decay * phi
+                buffer = sgd.momentum * w_mat if sgd.momentum else buffer
     return scores
 
 

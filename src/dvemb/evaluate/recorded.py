@@ -19,7 +19,8 @@ def record_run(spec: TrainingSpec, path: str | os.PathLike, *, show_progress: bo
     The run is the same as :func:`dvemb.evaluate.train` replays: same initial model,
     batches, weights and learning rates, and ``spec.sgd``'s update (torch.optim.SGD, handed
     to the Recorder, when it has momentum or weight decay). Extra keyword arguments go to
-    the Recorder (``projection_dim``, ``dtype``, ``modules``, ...).
+    the Recorder (``projection_dim``, ``dtype``, ``modules``, ...; ``optimizer=None`` records
+    the run as if it were plain SGD, to measure what ignoring momentum costs).
     """
     model = spec.build_model()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -27,7 +28,7 @@ def record_run(spec: TrainingSpec, path: str | os.PathLike, *, show_progress: bo
     opt = None if sgd.plain else torch.optim.SGD(params, lr=spec.lr(0), momentum=sgd.momentum,
                                                  dampening=sgd.dampening, nesterov=sgd.nesterov,
                                                  weight_decay=sgd.weight_decay, foreach=False)
-    with Recorder(model, path, reduction=spec.reduction, optimizer=opt, **recorder_kwargs) as rec:
+    with Recorder(model, path, reduction=spec.reduction, **{"optimizer": opt, **recorder_kwargs}) as rec:
         for t in ProgressBar(range(spec.num_steps), desc="record", unit="step", disable=not show_progress):
             x, y = spec.step_data(t)
             lr = spec.lr(t)

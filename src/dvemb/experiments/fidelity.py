@@ -41,6 +41,7 @@ from ..evaluate.fidelity import (
 )
 from ..evaluate.metrics import pearson, spearman
 from ..evaluate.replay import Record, TrainingSpec
+from ..sgd import SGDSettings
 from ..capture.projection import DEFAULT_PROJECTION_DIM
 from .common import positive_int, projection_dim
 
@@ -73,6 +74,9 @@ class FidelityOptions:
     epochs: int = 3
     batch_size: int = 32
     lr: float = 0.1
+    momentum: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
     projection_dim: int | None = DEFAULT_PROJECTION_DIM
     projection_sweep: bool = False
     curvature_variant: bool = True
@@ -92,6 +96,11 @@ class FidelityOptions:
             raise ValueError("records, seeds, sizes, epochs and resamples must be positive")
         if self.records > self.train_size:
             raise ValueError(f"{self.records} records asked from {self.train_size} training samples")
+
+    @property
+    def sgd(self) -> SGDSettings:
+        """The run's update rule (torch.optim.SGD settings)."""
+        return SGDSettings(self.momentum, 0.0, self.nesterov, self.weight_decay)
 
     def to_dict(self) -> dict[str, object]:
         """JSON form."""
@@ -165,7 +174,7 @@ def build_run(options: FidelityOptions, seed: int) -> StudyRun:
     per_epoch = [torch.randperm(n, generator=generator).split(options.batch_size) for _ in range(options.epochs)]
     batches = [b.tolist() for epoch in per_epoch for b in epoch]
     factory = _mlp_factory(x_train.shape[1], options.hidden, int(y_train.max()) + 1, options.activation, seed)
-    spec = TrainingSpec(factory, x_train, y_train, batches, options.lr)
+    spec = TrainingSpec(factory, x_train, y_train, batches, options.lr, sgd=options.sgd)
     samples = sorted(np.random.default_rng(seed).choice(n, options.records, replace=False).tolist())
     last_epoch = range(len(batches) - len(per_epoch[-1]), len(batches))
     step_of = {i: t for t in last_epoch for i in spec.batch(t)}
@@ -298,6 +307,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=positive_int, default=3, metavar="N", help="epochs (default: 3)")
     parser.add_argument("--batch-size", type=positive_int, default=32, metavar="N", help="batch size (default: 32)")
     parser.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (default: 0.1)")
+    parser.add_argument("--momentum", type=float, default=0.0,
+                        help="SGD momentum (default: 0); DVEmb, the replay and the exact adjoint follow it")
+    parser.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
+    parser.add_argument("--weight-decay", type=float, default=0.0, help="SGD weight decay (default: 0)")
     parser.add_argument("--projection-dim", type=projection_dim, default=DEFAULT_PROJECTION_DIM, metavar="K|none",
                         help="per-layer projected size of DVEmb and the influence function "
                              f"(default: {DEFAULT_PROJECTION_DIM})")
@@ -317,7 +330,7 @@ def main(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     study = run_study(options, show_progress=not args.no_progress)
     print(format_table(study))
-    stem = f"{options.dataset}-{options.activation}"
+    stem = f"{options.dataset}-{options.activation}" + (f"-momentum{options.momentum:g}" if options.momentum else "")
     written = [out / f"fidelity-{stem}.json", out / f"scatter-{stem}.png"]
     written[0].write_text(json.dumps(study.to_dict(), indent=1))
     plot_scatter(study, written[1])
@@ -335,7 +348,8 @@ def options_from(args: argparse.Namespace) -> FidelityOptions:
         dataset=args.dataset, data_dir=args.data_dir, activation=args.activation, records=args.records,
         seeds=args.seeds, train_size=args.train_size or (1000 if mnist else 640),
         val_size=args.val_size or (1000 if mnist else 297), hidden=args.hidden or (128 if mnist else 32),
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, projection_dim=args.projection_dim,
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov,
+        weight_decay=args.weight_decay, projection_dim=args.projection_dim,
         projection_sweep=args.projection_sweep, curvature_variant=not args.no_curvature_variant,
         extra_configs=dict(args.config), resamples=args.resamples)
     if not args.quick:
