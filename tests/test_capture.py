@@ -413,3 +413,16 @@ def test_worker_thread_only_when_cpus_outnumber_torch_threads(monkeypatch):
         assert not cpus.spare_cpu()  # torch already uses both CPUs: a worker would compete with it
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # torch.func's reference through attention
+def test_torch_transformer_layer_tracks_what_it_calls_as_modules(tmp_path):
+    torch.manual_seed(10)
+    model = nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), nn.Linear(8, 5))
+    x, y = torch.randn(4, 6, 8), torch.randint(0, 5, (4, 6))
+    with pytest.warns(UserWarning, match="nn.MultiheadAttention"):  # its out_proj is applied functionally
+        store = record(model, tmp_path / "s", [(x, y)], projection_dim=24)
+    assert [s.name for s in store.layers] == ["0.linear1", "0.linear2", "1"]
+    check_against_reference(store, model, x, y, TOL32)
+    with pytest.raises(ValueError, match="applied functionally"):
+        dvemb.Recorder(model, tmp_path / "t", modules=["0.self_attn.out_proj", "1"])

@@ -80,9 +80,15 @@ def select_modules(model: nn.Module, modules: ModuleSelection = None) -> list[tu
     (each must exist and be supported).
     """
     named = named_modules(model)
-    supported = [(n, m) for n, m in named if rule_for(m) is not None]
+    functional = _functional_layers(model)
+    supported = [(n, m) for n, m in named if rule_for(m) is not None and id(m) not in functional]
     if modules is None:
         chosen = [(n, m) for n, m in supported if m.weight.requires_grad and rule_for(m).default]
+        skipped = [n for n, m in named if id(m) in functional]
+        if skipped:
+            warnings.warn(f"{len(skipped)} layer(s) inside nn.MultiheadAttention ({skipped[0]}, ...) are applied "
+                          "functionally (the module itself is never called), so their per-sample gradients cannot "
+                          "be captured; they are not tracked, the other layers are", stacklevel=3)
     elif isinstance(modules, str):
         chosen = [(n, m) for n, m in supported if fnmatch.fnmatchcase(n, modules)]
         if not chosen:
@@ -97,6 +103,9 @@ def select_modules(model: nn.Module, modules: ModuleSelection = None) -> list[tu
                 raise ValueError(f"model has no module named {n!r}")
             if rule_for(by_name[n]) is None:
                 raise ValueError(f"module {n!r} ({type(by_name[n]).__name__}) is not a supported layer type")
+            if id(by_name[n]) in functional:
+                raise ValueError(f"module {n!r} is applied functionally by its nn.MultiheadAttention (never called "
+                                 "as a module), so its per-sample gradients cannot be captured")
             chosen.append((n, by_name[n]))
     for n, m in chosen:
         if not m.weight.requires_grad:
@@ -114,6 +123,12 @@ def select_modules(model: nn.Module, modules: ModuleSelection = None) -> list[tu
     if not chosen:
         raise ValueError(f"model has no trainable layer to track (supported: {SUPPORTED})")
     return chosen
+
+
+def _functional_layers(model: nn.Module) -> set[int]:
+    """Ids of supported modules whose weights their parent uses directly: nn.MultiheadAttention's out_proj
+    (its forward passes ``out_proj.weight`` to ``F.multi_head_attention_forward``; hooks never fire)."""
+    return {id(child) for m in model.modules() if isinstance(m, nn.MultiheadAttention) for child in m.children()}
 
 
 def _tied_weights(model: nn.Module) -> dict[int, list[str]]:
