@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -426,3 +428,13 @@ def test_torch_transformer_layer_tracks_what_it_calls_as_modules(tmp_path):
     check_against_reference(store, model, x, y, TOL32)
     with pytest.raises(ValueError, match="applied functionally"):
         dvemb.Recorder(model, tmp_path / "t", modules=["0.self_attn.out_proj", "1"])
+
+
+def test_batch_norm_in_training_mode_is_warned_about(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2))
+    with pytest.warns(UserWarning, match="batch statistics"):
+        dvemb.Recorder(model, tmp_path / "s").close()
+    model.eval()  # running statistics: samples are independent again
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dvemb.Recorder(model, tmp_path / "t").close()

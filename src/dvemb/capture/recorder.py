@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from pathlib import Path
 from typing import Iterator, Literal, Sequence
 
@@ -81,6 +82,7 @@ class Recorder:
         self.reduction: Reduction = reduction
         self.optimizer = optimizer
         refuse_fsdp(model)
+        _warn_if_batch_norm(model)
         chosen = select_modules(model, modules)
         specs = [layer_spec(name, m, projection_dim, seed, projection) for name, m in chosen]
         sgd = settings_of(optimizer, [m for _, m in chosen])
@@ -234,3 +236,14 @@ def _local_weights(n: int, reduction: Reduction, weights: object) -> float | np.
     if w.shape != (n,) or not np.isfinite(w).all() or (w < 0).any():
         raise ValueError(f"weights must be {n} finite non-negative numbers (one per id), got shape {w.shape}")
     return w
+
+
+def _warn_if_batch_norm(model: nn.Module) -> None:
+    """Batch norm in training mode mixes a batch's samples: no sample has a gradient of its own."""
+    norms = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    if norms:
+        warnings.warn(f"{norms[0]!r} ({len(norms)} batch-norm layer(s) in training mode) normalises with batch "
+                      "statistics, so each sample's loss depends on the others in its batch: the captured "
+                      "per-sample gradients are each sample's share of the batch gradient and scores are "
+                      "approximate (GroupNorm / LayerNorm, or batch norm in eval mode, keep them exact)",
+                      stacklevel=3)
