@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import numpy as np
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
