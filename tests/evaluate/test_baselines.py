@@ -149,13 +149,19 @@ def test_influence_function_matches_explicit_projected_fisher_solve(spec, trajec
     np.testing.assert_allclose(estimate[0], expected, **TOL)
 
 
-def test_exact_first_order_matches_explicit_hessian_products(spec, trajectory, validation):
-    records = some_records(spec)
-    hessians = []
+def step_hessians(trajectory) -> list[torch.Tensor]:
+    """Exact Hessian of every step's weighted batch loss at theta_t, by plain autograd on a flat vector."""
+    spec, hessians = trajectory.spec, []
     for t in range(spec.num_steps):
         x, y = spec.step_data(t)
         hessians.append(torch.autograd.functional.hessian(
             lambda flat: loss_at(trajectory, flat, x, y, spec.weights(t)), flat_params(trajectory, t), vectorize=False))
+    return hessians
+
+
+def test_exact_first_order_matches_explicit_hessian_products(spec, trajectory, validation):
+    records = some_records(spec)
+    hessians = step_hessians(trajectory)
     test = gradient(trajectory, spec.num_steps, *validation)
     eye = torch.eye(test.shape[0], dtype=torch.float64)
     expected = []
@@ -186,11 +192,7 @@ def test_exact_first_order_with_momentum_matches_a_forward_simulation(spec, vali
     run = TrainingSpec(spec.model_factory, spec.inputs, spec.targets, spec.batches, LR, sgd=sgd)
     trajectory = train(run, keep_steps=range(run.num_steps))
     records = some_records(run)
-    hessians = []
-    for t in range(run.num_steps):
-        x, y = run.step_data(t)
-        hessians.append(torch.autograd.functional.hessian(
-            lambda flat: loss_at(trajectory, flat, x, y, run.weights(t)), flat_params(trajectory, t), vectorize=False))
+    hessians = step_hessians(trajectory)
     test = gradient(trajectory, run.num_steps, *validation)
     eye = torch.eye(test.shape[0], dtype=torch.float64)
     expected = []
