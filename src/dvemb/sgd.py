@@ -1,4 +1,5 @@
-"""The update rule the embeddings linearise: PyTorch's SGD, with momentum, dampening, Nesterov and weight decay.
+"""The update rule the embeddings linearise: PyTorch's SGD (momentum, dampening, Nesterov, weight decay),
+or Adam / AdamW with frozen second moments.
 
     d_t = g_t + lambda theta_t                                     (weight decay)
     b_t = mu b_{t-1} + (1 - tau) d_t     (b_t = d_t at the first step)
@@ -8,6 +9,12 @@ Removing record (t, i) changes g_t by -w_ti g_ti. To first order (H_k ~ sum_i w_
 as for plain SGD) the change reaches theta_T through the pair (theta, b), and the backward
 recursion carries two matrices per block instead of one: U (the effect of a change of theta
 at step t on theta_T) and V (of a change of the momentum buffer). See ``embed/recursion.py``.
+
+Adam is linearised with its second moments frozen (a record changes v by (1 - beta2) of its
+share of g^2, which is dropped): theta_{t+1} = a_t theta_t - P_t m_t with the diagonal
+P_t = eta_t / (1 - beta1^(t+1)) / (sqrt(v_t / (1 - beta2^(t+1))) + eps) and a_t = 1 - eta_t lambda
+(AdamW), m_t = beta1 m_{t-1} + (1 - beta1) g_t. P_t is elementwise in parameter space, so it is
+rebuilt from exact per-sample gradients (``projection_dim=None``) by replaying v over the store.
 """
 
 from __future__ import annotations
@@ -65,20 +72,50 @@ class SGDSettings:
         return cls(**data) if data else cls()
 
 
-def settings_of(optimizer: torch.optim.Optimizer | None, modules: Sequence[nn.Module]) -> SGDSettings:
-    """The SGD settings of the groups holding the tracked layers (plain SGD without an optimizer).
+@dataclass(frozen=True)
+class AdamSettings:
+    """torch.optim.Adam / AdamW (no amsgrad), from a fresh state; weight decay only decoupled (AdamW)."""
 
-    Other optimizers are linearised as plain SGD, with a warning: their scores are an approximation.
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+    def describe(self) -> str:
+        """One line, e.g. ``Adam(W), betas (0.9, 0.999), eps 1e-08, weight decay 0.01``."""
+        return (f"Adam{'W' if self.weight_decay else ''}, betas ({self.beta1:g}, {self.beta2:g}), eps {self.eps:g}"
+                + (f", weight decay {self.weight_decay:g}" if self.weight_decay else "")
+                + " (second moments frozen)")
+
+    def to_dict(self) -> dict:
+        """JSON form for the manifest."""
+        return asdict(self)
+
+
+def settings_of(optimizer: torch.optim.Optimizer | None, modules: Sequence[nn.Module],
+                exact: bool = True) -> SGDSettings | AdamSettings:
+    """The update rule of the groups holding the tracked layers (plain SGD without an optimizer).
+
+    Adam / AdamW need exact per-sample gradients (``exact``) to rebuild their preconditioner;
+    other optimizers, and Adam where that is impossible, are linearised as plain SGD with a
+    warning: their scores are an approximation.
     """
     if optimizer is None:
         return SGDSettings()
-    if not isinstance(optimizer, torch.optim.SGD):
-        warnings.warn(f"{type(optimizer).__name__} is not SGD; data value embeddings linearise "
-                      "theta <- theta - lr * grad (with momentum and weight decay for torch.optim.SGD), so scores "
-                      "are an approximation for this optimizer", stacklevel=3)
-        return SGDSettings()
     params = {id(p) for m in modules for p in m.parameters(recurse=False)}
     groups = [g for g in optimizer.param_groups if any(id(p) in params for p in g["params"])]
+    if isinstance(optimizer, torch.optim.Adam):  # AdamW is a subclass
+        adam, why = _adam_settings(optimizer, groups, params, exact)
+        if adam is not None:
+            return adam
+        warnings.warn(f"{type(optimizer).__name__}: {why}; data value embeddings linearise plain SGD instead, "
+                      "so scores are an approximation for this run", stacklevel=3)
+        return SGDSettings()
+    if not isinstance(optimizer, torch.optim.SGD):
+        warnings.warn(f"{type(optimizer).__name__} is not SGD; data value embeddings linearise "
+                      "theta <- theta - lr * grad (with momentum and weight decay for torch.optim.SGD, Adam with "
+                      "exact gradients), so scores are an approximation for this optimizer", stacklevel=3)
+        return SGDSettings()
     found = {(float(g.get("momentum", 0)), float(g.get("dampening", 0)), bool(g.get("nesterov", False)),
               float(g.get("weight_decay", 0)), bool(g.get("maximize", False))) for g in groups}
     if len(found) > 1:
@@ -92,3 +129,23 @@ def settings_of(optimizer: torch.optim.Optimizer | None, modules: Sequence[nn.Mo
     fresh = not any("momentum_buffer" in optimizer.state.get(p, {}) and optimizer.state[p]["momentum_buffer"]
                     is not None for m in modules for p in m.parameters(recurse=False))
     return SGDSettings(momentum, dampening if momentum else 0.0, nesterov, weight_decay, fresh)
+
+
+def _adam_settings(optimizer: torch.optim.Adam, groups: list[dict], params: set[int],
+                   exact: bool) -> tuple[AdamSettings | None, str]:
+    """Adam's settings, or None and why they cannot be followed."""
+    found = {(tuple(float(b) for b in g["betas"]), float(g["eps"]), float(g["weight_decay"]),
+              bool(g.get("decoupled_weight_decay", False)), bool(g.get("amsgrad")), bool(g.get("maximize")))
+             for g in groups}
+    if len(found) != 1:
+        return None, "the tracked layers are in groups with different settings"
+    (beta1, beta2), eps, weight_decay, decoupled, amsgrad, maximize = found.pop()
+    if amsgrad or maximize:
+        return None, "amsgrad and maximize are not modelled"
+    if weight_decay and not decoupled:
+        return None, "Adam's L2 weight decay needs theta_t in its second moments (use AdamW)"
+    if not exact:
+        return None, "its preconditioner is elementwise and needs exact per-sample gradients (projection_dim=None)"
+    if any(optimizer.state.get(p) for g in groups for p in g["params"] if id(p) in params):
+        return None, "it already has state (the second moments before recording are unknown)"
+    return AdamSettings(beta1, beta2, eps, weight_decay), ""

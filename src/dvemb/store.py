@@ -39,7 +39,7 @@ import torch
 
 from ._version import __version__
 from .capture.selection import LayerSpec
-from .sgd import SGDSettings
+from .sgd import AdamSettings, SGDSettings
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -379,6 +379,7 @@ class StoreConfig:
     projection: str = "gaussian"
     seed: int = 0
     sgd: SGDSettings = SGDSettings()
+    adam: AdamSettings | None = None  # Adam / AdamW: sgd is then unused
 
 
 SHARDS_DIR = "shards"
@@ -494,7 +495,7 @@ class Store:
         """The creation settings."""
         m = self.manifest
         return StoreConfig(tuple(self.layers), m["dtype"], m["reduction"], m["curvature"], m["projection"], m["seed"],
-                           SGDSettings.from_dict(m.get("sgd")))
+                           SGDSettings.from_dict(m.get("sgd")), AdamSettings(**m["adam"]) if m.get("adam") else None)
 
     # -- records -------------------------------------------------------------------------
     @property
@@ -552,7 +553,7 @@ class Store:
             f"records    {self.n_records}  ({len(np.unique(self.records['sample_id'])) if self.n_records else 0} distinct samples)",
             f"dtype      {self.dtype}   reduction {m['reduction']}   curvature {m['curvature']}   "
             f"projection {m['projection']} (seed {m['seed']})",
-            f"update     {self.config.sgd.describe()}",
+            f"update     {(self.config.adam or self.config.sgd).describe()}",
             f"layers     {len(self.layers)}, {sum(s.dim for s in self.layers)} values per record",
         ]
         for s in self.layers:
@@ -581,6 +582,7 @@ def new_manifest(config: StoreConfig) -> dict:
         "projection": config.projection,
         "seed": config.seed,
         "sgd": config.sgd.to_dict(),
+        "adam": None if config.adam is None else config.adam.to_dict(),
         "layers": [s.to_dict() for s in config.layers],
         "committed_steps": 0,
         "committed_records": 0,
@@ -657,6 +659,9 @@ class StoreWriter(_Committed):
             if getattr(found, key) != getattr(wanted, key):
                 raise StoreError(f"cannot resume: store has {key}={getattr(found, key)!r}, "
                                  f"recorder asks {getattr(wanted, key)!r}")
+        if found.adam != wanted.adam or wanted.adam is not None:
+            raise StoreError(f"cannot resume: the store's Adam settings {found.adam} and the optimizer's "
+                             f"{wanted.adam} differ, or Adam's second moments were lost with the earlier process")
         if dataclasses.replace(found.sgd, fresh=True) != dataclasses.replace(wanted.sgd, fresh=True):
             raise StoreError(f"cannot resume: store was recorded with {found.sgd}, the optimizer has {wanted.sgd}")
 

@@ -5,8 +5,9 @@ per-sample gradient of its weight (with the bias as an extra input column) is
 sum_tok ds_tok [a_tok, 1]^T. For nn.Linear and GPT-2's Conv1D a token is a position of
 the last dimension's map, for nn.Conv1d / nn.Conv2d / nn.Conv3d an output position (a_tok its input patch), for
 nn.Embedding a looked-up id (a_tok its one-hot vector). A grouped convolution is one such map
-per group on the group's channels: its gradient's rows of group g are sum_pos ds_g,pos [a_g,pos, 1]^T,
-so its tokens are (group, position) pairs and the sum over positions runs within each group. Rules say how to recognise the
+per group on the group's channels: its gradient's rows of group g are
+sum_pos ds_g,pos [a_g,pos, 1]^T, so its tokens are (group, position) pairs and the sum over
+positions runs within each group. Rules say how to recognise the
 module, its sizes, how to view its weight as a d_out x d_in matrix, and how to turn its
 input and output gradient into token rows (projecting the input side on the way).
 """

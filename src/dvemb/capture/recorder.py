@@ -19,7 +19,7 @@ from .curvature import CURVATURES, Curvature
 from .distributed import DistributedContext, refuse_fsdp
 from .ghost import GhostCapture
 from .projection import ProjectionKind
-from ..sgd import settings_of
+from ..sgd import AdamSettings, SGDSettings, settings_of
 from .selection import ModuleSelection, layer_spec, select_modules
 
 Reduction = Literal["mean", "sum"]
@@ -85,8 +85,11 @@ class Recorder:
         _warn_if_batch_norm(model)
         chosen = select_modules(model, modules)
         specs = [layer_spec(name, m, projection_dim, seed, projection) for name, m in chosen]
-        sgd = settings_of(optimizer, [m for _, m in chosen])
-        config = StoreConfig(tuple(specs), dtype_name(dtype), reduction, curvature, projection, seed, sgd)
+        exact = all(s.proj_in.is_identity and s.proj_out.is_identity for s in specs)
+        rule = settings_of(optimizer, [m for _, m in chosen], exact)
+        adam = rule if isinstance(rule, AdamSettings) else None
+        config = StoreConfig(tuple(specs), dtype_name(dtype), reduction, curvature, projection, seed,
+                             SGDSettings() if adam else rule, adam)
         self._config = config
         self._dist = DistributedContext.detect()
         self._index: DistributedIndex | None = None

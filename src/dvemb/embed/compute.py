@@ -199,7 +199,8 @@ def _compose_final(store: Store, boundaries: Sequence[int], precision: str, bloc
     starts = store.step_starts
     local = [a.read(store.n_records) for a in segment_arrays(store, precision)]
     finals = [a.row_file() for a in final_arrays(store, precision)]
-    for block, state, stack_arr in zip(blocks, state_blocks(store, blocks), propagator_arrays(store, precision, blocks)):
+    stacks = propagator_arrays(store, precision, blocks)
+    for block, state, stack_arr in zip(blocks, state_blocks(store, blocks), stacks):
         stack = stack_arr.read(len(boundaries) - 1)
         maps = compose([torch.from_numpy(np.array(k)).to(dtype) for k in stack])
         sizes = [store.layers[i].dim for i in block]

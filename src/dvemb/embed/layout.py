@@ -39,7 +39,8 @@ def final_arrays(store: Store, precision: str) -> list[AppendableArray]:
 
 def state_parts(store: Store) -> int:
     """Parts of a record's local embedding: its effect on theta, and with momentum on the buffer too."""
-    return 2 if store.config.sgd.momentum else 1
+    config = store.config
+    return 2 if config.sgd.momentum or config.adam is not None else 1
 
 
 def state_blocks(store: Store, blocks: list[list[int]]) -> list[list[int]]:

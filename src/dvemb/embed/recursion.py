@@ -17,13 +17,14 @@ the cross-layer curvature.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from .. import gemm
-from ..sgd import SGDSettings
+from ..sgd import AdamSettings, SGDSettings
 from ..store import RowFile, Store, to_torch
 
 Precision = Literal["float32", "float64"]
@@ -49,8 +50,8 @@ class _PlainState:
         self.m = torch.zeros(dim, dim, dtype=dtype)
 
     def step(self, g: torch.Tensor, w: torch.Tensor, lr: float, c: torch.Tensor | None,
-             c_w: torch.Tensor | None, first: bool) -> list[torch.Tensor]:
-        """Embeddings [B, dim] of a step's records (rows g, weights w), then fold the step's curvature in."""
+             c_w: torch.Tensor | None, t: int) -> list[torch.Tensor]:
+        """Embeddings [B, dim] of step t's records (rows g, weights w), then fold the step's curvature in."""
         e = (lr * w) * (g - gemm.rows_product(g, self.m))  # eta w (g - M g), rows
         if c is None:
             gemm.add_outer(self.m, e, g)  # M += E^T G
@@ -64,37 +65,75 @@ class _PlainState:
         return self.m
 
 
+class _SGDRule:
+    """torch's SGD in the U, V recursion: W = V - eta c U (c = mu for Nesterov, else 1),
+    Phi = gamma W - [Nesterov] eta U."""
+
+    def __init__(self, sgd: SGDSettings) -> None:
+        self.sgd, self.momentum = sgd, sgd.momentum
+
+    def mix(self, u: torch.Tensor, v: torch.Tensor, lr: float, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W, Phi) of step t from the maps U, V of step t + 1."""
+        sgd = self.sgd
+        w_mat = v - (lr * (sgd.momentum if sgd.nesterov else 1.0)) * u
+        phi = sgd.gamma(t == 0) * w_mat
+        if sgd.nesterov:
+            phi -= lr * u
+        return w_mat, phi
+
+    def decay(self, u: torch.Tensor, phi: torch.Tensor, lr: float) -> None:
+        """Weight decay's part of U += Phi (H + lambda I)."""
+        if self.sgd.weight_decay:
+            u.add_(phi, alpha=self.sgd.weight_decay)
+
+
+class _AdamRule:
+    """Adam with frozen second moments: W = V - U P_t (P_t diagonal), Phi = (1 - beta1) W;
+    AdamW scales U by 1 - eta lambda."""
+
+    def __init__(self, adam: AdamSettings, preconditioners: torch.Tensor, start: int) -> None:
+        self.adam, self.momentum = adam, adam.beta1
+        self.p, self.start = preconditioners, start  # [steps of the segment, dim]
+
+    def mix(self, u: torch.Tensor, v: torch.Tensor, lr: float, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W, Phi) of step t from the maps U, V of step t + 1."""
+        w_mat = v - u * self.p[t - self.start]
+        return w_mat, (1.0 - self.adam.beta1) * w_mat
+
+    def decay(self, u: torch.Tensor, phi: torch.Tensor, lr: float) -> None:
+        """AdamW's theta <- (1 - eta lambda) theta: U_t = (1 - eta lambda) U_{t+1} + Phi H."""
+        if self.adam.weight_decay:
+            u.mul_(1.0 - lr * self.adam.weight_decay)
+
+
 class _MomentumState:
-    """SGD with momentum and/or weight decay: U and V map a change of (theta_t, b_{t-1}) to an output.
+    """A momentum method (SGD with momentum and/or weight decay, Adam): U and V map a change of
+    (theta_t, buffer_{t-1}) to an output.
 
     The output is theta at the end of the segment, and with ``buffer`` also the momentum
-    buffer there (Algorithm 2 composes segments through both). With W = V - eta c U (c = mu
-    for Nesterov, else 1) and Phi = gamma W - [Nesterov] eta U, a record's embedding is
-    -w Phi g (the output's change when its gradient is dropped), and going back one step:
-    U += Phi (H + lambda I), V = mu W. Plain SGD gives Phi = -eta U.
+    buffer there (Algorithm 2 composes segments through both). With the rule's W and Phi, a
+    record's embedding is -w Phi g (the output's change when its gradient is dropped), and
+    going back one step: U += Phi H (plus the rule's weight decay), V = mu W. Plain SGD gives
+    Phi = -eta U.
     """
 
-    def __init__(self, dim: int, dtype: torch.dtype, sgd: SGDSettings, buffer: bool) -> None:
+    def __init__(self, dim: int, dtype: torch.dtype, rule: _SGDRule | _AdamRule, buffer: bool) -> None:
         eye, zero = torch.eye(dim, dtype=dtype), torch.zeros(dim, dim, dtype=dtype)
         self.maps = [[eye, zero]] + ([[zero.clone(), eye.clone()]] if buffer else [])  # (U, V) per output
-        self.sgd = sgd
+        self.rule = rule
 
     def step(self, g: torch.Tensor, w: torch.Tensor, lr: float, c: torch.Tensor | None,
-             c_w: torch.Tensor | None, first: bool) -> list[torch.Tensor]:
-        """Embeddings [B, dim] of a step's records for each output, then go back one step."""
-        sgd, out = self.sgd, []
+             c_w: torch.Tensor | None, t: int) -> list[torch.Tensor]:
+        """Embeddings [B, dim] of step t's records for each output, then go back one step."""
+        out = []
         for pair in self.maps:
             u, v = pair
-            w_mat = v - (lr * (sgd.momentum if sgd.nesterov else 1.0)) * u
-            phi = sgd.gamma(first) * w_mat
-            if sgd.nesterov:
-                phi -= lr * u
+            w_mat, phi = self.rule.mix(u, v, lr, t)
             e = -w * gemm.rows_product(g, phi)  # -w Phi g, rows
             h, h_e = (g, e) if c is None else (c, -c_w * gemm.rows_product(c, phi))
-            if sgd.weight_decay:
-                u.add_(phi, alpha=sgd.weight_decay)
+            self.rule.decay(u, phi, lr)
             gemm.add_outer(u, -h_e, h)  # U += sum_i w_i (Phi h_i) h_i^T
-            pair[1] = w_mat.mul_(sgd.momentum)
+            pair[1] = w_mat.mul_(self.rule.momentum)
             out.append(e)
         return out
 
@@ -103,6 +142,31 @@ class _MomentumState:
         if len(self.maps) == 1:
             return self.maps[0][0]
         return torch.cat([torch.cat(pair, 1) for pair in self.maps], 0)  # [[U, V], [U_b, V_b]]
+
+
+def adam_preconditioners(store: Store, block: Sequence[int], start: int, stop: int,
+                         dtype: torch.dtype) -> torch.Tensor:
+    """P_t = eta_t / (1 - beta1^(t+1)) / (sqrt(v_t / (1 - beta2^(t+1))) + eps) for t in [start, stop): [steps, dim].
+
+    v is replayed from step 0 over the stored exact per-sample gradients: the batch gradient
+    of step t is sum_i w_ti g_ti (what the optimizer applied).
+    """
+    adam = store.config.adam
+    assert adam is not None
+    records, starts = store.records, store.step_starts
+    weights, lrs = np.ascontiguousarray(records["weight"], dtype=np.float64), np.asarray(records["lr"])
+    grads = [store.grads(i) for i in block]
+    v = torch.zeros(sum(store.layers[i].dim for i in block), dtype=torch.float64)
+    out = torch.empty(stop - start, v.shape[0], dtype=dtype)
+    for t in range(stop):
+        r0, r1 = int(starts[t]), int(starts[t + 1])
+        g = torch.cat([to_torch(np.asarray(a[r0:r1]), store.dtype).double() for a in grads], 1)
+        mean = torch.from_numpy(weights[r0:r1]) @ g
+        v.mul_(adam.beta2).addcmul_(mean, mean, value=1.0 - adam.beta2)
+        if t >= start:
+            denom = v.sqrt() / math.sqrt(1.0 - adam.beta2 ** (t + 1)) + adam.eps
+            out[t - start] = (float(lrs[r0]) / (1.0 - adam.beta1 ** (t + 1))) / denom
+    return out
 
 
 def run_recursion(
@@ -136,9 +200,15 @@ def run_recursion(
     passes = store.curvature_passes
     arrays = [store.grads(i) for i in layers] + ([store.curvature(i) for i in layers] if passes else [])
     dims = [sum(store.layers[i].dim for i in block) for block in blocks]
-    sgd = store.config.sgd
-    buffer = buffer and sgd.momentum > 0
-    states = [_PlainState(d, dtype) if sgd.plain else _MomentumState(d, dtype, sgd, buffer) for d in dims]
+    config = store.config
+    buffer = buffer and (config.sgd.momentum > 0 or config.adam is not None)
+    if config.adam is not None:
+        rules = [_AdamRule(config.adam, adam_preconditioners(store, block, start, stop, dtype), start)
+                 for block in blocks]
+    else:
+        rules = [None if config.sgd.plain else _SGDRule(config.sgd) for _ in blocks]
+    states = [_PlainState(d, dtype) if rule is None else _MomentumState(d, dtype, rule, buffer)
+              for d, rule in zip(dims, rules)]
     chunk_rows = rows_per_chunk(sum(a.dtype.itemsize * a.shape[1] for a in arrays), chunk_rows)
     for t, r0, r1, rows in store.iter_steps_backward(arrays, chunk_rows, start, stop):
         by_layer = dict(zip(layers, rows))
@@ -152,7 +222,7 @@ def run_recursion(
                 c = torch.cat([to_torch(curv_by_layer[i], store.dtype).reshape(len(g), passes, -1) for i in block],
                               2).reshape(-1, g.shape[1]).to(dtype)
                 c_w = w.repeat_interleave(passes, dim=0)
-            for part, e in enumerate(state.step(g, w, lr, c, c_w, first=t == 0)):
+            for part, e in enumerate(state.step(g, w, lr, c, c_w, t)):
                 offset = part * len(store.layers)
                 for i, rows_i in zip(block, e.split([store.layers[i].dim for i in block], dim=1)):
                     sinks[i + offset][r0:r1] = rows_i.numpy()
