@@ -195,8 +195,8 @@ def test_lr_from_optimizer_and_errors(tmp_path):
     with pytest.raises(ValueError, match="give lr"):
         with dvemb.Recorder(other, tmp_path / "t") as rec, rec.step([0, 1, 2, 3]):
             F.cross_entropy(other(x), y).backward()
-    with pytest.warns(UserWarning, match="Adam is not SGD"):
-        dvemb.Recorder(mlp(), tmp_path / "u", optimizer=torch.optim.Adam(model.parameters()))
+    with pytest.warns(UserWarning, match="RMSprop is not SGD"):
+        dvemb.Recorder(mlp(), tmp_path / "u", optimizer=torch.optim.RMSprop(model.parameters()))
 
 
 def test_no_grad_forward_inside_step_is_ignored(tmp_path):

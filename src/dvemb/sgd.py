@@ -137,6 +137,8 @@ def _adam_settings(optimizer: torch.optim.Adam, groups: list[dict], params: set[
     found = {(tuple(float(b) for b in g["betas"]), float(g["eps"]), float(g["weight_decay"]),
               bool(g.get("decoupled_weight_decay", False)), bool(g.get("amsgrad")), bool(g.get("maximize")))
              for g in groups}
+    if not found:
+        return None, "it holds none of the tracked layers"
     if len(found) != 1:
         return None, "the tracked layers are in groups with different settings"
     (beta1, beta2), eps, weight_decay, decoupled, amsgrad, maximize = found.pop()
