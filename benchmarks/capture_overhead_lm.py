@@ -79,7 +79,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
     parser.add_argument("--seq-len", type=int, default=DEFAULTS.seq_len)
     parser.add_argument("--vocab-size", type=int, default=DEFAULTS.vocab_size)
-    parser.add_argument("--projection-dim", nargs="+", default=["1024", "none"],
+    parser.add_argument("--projection-dim", nargs="+", default=["256", "1024", "4096", "none"],
                         help="per-layer projection sizes to measure ('none': exact)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine may be shared)")
     parser.add_argument("--out", default="results/lm/capture_overhead.json")
