@@ -132,14 +132,38 @@ def test_scores_follow_retraining_with_adamw(tmp_path):
 def test_adam_settings_that_cannot_be_followed_fall_back_with_a_warning(tmp_path):
     model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
     for opt, why in [(torch.optim.Adam(model.parameters(), weight_decay=0.1), "use AdamW"),
-                     (torch.optim.Adam(model.parameters(), amsgrad=True), "amsgrad"),
-                     (torch.optim.Adam(model.parameters()), "exact per-sample gradients")]:
-        projection = 4 if why.startswith("exact") else None
+                     (torch.optim.Adam(model.parameters(), amsgrad=True), "amsgrad")]:
         with pytest.warns(UserWarning, match=why):
-            with dvemb.Recorder(model, tmp_path / why.replace(" ", "_"), projection_dim=projection,
-                                optimizer=opt) as rec:
+            with dvemb.Recorder(model, tmp_path / why.replace(" ", "_"), optimizer=opt) as rec:
                 pass
         assert Store(rec.path).config.adam is None
     with dvemb.Recorder(model, tmp_path / "ok", optimizer=torch.optim.AdamW(model.parameters(), betas=(0.8, 0.9))):
         pass
     assert Store(tmp_path / "ok").config.adam == AdamSettings(0.8, 0.9, 1e-8, 0.01)
+
+
+def test_projected_layers_get_one_preconditioner_per_layer_and_step(tmp_path):
+    from dvemb.embed.recursion import adam_preconditioners
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 8), nn.Tanh(), nn.Linear(8, 4)).double()
+    x, y = torch.randn(20, 10, dtype=torch.float64), torch.randint(0, 4, (20,))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    with pytest.warns(UserWarning, match="one per layer and step"):
+        rec = dvemb.Recorder(model, tmp_path / "s", projection_dim=12, dtype=torch.float64, optimizer=opt)
+    with rec:
+        for t in range(4):
+            with rec.step(range(5 * t, 5 * t + 5)):
+                F.cross_entropy(model(x[5 * t:5 * t + 5]), y[5 * t:5 * t + 5]).backward()
+            opt.step()
+            opt.zero_grad()
+    store = Store(tmp_path / "s")
+    got = adam_preconditioners(store, [0], 1, 4, torch.float64)  # steps 1..3 of layer 0
+    spec, adam = store.layers[0], store.config.adam
+    g = to_torch(store.grads(0), "float64").reshape(4, 5, -1)
+    v = 0.0
+    for t in range(4):  # v of the layer: EMA of the batch gradient's mean square, ||projected||^2 / (d_out (d_in + 1))
+        batch = g[t].mean(0)
+        v = adam.beta2 * v + (1 - adam.beta2) * float(batch @ batch) / (spec.d_out * (spec.d_in + 1))
+        if t >= 1:
+            want = 0.01 / (1 - adam.beta1 ** (t + 1)) / (np.sqrt(v / (1 - adam.beta2 ** (t + 1))) + adam.eps)
+            torch.testing.assert_close(got[t - 1], torch.full((spec.dim,), want, dtype=torch.float64))

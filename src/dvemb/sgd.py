@@ -13,8 +13,9 @@ at step t on theta_T) and V (of a change of the momentum buffer). See ``embed/re
 Adam is linearised with its second moments frozen (a record changes v by (1 - beta2) of its
 share of g^2, which is dropped): theta_{t+1} = a_t theta_t - P_t m_t with the diagonal
 P_t = eta_t / (1 - beta1^(t+1)) / (sqrt(v_t / (1 - beta2^(t+1))) + eps) and a_t = 1 - eta_t lambda
-(AdamW), m_t = beta1 m_{t-1} + (1 - beta1) g_t. P_t is elementwise in parameter space, so it is
-rebuilt from exact per-sample gradients (``projection_dim=None``) by replaying v over the store.
+(AdamW), m_t = beta1 m_{t-1} + (1 - beta1) g_t. P_t is elementwise in parameter space: it is
+rebuilt by replaying v over the store, exactly from exact per-sample gradients
+(``projection_dim=None``), as one number per layer and step from projected ones.
 """
 
 from __future__ import annotations
@@ -96,9 +97,9 @@ def settings_of(optimizer: torch.optim.Optimizer | None, modules: Sequence[nn.Mo
                 exact: bool = True) -> SGDSettings | AdamSettings:
     """The update rule of the groups holding the tracked layers (plain SGD without an optimizer).
 
-    Adam / AdamW need exact per-sample gradients (``exact``) to rebuild their preconditioner;
-    other optimizers, and Adam where that is impossible, are linearised as plain SGD with a
-    warning: their scores are an approximation.
+    Adam / AdamW's preconditioner is rebuilt elementwise from exact per-sample gradients
+    (``exact``), per layer otherwise (warned); other optimizers, and Adam settings that cannot
+    be followed, are linearised as plain SGD with a warning: their scores are an approximation.
     """
     if optimizer is None:
         return SGDSettings()
@@ -147,7 +148,9 @@ def _adam_settings(optimizer: torch.optim.Adam, groups: list[dict], params: set[
     if weight_decay and not decoupled:
         return None, "Adam's L2 weight decay needs theta_t in its second moments (use AdamW)"
     if not exact:
-        return None, "its preconditioner is elementwise and needs exact per-sample gradients (projection_dim=None)"
+        warnings.warn(f"{type(optimizer).__name__} with projected gradients: its per-parameter preconditioner is "
+                      "approximated by one per layer and step (exact per-sample gradients, projection_dim=None, "
+                      "follow it elementwise)", stacklevel=4)
     if any(optimizer.state.get(p) for g in groups for p in g["params"] if id(p) in params):
         return None, "it already has state (the second moments before recording are unknown)"
     return AdamSettings(beta1, beta2, eps, weight_decay), ""

@@ -148,24 +148,32 @@ def adam_preconditioners(store: Store, block: Sequence[int], start: int, stop: i
                          dtype: torch.dtype) -> torch.Tensor:
     """P_t = eta_t / (1 - beta1^(t+1)) / (sqrt(v_t / (1 - beta2^(t+1))) + eps) for t in [start, stop): [steps, dim].
 
-    v is replayed from step 0 over the stored exact per-sample gradients: the batch gradient
-    of step t is sum_i w_ti g_ti (what the optimizer applied).
+    v is replayed from step 0 over the stored per-sample gradients: the batch gradient of step t
+    is sum_i w_ti g_ti (what the optimizer applied). Exact layers get v elementwise; a projected
+    layer gets one v per layer, the mean square of its batch gradient, ||P_out G P_in^T||^2 / size
+    (the projections keep squared norms in expectation): an approximation of Adam's
+    per-parameter scaling that keeps its per-layer and per-step scale.
     """
     adam = store.config.adam
     assert adam is not None
     records, starts = store.records, store.step_starts
     weights, lrs = np.ascontiguousarray(records["weight"], dtype=np.float64), np.asarray(records["lr"])
+    specs = [store.layers[i] for i in block]
     grads = [store.grads(i) for i in block]
-    v = torch.zeros(sum(store.layers[i].dim for i in block), dtype=torch.float64)
-    out = torch.empty(stop - start, v.shape[0], dtype=dtype)
+    exact = [s.proj_in.is_identity and s.proj_out.is_identity for s in specs]
+    v = [torch.zeros(s.dim if e else 1, dtype=torch.float64) for s, e in zip(specs, exact)]
+    out = torch.empty(stop - start, sum(s.dim for s in specs), dtype=dtype)
     for t in range(stop):
         r0, r1 = int(starts[t]), int(starts[t + 1])
-        g = torch.cat([to_torch(np.asarray(a[r0:r1]), store.dtype).double() for a in grads], 1)
-        mean = torch.from_numpy(weights[r0:r1]) @ g
-        v.mul_(adam.beta2).addcmul_(mean, mean, value=1.0 - adam.beta2)
+        scale = float(lrs[r0]) / (1.0 - adam.beta1 ** (t + 1)) if r1 > r0 else 0.0
+        parts = []
+        for spec, a, v_l, e in zip(specs, grads, v, exact):
+            mean = torch.from_numpy(weights[r0:r1]) @ to_torch(np.asarray(a[r0:r1]), store.dtype).double()
+            square = mean * mean if e else (mean @ mean / (spec.d_out * (spec.d_in + spec.bias))).reshape(1)
+            v_l.mul_(adam.beta2).add_(square, alpha=1.0 - adam.beta2)
+            parts.append((v_l.sqrt() / math.sqrt(1.0 - adam.beta2 ** (t + 1)) + adam.eps).expand(spec.dim))
         if t >= start:
-            denom = v.sqrt() / math.sqrt(1.0 - adam.beta2 ** (t + 1)) + adam.eps
-            out[t - start] = (float(lrs[r0]) / (1.0 - adam.beta1 ** (t + 1))) / denom
+            out[t - start] = scale / torch.cat(parts)
     return out
 
 

@@ -25,8 +25,9 @@ the model sees them, and :class:`DVEmbCallback` records the step with a :class:`
 - Multi-process runs (torchrun, one process per device) are recorded as under DDP: each rank
   writes its shard of the store. DataParallel (several GPUs in one process) is refused.
 - The Recorder linearises torch's SGD (momentum, Nesterov, dampening and weight decay are read
-  from the optimizer), and Adam / AdamW with exact per-sample gradients (``projection_dim=None``);
-  other optimizers (and the Trainer's default AdamW under projection) are warned about, and
+  from the optimizer), and Adam / AdamW (the Trainer's default; elementwise with exact per-sample
+  gradients, one preconditioner per layer and step when projected); other optimizers are warned
+  about, and
   gradient clipping (the Trainer clips at ``max_grad_norm=1.0`` by default) rescales steps
   without being recorded.
 
