@@ -7,14 +7,16 @@ references: per step and layer, two [B, p] x [p, p] matmuls, with ``torch.mm`` i
 preallocated outputs (MKL on x86) and with oneDNN (through torch's op, as dvemb's G M^T
 uses it where available); the faster is the machine's GEMM throughput. All count 4 B p^2
 FLOPs per layer per step (G M^T and E^T G). A last timing, one G M^T and the rank-B update
-M += E^T G ([p, B] x [B, p]) per layer with dvemb's kernels, is reported for context. The
-ratio is the median over runs of the same run's ratio.
+M += E^T G ([p, B] x [B, p]) per layer with dvemb's kernels, is reported for context, and
+so is ``compute_embeddings`` on the same store read as recorded with SGD momentum 0.9 (the
+U, V recursion: ``dvemb/sgd.py``). The ratios are medians over runs of the same run's ratios.
 
     python benchmarks/recursion_efficiency.py [--runs 7] [--steps 200] [--dim 1024]
 """
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -25,6 +27,7 @@ import torch
 
 import dvemb
 from dvemb import gemm
+from dvemb.sgd import SGDSettings
 
 
 def step_flops(dims: list[int], batch: int) -> int:
@@ -67,6 +70,19 @@ def rank_update_seconds(dims: list[int], batch: int, steps: int) -> float:
     return seconds(run)
 
 
+def momentum_seconds(path: Path, momentum: float = 0.9) -> float:
+    """Seconds of ``compute_embeddings`` on the same store read as recorded with SGD momentum (U, V recursion)."""
+    manifest = path / "manifest.json"
+    plain = manifest.read_text()
+    data = json.loads(plain)
+    data["sgd"] = SGDSettings(momentum=momentum).to_dict()
+    manifest.write_text(json.dumps(data))
+    try:
+        return seconds(lambda: dvemb.compute_embeddings(path, show_progress=False))
+    finally:
+        manifest.write_text(plain)
+
+
 def main() -> None:
     """Record a store, time the recursion against the GEMM references, print and write JSON."""
     parser = base_parser(__doc__.splitlines()[0])
@@ -85,6 +101,7 @@ def main() -> None:
             "matmul_mkl": lambda: matmul_seconds(dims, BATCH, store.n_steps, onednn=False),
             "matmul_onednn": lambda: matmul_seconds(dims, BATCH, store.n_steps, onednn=True),
             "rank_update": lambda: rank_update_seconds(dims, BATCH, store.n_steps),
+            "compute_embeddings_momentum": lambda: momentum_seconds(path),
         }
         alternate(timed, 1)  # warm-up
         times = alternate(timed, args.runs)
@@ -92,11 +109,13 @@ def main() -> None:
     gemm_rate = [max(a, b) for a, b in zip(rates["matmul_mkl"], rates["matmul_onednn"])]
     efficiency = ratios(rates["compute_embeddings"], gemm_rate)
     versus_rank_update = ratios(rates["compute_embeddings"], rates["rank_update"])
+    momentum_cost = ratios(times["compute_embeddings_momentum"], times["compute_embeddings"])
     print(f"MLP {'-'.join(map(str, MLP_SIZES))} at {args.dim}/layer (dims {dims}), {store.n_steps} steps x {BATCH} "
           f"records, {flops / 1e9:.1f} GFLOP, {torch.get_num_threads()} thread(s), median of {args.runs} runs")
     print_table(["variant", "seconds", "GFLOP/s"], [[k, median(times[k]), median(rates[k])] for k in times])
     print(f"recursion / best [B,p]x[p,p] matmul: {median(efficiency):.1%}   "
-          f"recursion / (matmul + rank-B update): {median(versus_rank_update):.1%}")
+          f"recursion / (matmul + rank-B update): {median(versus_rank_update):.1%}   "
+          f"momentum recursion / plain: {median(momentum_cost):.2f}x")
     write_results("recursion_efficiency", args, {
         "model": "mnist_mlp", "sizes": MLP_SIZES, "batch": BATCH, "layer_dims": dims, "steps": store.n_steps,
         "records": store.n_records, "gflop": flops / 1e9, "onednn": gemm.onednn_available(),
@@ -104,6 +123,7 @@ def main() -> None:
         "seconds": {k: median(v) for k, v in times.items()}, "gflops": {k: median(v) for k, v in rates.items()},
         "efficiency": median(efficiency), "efficiencies": efficiency,
         "efficiency_vs_rank_update": median(versus_rank_update),
+        "momentum_time_ratio": median(momentum_cost), "momentum_time_ratios": momentum_cost,
     })
 
 
