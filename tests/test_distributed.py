@@ -28,11 +28,18 @@ def data():
         torch.randint(0, 3, (STEPS * GLOBAL_BATCH,), generator=g)
 
 
-def rank_main(rank: int, world: int, path: str, rendezvous: str, momentum: float) -> None:
+def make_optimizer(params, kind: str) -> torch.optim.Optimizer:
+    """Plain SGD, SGD with momentum 0.9, or AdamW: each followed by the embeddings."""
+    if kind == "adamw":
+        return torch.optim.AdamW(params, lr=0.05)
+    return torch.optim.SGD(params, lr=LR, momentum=0.9 if kind == "momentum" else 0.0)
+
+
+def rank_main(rank: int, world: int, path: str, rendezvous: str, kind: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     ddp = nn.parallel.DistributedDataParallel(make_model())
-    opt = torch.optim.SGD(ddp.parameters(), lr=LR, momentum=momentum)
+    opt = make_optimizer(ddp.parameters(), kind)
     x, y = data()
     local = GLOBAL_BATCH // world
     with dvemb.Recorder(ddp, path, projection_dim=12, dtype=torch.float64, save_checkpoints=[3], optimizer=opt) as rec:
@@ -45,9 +52,9 @@ def rank_main(rank: int, world: int, path: str, rendezvous: str, momentum: float
     dist.destroy_process_group()
 
 
-def record_single(path, momentum: float) -> nn.Module:
+def record_single(path, kind: str) -> nn.Module:
     model = make_model()
-    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=momentum)
+    opt = make_optimizer(model.parameters(), kind)
     x, y = data()
     with dvemb.Recorder(model, path, projection_dim=12, dtype=torch.float64, optimizer=opt) as rec:
         for t in range(STEPS):
@@ -60,12 +67,13 @@ def record_single(path, momentum: float) -> nn.Module:
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
-@pytest.mark.parametrize("momentum", [0.0, 0.9])
-def test_two_rank_ddp_store_equals_single_process(tmp_path, momentum):
-    mp.spawn(rank_main, args=(2, str(tmp_path / "ddp"), str(tmp_path / "rdv"), momentum), nprocs=2, join=True)
-    model = record_single(tmp_path / "one", momentum)
+@pytest.mark.filterwarnings("ignore:AdamW with projected gradients")
+@pytest.mark.parametrize("kind", ["sgd", "momentum", "adamw"])
+def test_two_rank_ddp_store_equals_single_process(tmp_path, kind):
+    mp.spawn(rank_main, args=(2, str(tmp_path / "ddp"), str(tmp_path / "rdv"), kind), nprocs=2, join=True)
+    model = record_single(tmp_path / "one", kind)
     ddp_store, one = Store(tmp_path / "ddp"), Store(tmp_path / "one")
-    assert ddp_store.config.sgd.momentum == momentum == one.config.sgd.momentum
+    assert ddp_store.config == one.config and (ddp_store.config.adam is not None) == (kind == "adamw")
     assert ddp_store.world_size == 2 and ddp_store.n_steps == STEPS and ddp_store.n_records == STEPS * GLOBAL_BATCH
     rec_d, rec_1 = ddp_store.records, one.records
     np.testing.assert_array_equal(rec_d["sample_id"], rec_1["sample_id"])  # step-major, rank-minor order
