@@ -3,8 +3,6 @@ and the scores against retraining with torch.optim.Adam."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -13,10 +11,9 @@ from torch import nn
 
 import dvemb
 from dvemb.embed.layout import final_arrays
-from dvemb.evaluate.metrics import spearman
 from dvemb.sgd import AdamSettings
 from dvemb.store import Store, to_torch
-from test_momentum import _digits_run
+from retraining import against_retraining
 
 SETTINGS = [dict(), dict(betas=(0.8, 0.99), eps=1e-6), dict(weight_decay=0.1, adamw=True)]
 
@@ -83,50 +80,12 @@ def test_recursion_equals_forward_simulation(tmp_path, settings):
         np.testing.assert_allclose(np.array(b.read(store.n_records)), a, rtol=1e-9, atol=1e-12)
 
 
-def _train(x, y, batches, settings: dict, lr: float, removed=None, rec=None) -> nn.Module:
-    torch.manual_seed(1)
-    model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10)).double()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, **settings)
-    recorder = rec(model, opt) if rec else None
-    for t, ids in enumerate(batches):
-        w = torch.full((len(ids),), 1.0 / len(ids), dtype=torch.float64)
-        if removed is not None and removed[0] == t:
-            w[ids.index(removed[1])] = 0.0
-        if recorder is None:
-            (w * F.cross_entropy(model(x[ids]), y[ids], reduction="none")).sum().backward()
-        else:
-            with recorder.step(ids):
-                F.cross_entropy(model(x[ids]), y[ids]).backward()
-        opt.step()
-        opt.zero_grad()
-    if recorder is not None:
-        recorder.close()
-    return model
-
-
 def test_scores_follow_retraining_with_adamw(tmp_path):
-    x, y, xv, yv, batches = _digits_run()
-    settings, lr = dict(weight_decay=0.01), 1e-3
-    model = _train(x, y, batches, settings, lr, rec=lambda m, o: dvemb.Recorder(m, tmp_path / "s", optimizer=o,
-                                                                                dtype=torch.float64))
-    loss = lambda m: F.cross_entropy(m(xv), yv)  # noqa: E731
-    base = float(loss(model).detach())
-    inf = dvemb.influence(tmp_path / "s", model, lambda: F.cross_entropy(model(xv), yv, reduction="none"))
-    chosen = np.random.default_rng(0).choice(np.flatnonzero(inf.steps >= len(batches) - 10), 30, replace=False)
-    truth = np.array([float(loss(_train(x, y, batches, settings, lr, (int(inf.steps[r]), int(inf.sample_ids[r]))))
-                            .detach()) - base for r in chosen])
-    manifest_path = tmp_path / "s" / "manifest.json"  # the same store read as plain SGD
-    manifest = json.loads(manifest_path.read_text())
-    manifest["adam"] = None
-    manifest_path.write_text(json.dumps(manifest))
-    dvemb.compute_embeddings(tmp_path / "s", show_progress=False)
-    naive = dvemb.influence(tmp_path / "s", model, lambda: F.cross_entropy(model(xv), yv, reduction="none"))
-    estimate, ignored = inf.scores.mean(axis=0)[chosen], naive.scores.mean(axis=0)[chosen]
-    slope = lambda e: float(e @ truth / (e @ e))  # noqa: E731
-    print(f"\nAdamW: Spearman vs retraining {spearman(estimate, truth):.3f}, scale {slope(estimate):.3f} "
-          f"(read as SGD: {spearman(ignored, truth):.3f}, scale {slope(ignored):.3f})")
-    assert spearman(estimate, truth) >= 0.9 and spearman(estimate, truth) > spearman(ignored, truth)
-    assert 0.7 < slope(estimate) < 1.4
+    got = against_retraining(tmp_path / "s", lambda params: torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01),
+                             ignored={"adam": None})  # read as plain SGD
+    print(f"\nAdamW: {got}")  # measured 0.988, scale 0.89; read as SGD 0.958, scale 23
+    assert got.spearman >= 0.9 and got.spearman > got.ignored_spearman
+    assert 0.7 < got.scale < 1.4
 
 
 def test_adam_settings_that_cannot_be_followed_fall_back_with_a_warning(tmp_path):

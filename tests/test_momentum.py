@@ -12,11 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import dvemb
-from dvemb.data import load_digits_split
 from dvemb.embed.layout import final_arrays
-from dvemb.evaluate.metrics import spearman
 from dvemb.sgd import SGDSettings
 from dvemb.store import Store, to_torch
+from retraining import against_retraining
 
 SETTINGS = [
     dict(momentum=0.9),
@@ -146,60 +145,13 @@ def test_optimizer_settings_are_read_and_checked(tmp_path):
     assert "update     SGD, momentum 0.9 (Nesterov)\n" in Store(tmp_path / "c").summary()
 
 
-def _digits_run(seed: int = 0, n_train: int = 256, batch: int = 16, epochs: int = 2):
-    x, y, xv, yv = load_digits_split(seed=seed)
-    x, y = x[:n_train].double(), y[:n_train]
-    g = torch.Generator().manual_seed(seed)
-    batches = [b.tolist() for _ in range(epochs) for b in torch.randperm(n_train, generator=g).split(batch)]
-    return x, y, xv[:200].double(), yv[:200], batches
-
-
-def _train(x, y, batches, sgd: dict, lr: float, removed: tuple[int, int] | None = None, rec=None) -> nn.Module:
-    """The run (optionally recorded), or the same run with record (step, sample) removed."""
-    torch.manual_seed(1)
-    model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10)).double()
-    opt = torch.optim.SGD(model.parameters(), lr=lr, **sgd)
-    recorder = rec(model, opt) if rec else None
-    for t, ids in enumerate(batches):
-        w = torch.full((len(ids),), 1.0 / len(ids), dtype=torch.float64)
-        if removed is not None and removed[0] == t:
-            w[ids.index(removed[1])] = 0.0  # weight 0 at that step only; the divisor stays B
-        if recorder is None:
-            (w * F.cross_entropy(model(x[ids]), y[ids], reduction="none")).sum().backward()
-        else:
-            with recorder.step(ids):
-                F.cross_entropy(model(x[ids]), y[ids]).backward()
-        opt.step()
-        opt.zero_grad()
-    if recorder is not None:
-        recorder.close()
-    return model
-
-
 @pytest.mark.parametrize("sgd", [dict(momentum=0.9, weight_decay=1e-3), dict(momentum=0.9, nesterov=True)])
 def test_scores_follow_retraining_and_beat_ignoring_momentum(tmp_path, sgd):
-    x, y, xv, yv, batches = _digits_run()
-    lr = 0.01  # x 1/(1 - 0.9) = 0.1 effective: first order holds (at 0.05, i.e. 0.5 effective, both fall to ~0.8)
-    model = _train(x, y, batches, sgd, lr, rec=lambda m, o: dvemb.Recorder(m, tmp_path / "s", optimizer=o,
-                                                                            dtype=torch.float64))
-    loss = lambda m: F.cross_entropy(m(xv), yv)  # noqa: E731
-    base = float(loss(model).detach())
-    inf = dvemb.influence(tmp_path / "s", model, lambda: F.cross_entropy(model(xv), yv, reduction="none"))
-    chosen = np.random.default_rng(0).choice(np.flatnonzero(inf.steps >= len(batches) - 10), 30, replace=False)
-    truth = np.array([float(loss(_train(x, y, batches, sgd, lr, (int(inf.steps[r]), int(inf.sample_ids[r]))))
-                            .detach()) - base for r in chosen])
-    # the same store read as plain SGD (momentum and decay ignored), as earlier versions did
-    manifest_path = tmp_path / "s" / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    manifest["sgd"] = SGDSettings().to_dict()
-    manifest_path.write_text(json.dumps(manifest))
-    dvemb.compute_embeddings(tmp_path / "s", show_progress=False)
-    naive = dvemb.influence(tmp_path / "s", model, lambda: F.cross_entropy(model(xv), yv, reduction="none"))
-    estimate, ignored = inf.scores.mean(axis=0)[chosen], naive.scores.mean(axis=0)[chosen]
-    slope = lambda e: float(e @ truth / (e @ e))  # noqa: E731  least-squares scale of truth on the estimate
-    print(f"\n{sgd}: Spearman vs retraining {spearman(estimate, truth):.3f}, scale {slope(estimate):.3f} "
-          f"(momentum ignored: {spearman(ignored, truth):.3f}, scale {slope(ignored):.3f})")
+    # lr 0.01 x 1/(1 - 0.9) = 0.1 effective: first order holds (at 0.05, i.e. 0.5 effective, both fall to ~0.8)
+    got = against_retraining(tmp_path / "s", lambda params: torch.optim.SGD(params, lr=0.01, **sgd),
+                             ignored={"sgd": SGDSettings().to_dict()})  # read as plain SGD, as earlier versions did
+    print(f"\n{sgd}: {got}")
     # measured 0.994-0.997, scale 0.95-0.96; momentum ignored: 0.955-0.963, scale 4.2-4.6 (momentum amplifies a
     # gradient's effect up to 1 / (1 - mu) = 10x; records of the last 10 steps get part of it)
-    assert spearman(estimate, truth) >= 0.95 and spearman(estimate, truth) > spearman(ignored, truth)
-    assert 0.8 < slope(estimate) < 1.25 and slope(ignored) > 3
+    assert got.spearman >= 0.95 and got.spearman > got.ignored_spearman
+    assert 0.8 < got.scale < 1.25 and got.ignored_scale > 3

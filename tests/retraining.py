@@ -1,0 +1,84 @@
+"""Scores of a recorded digits run against retraining it with single records removed, for any torch optimizer."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dvemb
+from dvemb.data import load_digits_split
+from dvemb.evaluate.metrics import spearman
+
+MakeOptimizer = Callable[[Iterable[torch.Tensor]], torch.optim.Optimizer]
+
+
+def digits_run(seed: int = 0, n_train: int = 256, batch: int = 16, epochs: int = 2):
+    """(x, y, x_val, y_val, batches) of a small float64 digits run."""
+    x, y, xv, yv = load_digits_split(seed=seed)
+    x, y = x[:n_train].double(), y[:n_train]
+    g = torch.Generator().manual_seed(seed)
+    batches = [b.tolist() for _ in range(epochs) for b in torch.randperm(n_train, generator=g).split(batch)]
+    return x, y, xv[:200].double(), yv[:200], batches
+
+
+def train(x, y, batches, make_optimizer: MakeOptimizer, removed: tuple[int, int] | None = None,
+          record: Callable[[nn.Module, torch.optim.Optimizer], dvemb.Recorder] | None = None) -> nn.Module:
+    """The run (recorded with ``record``), or the same run with record (step, sample) removed."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10)).double()
+    opt = make_optimizer(model.parameters())
+    recorder = record(model, opt) if record else None
+    for t, ids in enumerate(batches):
+        w = torch.full((len(ids),), 1.0 / len(ids), dtype=torch.float64)
+        if removed is not None and removed[0] == t:
+            w[ids.index(removed[1])] = 0.0  # weight 0 at that step only; the divisor stays B
+        if recorder is None:
+            (w * F.cross_entropy(model(x[ids]), y[ids], reduction="none")).sum().backward()
+        else:
+            with recorder.step(ids):
+                F.cross_entropy(model(x[ids]), y[ids]).backward()
+        opt.step()
+        opt.zero_grad()
+    if recorder is not None:
+        recorder.close()
+    return model
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """Spearman and least-squares scale (truth ~ scale * estimate) of the estimates, and of the
+    same store read with the update rule ``ignored`` (a manifest edit)."""
+
+    spearman: float
+    scale: float
+    ignored_spearman: float
+    ignored_scale: float
+
+
+def against_retraining(path: Path, make_optimizer: MakeOptimizer, ignored: dict, records: int = 30,
+                       **recorder_kwargs) -> Agreement:
+    """Record the digits run at ``path``, score its last 10 steps' records and retrain without each."""
+    x, y, xv, yv, batches = digits_run()
+    model = train(x, y, batches, make_optimizer,
+                  record=lambda m, o: dvemb.Recorder(m, path, optimizer=o, dtype=torch.float64, **recorder_kwargs))
+    loss = lambda m: float(F.cross_entropy(m(xv), yv).detach())  # noqa: E731
+    closure = lambda: F.cross_entropy(model(xv), yv, reduction="none")  # noqa: E731
+    inf = dvemb.influence(path, model, closure)
+    chosen = np.random.default_rng(0).choice(np.flatnonzero(inf.steps >= len(batches) - 10), records, replace=False)
+    base = loss(model)
+    truth = np.array([loss(train(x, y, batches, make_optimizer, (int(inf.steps[r]), int(inf.sample_ids[r]))))
+                      - base for r in chosen])
+    manifest = json.loads((path / "manifest.json").read_text())
+    (path / "manifest.json").write_text(json.dumps({**manifest, **ignored}))
+    dvemb.compute_embeddings(path, show_progress=False)
+    naive = dvemb.influence(path, model, closure)
+    estimate, other = inf.scores.mean(axis=0)[chosen], naive.scores.mean(axis=0)[chosen]
+    scale = lambda e: float(e @ truth / (e @ e))  # noqa: E731
+    return Agreement(spearman(estimate, truth), scale(estimate), spearman(other, truth), scale(other))
