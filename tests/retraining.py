@@ -1,4 +1,5 @@
-"""Scores of a recorded digits run against retraining it with single records removed, for any torch optimizer."""
+"""Runs recorded with a torch optimizer for the momentum and Adam tests: a tiny scheduled run, and a digits
+run whose scores are compared with retraining it with single records removed."""
 
 from __future__ import annotations
 
@@ -17,6 +18,24 @@ from dvemb.data import load_digits_split
 from dvemb.evaluate.metrics import spearman
 
 MakeOptimizer = Callable[[Iterable[torch.Tensor]], torch.optim.Optimizer]
+
+
+def tiny_recorded_run(path, make_optimizer: MakeOptimizer, lr: Callable[[int], float], *, steps: int,
+                      batch: int = 5, d: int = 10, **recorder_kwargs) -> nn.Module:
+    """A small float64 tanh MLP trained by the optimizer, its lr set by ``lr(step)``, under a Recorder reading it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(d, 8), nn.Tanh(), nn.Linear(8, 4)).double()
+    x, y = torch.randn(steps * batch, d, dtype=torch.float64), torch.randint(0, 4, (steps * batch,))
+    opt = make_optimizer(model.parameters())
+    with dvemb.Recorder(model, path, dtype=torch.float64, optimizer=opt, **recorder_kwargs) as rec:
+        for t in range(steps):
+            opt.param_groups[0]["lr"] = lr(t)
+            ids = list(range(t * batch, (t + 1) * batch))
+            with rec.step(ids):
+                F.cross_entropy(model(x[ids]), y[ids]).backward()
+            opt.step()
+            opt.zero_grad()
+    return model
 
 
 def digits_run(seed: int = 0, n_train: int = 256, batch: int = 16, epochs: int = 2):

@@ -13,27 +13,16 @@ import dvemb
 from dvemb.embed.layout import final_arrays
 from dvemb.sgd import AdamSettings
 from dvemb.store import Store, to_torch
-from retraining import against_retraining
+from retraining import against_retraining, tiny_recorded_run
 
 SETTINGS = [dict(), dict(betas=(0.8, 0.99), eps=1e-6), dict(weight_decay=0.1, adamw=True)]
 
 
-def train_with_adam(path, settings: dict, *, steps=7, batch=5, d=10):
-    """A small tanh MLP trained by Adam (AdamW with ``adamw``) under a Recorder that reads the optimizer."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(d, 8), nn.Tanh(), nn.Linear(8, 4)).double()
-    x, y = torch.randn(steps * batch, d, dtype=torch.float64), torch.randint(0, 4, (steps * batch,))
+def train_with_adam(path, settings: dict, *, steps=7):
+    """Adam (AdamW with ``adamw``) on a tiny MLP, exact gradients, lr 0.05 / (1 + 0.3 t)."""
     kind = torch.optim.AdamW if settings.pop("adamw", False) else torch.optim.Adam
-    opt = kind(model.parameters(), lr=0.05, **settings)
-    with dvemb.Recorder(model, path, dtype=torch.float64, optimizer=opt) as rec:  # exact gradients
-        for t in range(steps):
-            opt.param_groups[0]["lr"] = 0.05 / (1 + 0.3 * t)
-            ids = list(range(t * batch, (t + 1) * batch))
-            with rec.step(ids):
-                F.cross_entropy(model(x[ids]), y[ids]).backward()
-            opt.step()
-            opt.zero_grad()
-    return model
+    return tiny_recorded_run(path, lambda params: kind(params, lr=0.05, **settings), lambda t: 0.05 / (1 + 0.3 * t),
+                             steps=steps)
 
 
 def simulated_embeddings(store: Store, layer: int) -> torch.Tensor:

@@ -15,7 +15,7 @@ import dvemb
 from dvemb.embed.layout import final_arrays
 from dvemb.sgd import SGDSettings
 from dvemb.store import Store, to_torch
-from retraining import against_retraining
+from retraining import against_retraining, tiny_recorded_run
 
 SETTINGS = [
     dict(momentum=0.9),
@@ -26,21 +26,10 @@ SETTINGS = [
 ]
 
 
-def train_with_sgd(path, sgd: dict, *, steps=6, batch=5, projection_dim=None, d=10):
-    """A small tanh MLP trained by torch.optim.SGD under a Recorder that reads the optimizer."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(d, 8), nn.Tanh(), nn.Linear(8, 4)).double()
-    x, y = torch.randn(steps * batch, d, dtype=torch.float64), torch.randint(0, 4, (steps * batch,))
-    opt = torch.optim.SGD(model.parameters(), lr=0.3, **sgd)
-    with dvemb.Recorder(model, path, projection_dim=projection_dim, dtype=torch.float64, optimizer=opt) as rec:
-        for t in range(steps):
-            opt.param_groups[0]["lr"] = 0.3 / (1 + 0.2 * t)
-            ids = list(range(t * batch, (t + 1) * batch))
-            with rec.step(ids):
-                F.cross_entropy(model(x[ids]), y[ids]).backward()
-            opt.step()
-            opt.zero_grad()
-    return model
+def train_with_sgd(path, sgd: dict, *, steps=6, projection_dim=None):
+    """torch.optim.SGD (``sgd``'s settings) on a tiny MLP, lr 0.3 / (1 + 0.2 t)."""
+    return tiny_recorded_run(path, lambda params: torch.optim.SGD(params, lr=0.3, **sgd), lambda t: 0.3 / (1 + 0.2 * t),
+                             steps=steps, projection_dim=projection_dim)
 
 
 def simulated_embeddings(store: Store, layer: int, until: int | None = None) -> torch.Tensor:
