@@ -72,19 +72,19 @@ class _SGDRule:
     def __init__(self, sgd: SGDSettings) -> None:
         self.sgd, self.momentum = sgd, sgd.momentum
 
-    def mix(self, u: torch.Tensor, v: torch.Tensor, lr: float, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(W, Phi) of step t from the maps U, V of step t + 1."""
+    def mix(self, u: torch.Tensor, v: torch.Tensor, lr: float, t: int) -> tuple[float, float]:
+        """Turn V (of step t + 1) into W in place; return (a, b) with Phi = a W + b U."""
         sgd = self.sgd
-        w_mat = v - (lr * (sgd.momentum if sgd.nesterov else 1.0)) * u
-        phi = sgd.gamma(t == 0) * w_mat
-        if sgd.nesterov:
-            phi -= lr * u
-        return w_mat, phi
+        v.add_(u, alpha=-lr * (sgd.momentum if sgd.nesterov else 1.0))
+        return sgd.gamma(t == 0), -lr if sgd.nesterov else 0.0
 
-    def decay(self, u: torch.Tensor, phi: torch.Tensor, lr: float) -> None:
+    def decay(self, u: torch.Tensor, w_mat: torch.Tensor, phi: tuple[float, float], lr: float) -> None:
         """Weight decay's part of U += Phi (H + lambda I)."""
-        if self.sgd.weight_decay:
-            u.add_(phi, alpha=self.sgd.weight_decay)
+        decay = self.sgd.weight_decay
+        if decay:
+            if phi[1]:
+                u.mul_(1.0 + decay * phi[1])
+            u.add_(w_mat, alpha=decay * phi[0])
 
 
 class _AdamRule:
@@ -95,12 +95,12 @@ class _AdamRule:
         self.adam, self.momentum = adam, adam.beta1
         self.p, self.start = preconditioners, start  # [steps of the segment, dim]
 
-    def mix(self, u: torch.Tensor, v: torch.Tensor, lr: float, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(W, Phi) of step t from the maps U, V of step t + 1."""
-        w_mat = v - u * self.p[t - self.start]
-        return w_mat, (1.0 - self.adam.beta1) * w_mat
+    def mix(self, u: torch.Tensor, v: torch.Tensor, lr: float, t: int) -> tuple[float, float]:
+        """Turn V (of step t + 1) into W in place; return (a, b) with Phi = a W + b U."""
+        v.addcmul_(u, self.p[t - self.start], value=-1.0)
+        return 1.0 - self.adam.beta1, 0.0
 
-    def decay(self, u: torch.Tensor, phi: torch.Tensor, lr: float) -> None:
+    def decay(self, u: torch.Tensor, w_mat: torch.Tensor, phi: tuple[float, float], lr: float) -> None:
         """AdamW's theta <- (1 - eta lambda) theta: U_t = (1 - eta lambda) U_{t+1} + Phi H."""
         if self.adam.weight_decay:
             u.mul_(1.0 - lr * self.adam.weight_decay)
@@ -111,31 +111,39 @@ class _MomentumState:
     (theta_t, buffer_{t-1}) to an output.
 
     The output is theta at the end of the segment, and with ``buffer`` also the momentum
-    buffer there (Algorithm 2 composes segments through both). With the rule's W and Phi, a
-    record's embedding is -w Phi g (the output's change when its gradient is dropped), and
-    going back one step: U += Phi H (plus the rule's weight decay), V = mu W. Plain SGD gives
-    Phi = -eta U.
+    buffer there (Algorithm 2 composes segments through both). With the rule's W and
+    Phi = a W + b U, a record's embedding is -w Phi g (the output's change when its gradient
+    is dropped), and going back one step: U += Phi H (plus the rule's weight decay),
+    V = mu W. Plain SGD gives Phi = -eta U. W is formed in V's storage: no matrix is allocated.
     """
 
     def __init__(self, dim: int, dtype: torch.dtype, rule: _SGDRule | _AdamRule, buffer: bool) -> None:
         eye, zero = torch.eye(dim, dtype=dtype), torch.zeros(dim, dim, dtype=dtype)
-        self.maps = [[eye, zero]] + ([[zero.clone(), eye.clone()]] if buffer else [])  # (U, V) per output
+        self.maps = [(eye, zero)] + ([(zero.clone(), eye.clone())] if buffer else [])  # (U, V) per output
         self.rule = rule
 
     def step(self, g: torch.Tensor, w: torch.Tensor, lr: float, c: torch.Tensor | None,
              c_w: torch.Tensor | None, t: int) -> list[torch.Tensor]:
         """Embeddings [B, dim] of step t's records for each output, then go back one step."""
         out = []
-        for pair in self.maps:
-            u, v = pair
-            w_mat, phi = self.rule.mix(u, v, lr, t)
-            e = -w * gemm.rows_product(g, phi)  # -w Phi g, rows
-            h, h_e = (g, e) if c is None else (c, -c_w * gemm.rows_product(c, phi))
-            self.rule.decay(u, phi, lr)
+        for u, v in self.maps:
+            phi = self.rule.mix(u, v, lr, t)  # v now holds W
+            e = self._times_phi(g, u, v, phi, -w)  # -w Phi g, rows
+            h, h_e = (g, e) if c is None else (c, self._times_phi(c, u, v, phi, -c_w))
+            self.rule.decay(u, v, phi, lr)
             gemm.add_outer(u, -h_e, h)  # U += sum_i w_i (Phi h_i) h_i^T
-            pair[1] = w_mat.mul_(self.rule.momentum)
+            v.mul_(self.rule.momentum)  # V = mu W
             out.append(e)
         return out
+
+    @staticmethod
+    def _times_phi(rows: torch.Tensor, u: torch.Tensor, w_mat: torch.Tensor, phi: tuple[float, float],
+                   scale: torch.Tensor) -> torch.Tensor:
+        """scale * (rows Phi^T) with Phi = a W + b U, without forming Phi."""
+        product = gemm.rows_product(rows, w_mat).mul_(phi[0])
+        if phi[1]:
+            product.add_(gemm.rows_product(rows, u), alpha=phi[1])
+        return product.mul_(scale)
 
     def propagator(self) -> torch.Tensor:
         """The map of a change of theta (and of the buffer) at the segment's start to the outputs."""
