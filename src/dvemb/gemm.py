@@ -3,8 +3,8 @@
 On x86 CPUs torch sends float32 matrix products to MKL, whose kernels for skinny products
 (few test points against many records) and on AMD CPUs (no AVX-512 path) leave much of the
 machine unused. oneDNN, which torch ships, runs the same float32 product (same rounding:
-float32 inputs, float32 accumulation) 1.4x faster for one test point and 2x for 100 on
-this project's AMD EPYC benchmark machine (benchmarks/scoring_efficiency.py). It is used
+float32 inputs, float32 accumulation) 1.1-1.7x faster for one test point and 2.2-2.4x for
+100 on this project's AMD EPYC benchmark machine (benchmarks/scoring_efficiency.py). It is used
 through torch's own op for oneDNN linear layers when that op exists and the product is big
 enough to repay its fixed cost of about 10 us; anything else (float64, other devices,
 builds without oneDNN) uses ``torch.mm``. The recursion's G M^T runs 2.2x faster, and its
