@@ -53,6 +53,23 @@ class SGDSettings:
         """The factor of d_t in b_t: 1 at a fresh buffer's first step, else 1 - dampening."""
         return 1.0 if first and self.fresh else 1.0 - self.dampening
 
+    def mix(self, u: torch.Tensor, v: torch.Tensor, lr: float, t: int) -> tuple[float, float]:
+        """One step back in the linearised run: turn V (of step t + 1) into W = V - eta c U in place
+        (c = mu for Nesterov, else 1) and return (a, b) with Phi = a W + b U = gamma W - [Nesterov] eta U.
+
+        U and V map a change of (theta_t, b_{t-1}) to an output: matrices in the recursion, row
+        vectors (the test gradients' adjoints) in the exact first-order estimator.
+        """
+        v.add_(u, alpha=-lr * (self.momentum if self.nesterov else 1.0))
+        return self.gamma(t == 0), -lr if self.nesterov else 0.0
+
+    def decay(self, u: torch.Tensor, w_mat: torch.Tensor, phi: tuple[float, float], lr: float) -> None:
+        """Weight decay's part of U += Phi (H + lambda I), in place."""
+        if self.weight_decay:
+            if phi[1]:
+                u.mul_(1.0 + self.weight_decay * phi[1])
+            u.add_(w_mat, alpha=self.weight_decay * phi[0])
+
     def describe(self) -> str:
         """One line, e.g. ``SGD, momentum 0.9 (Nesterov), weight decay 0.0005``."""
         parts = ["SGD"]

@@ -81,16 +81,14 @@ class _Projector:
     def rows(self, inputs: "_InputRows", ds: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
         """Rows [b, passes * k_out * k_in] of ``scale`` times output gradients ds [passes, b, ...] with input rows."""
         a_rows = inputs.get()
-        out_t = self.out_factor(a_rows.dtype, ds.device, scale)
+        out_t = self.out_factor(a_rows.dtype, ds.device, scale)  # holds the scale when projected
+        ds = ds.to(a_rows.dtype) if out_t is not None or scale == 1.0 else ds.to(a_rows.dtype) * scale
         groups = self._rule.groups(inputs.module)
         if groups > 1:
-            ds = ds.to(a_rows.dtype) if out_t is not None or scale == 1.0 else ds.to(a_rows.dtype) * scale
             return grouped_rows(ds, a_rows, out_t, groups)
-        ds = self._rule.outputs(ds.to(a_rows.dtype))  # [passes, b, tokens, d_out]
+        ds = self._rule.outputs(ds)  # [passes, b, tokens, d_out]
         if out_t is not None:
             ds = ds @ out_t
-        elif scale != 1.0:
-            ds = ds * scale
         passes, b, tokens = ds.shape[:3]
         if tokens == 1:  # one token per sample: outer products (broadcasting is 2-3x faster than bmm here)
             return (ds[:, :, 0].transpose(0, 1).unsqueeze(3) * a_rows[:, None, :, :]).reshape(b, -1)

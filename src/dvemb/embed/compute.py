@@ -135,11 +135,13 @@ def _run_task(store: Store, task: _Task, precision: str, blocks: list[list[int]]
     final arrays (no checkpoint query reads them as segment embeddings).
     """
     last = task.segment == n_segments - 1
-    local = segment_arrays(store, precision) if n_segments > 1 else []
-    n_layers = len(store.layers)
-    arrays = final_arrays(store, precision) + local[n_layers:] if last else local  # buffer parts: never final
-    sinks = {i: arrays[i].row_file() for block in state_blocks(store, [list(b) for b in task.blocks]) for i in block
-             if n_segments > 1 or i < n_layers}
+    if n_segments == 1:
+        arrays, indices = final_arrays(store, precision), [list(b) for b in task.blocks]
+    else:  # with momentum the layers' buffer parts follow their theta parts (never final)
+        local = segment_arrays(store, precision)
+        arrays = final_arrays(store, precision) + local[len(store.layers):] if last else local
+        indices = state_blocks(store, [list(b) for b in task.blocks])
+    sinks = {i: arrays[i].row_file() for block in indices for i in block}
     try:
         propagators = run_recursion(store, task.blocks, sinks, task.start, task.stop, precision, chunk_rows, on_step,
                                     buffer=n_segments > 1)

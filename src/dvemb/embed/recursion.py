@@ -65,31 +65,9 @@ class _PlainState:
         return self.m
 
 
-class _SGDRule:
-    """torch's SGD in the U, V recursion: W = V - eta c U (c = mu for Nesterov, else 1),
-    Phi = gamma W - [Nesterov] eta U."""
-
-    def __init__(self, sgd: SGDSettings) -> None:
-        self.sgd, self.momentum = sgd, sgd.momentum
-
-    def mix(self, u: torch.Tensor, v: torch.Tensor, lr: float, t: int) -> tuple[float, float]:
-        """Turn V (of step t + 1) into W in place; return (a, b) with Phi = a W + b U."""
-        sgd = self.sgd
-        v.add_(u, alpha=-lr * (sgd.momentum if sgd.nesterov else 1.0))
-        return sgd.gamma(t == 0), -lr if sgd.nesterov else 0.0
-
-    def decay(self, u: torch.Tensor, w_mat: torch.Tensor, phi: tuple[float, float], lr: float) -> None:
-        """Weight decay's part of U += Phi (H + lambda I)."""
-        decay = self.sgd.weight_decay
-        if decay:
-            if phi[1]:
-                u.mul_(1.0 + decay * phi[1])
-            u.add_(w_mat, alpha=decay * phi[0])
-
-
 class _AdamRule:
     """Adam with frozen second moments: W = V - U P_t (P_t diagonal), Phi = (1 - beta1) W;
-    AdamW scales U by 1 - eta lambda."""
+    AdamW scales U by 1 - eta lambda. (SGD's rule is ``SGDSettings.mix`` / ``decay``.)"""
 
     def __init__(self, adam: AdamSettings, preconditioners: torch.Tensor, start: int) -> None:
         self.adam, self.momentum = adam, adam.beta1
@@ -117,7 +95,7 @@ class _MomentumState:
     V = mu W. Plain SGD gives Phi = -eta U. W is formed in V's storage: no matrix is allocated.
     """
 
-    def __init__(self, dim: int, dtype: torch.dtype, rule: _SGDRule | _AdamRule, buffer: bool) -> None:
+    def __init__(self, dim: int, dtype: torch.dtype, rule: SGDSettings | _AdamRule, buffer: bool) -> None:
         eye, zero = torch.eye(dim, dtype=dtype), torch.zeros(dim, dim, dtype=dtype)
         self.maps = [(eye, zero)] + ([(zero.clone(), eye.clone())] if buffer else [])  # (U, V) per output
         self.rule = rule
@@ -222,7 +200,7 @@ def run_recursion(
         rules = [_AdamRule(config.adam, adam_preconditioners(store, block, start, stop, dtype), start)
                  for block in blocks]
     else:
-        rules = [None if config.sgd.plain else _SGDRule(config.sgd) for _ in blocks]
+        rules = [None if config.sgd.plain else config.sgd for _ in blocks]
     states = [_PlainState(d, dtype) if rule is None else _MomentumState(d, dtype, rule, buffer)
               for d, rule in zip(dims, rules)]
     chunk_rows = rows_per_chunk(sum(a.dtype.itemsize * a.shape[1] for a in arrays), chunk_rows)

@@ -191,7 +191,6 @@ def exact_first_order(
     first = min((t for t, _ in normalised), default=spec.num_steps)
     trajectory = _with_steps(trajectory, range(first, spec.num_steps))
     run = _RunFunctions(trajectory)
-    coefficients = _coefficients(spec, normalised)
     by_step: dict[int, list[int]] = {}
     for k, (t, _) in enumerate(normalised):
         by_step.setdefault(t, []).append(k)
@@ -199,26 +198,18 @@ def exact_first_order(
     scores = np.zeros((adjoint.shape[0], len(normalised)))
     steps = range(spec.num_steps - 1, first - 1, -1)
     sgd, buffer = spec.sgd, torch.zeros_like(adjoint)  # buffer: the adjoint of the momentum buffer
-    if not sgd.plain:  # scores are -w Phi . g: the weights alone
-        coefficients = np.array([record_weight(spec, r) for r in normalised], dtype=np.float64)
+    weights = np.array([record_weight(spec, r) for r in normalised], dtype=np.float64)
     for t in ProgressBar(steps, desc="exact adjoint", unit="step", disable=not show_progress):
         params, lr = trajectory.params_at(t), spec.lr(t)
-        if sgd.plain:
-            direction = adjoint  # score = eta w v . g;  v <- v - eta H v
-        else:  # Phi = gamma W - [Nesterov] eta v with W = b - eta c v;  score = -w Phi . g
-            w_mat = buffer - lr * (sgd.momentum if sgd.nesterov else 1.0) * adjoint
-            phi = sgd.gamma(t == 0) * w_mat - (lr * adjoint if sgd.nesterov else 0.0) if sgd.momentum else -lr * adjoint
-            direction = -phi
-        if t in by_step:
+        a, b = sgd.mix(adjoint, buffer, lr, t)  # buffer now holds W; plain SGD: Phi = -eta v
+        phi = a * buffer + b * adjoint
+        if t in by_step:  # score = -w Phi . g
             index = by_step[t]
-            dots = run.dots(direction, params, [normalised[k][1] for k in index])
-            scores[:, index] = dots * coefficients[index]
-        if t > first:
-            if sgd.plain:
-                adjoint = adjoint - lr * run.hessian_vector_products(t, params, adjoint)
-            else:  # v <- v + (H + lambda I) Phi,  b <- mu W
-                adjoint = adjoint + run.hessian_vector_products(t, params, phi) + sgd.weight_decay * phi
-                buffer = sgd.momentum * w_mat if sgd.momentum else buffer
+            scores[:, index] = run.dots(-phi, params, [normalised[k][1] for k in index]) * weights[index]
+        if t > first:  # v <- v + (H + lambda I) Phi,  b <- mu W
+            sgd.decay(adjoint, buffer, (a, b), lr)
+            adjoint = adjoint + run.hessian_vector_products(t, params, phi)
+        buffer.mul_(sgd.momentum)
     return scores
 
 

@@ -358,6 +358,7 @@ def _make_step(model: nn.Module, loss: LossFn, fixed: Params, sgd: SGDSettings =
                 buf = d if first and sgd.fresh else buffers[name].mul(sgd.momentum).add(d, alpha=1 - sgd.dampening)
                 out[BUFFER + name] = buf
                 d = d.add(buf, alpha=sgd.momentum) if sgd.nesterov else buf
+            # torch's SGD adds with alpha (possibly fused); plain SGD keeps the replay's historical p - lr * d
             out[name] = p.add(d, alpha=-lr) if sgd.momentum or sgd.weight_decay else p - lr * d
         return out
 
