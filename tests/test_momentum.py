@@ -13,7 +13,7 @@ from torch import nn
 
 import dvemb
 from dvemb.embed.layout import final_arrays
-from dvemb.sgd import SGDSettings
+from dvemb.update import SGD
 from dvemb.store import Store, to_torch
 from retraining import against_retraining, tiny_recorded_run
 
@@ -38,7 +38,7 @@ def simulated_embeddings(store: Store, layer: int, until: int | None = None) -> 
     The linearised run: d_k = (H_k + lambda I) dtheta_k (+ the dropped -w g at the record's step),
     b_k = mu b_{k-1} + gamma_k d_k, dtheta_{k+1} = dtheta_k - eta_k (d_k + mu b_k if Nesterov else b_k).
     """
-    sgd = store.config.sgd
+    sgd = store.config.update
     g = to_torch(store.grads(layer), store.dtype).double()
     rec = store.records
     steps, w, lr = rec["step"], rec["weight"], rec["lr"]
@@ -64,7 +64,7 @@ def simulated_embeddings(store: Store, layer: int, until: int | None = None) -> 
 def test_recursion_equals_forward_simulation(tmp_path, sgd, projection_dim):
     train_with_sgd(tmp_path / "s", sgd, projection_dim=projection_dim)
     store = Store(tmp_path / "s")
-    assert store.config.sgd == SGDSettings(**sgd)
+    assert store.config.update == SGD(**sgd)
     dvemb.compute_embeddings(tmp_path / "s", show_progress=False)
     for layer, arr in enumerate(final_arrays(store, "float64")):
         got = torch.from_numpy(np.array(arr.read(store.n_records)))
@@ -130,7 +130,8 @@ def test_optimizer_settings_are_read_and_checked(tmp_path):
         pass
     assert rec.path.joinpath("manifest.json").exists()
     manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
-    assert manifest["sgd"] == dict(momentum=0.9, dampening=0.0, nesterov=True, weight_decay=0.0, fresh=True)
+    assert manifest["update"] == dict(kind="sgd", momentum=0.9, dampening=0.0, nesterov=True, weight_decay=0.0,
+                                      fresh=True)
     assert "update     SGD, momentum 0.9 (Nesterov)\n" in Store(tmp_path / "c").summary()
 
 
@@ -138,7 +139,7 @@ def test_optimizer_settings_are_read_and_checked(tmp_path):
 def test_scores_follow_retraining_and_beat_ignoring_momentum(tmp_path, sgd):
     # lr 0.01 x 1/(1 - 0.9) = 0.1 effective: first order holds (at 0.05, i.e. 0.5 effective, both fall to ~0.8)
     got = against_retraining(tmp_path / "s", lambda params: torch.optim.SGD(params, lr=0.01, **sgd),
-                             ignored={"sgd": SGDSettings().to_dict()})  # read as plain SGD, as earlier versions did
+                             ignored={"update": SGD().to_dict()})  # read as plain SGD, as earlier versions did
     print(f"\n{sgd}: {got}")
     # measured 0.994-0.997, scale 0.95-0.96; momentum ignored: 0.955-0.963, scale 4.2-4.6 (momentum amplifies a
     # gradient's effect up to 1 / (1 - mu) = 10x; records of the last 10 steps get part of it)

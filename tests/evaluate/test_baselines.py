@@ -18,7 +18,7 @@ from dvemb.evaluate.baselines import (
     record_weight,
     tracin_cp,
 )
-from dvemb.sgd import SGDSettings
+from dvemb.update import SGD
 
 N_SAMPLES, BATCH, EPOCHS, LR = 12, 4, 2, 0.3
 TOL = {"rtol": 1e-9, "atol": 1e-12}
@@ -174,8 +174,8 @@ def test_exact_first_order_matches_a_forward_simulation_with_explicit_hessians(s
     """d = (H_k + lambda I) dtheta (+ the dropped -w g at the record's step); b = mu b + gamma d;
     dtheta -= eta (d + mu b if Nesterov else b): exact Hessians, simulated forward per record
     (plain SGD: delta = prod (I - eta H_k) eta w g)."""
-    sgd = SGDSettings(**settings)
-    run = TrainingSpec(spec.model_factory, spec.inputs, spec.targets, spec.batches, LR, sgd=sgd)
+    sgd = SGD(**settings)
+    run = TrainingSpec(spec.model_factory, spec.inputs, spec.targets, spec.batches, LR, update=sgd)
     trajectory = train(run, keep_steps=range(run.num_steps))
     records = some_records(run)
     hessians = step_hessians(trajectory)

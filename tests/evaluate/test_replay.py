@@ -19,7 +19,7 @@ from dvemb.evaluate import (
     train,
     tsloo,
 )
-from dvemb.sgd import SGDSettings
+from dvemb.update import SGD, Adam, make_optimizer
 
 N_SAMPLES, N_TEST = 10, 3
 LR = 0.5
@@ -205,11 +205,9 @@ def test_invalid_removals_raise() -> None:
 
 
 def optimizer_losses(spec: TrainingSpec, removed: set[tuple[int, int]]) -> np.ndarray:
-    """Retrains from step 0 with torch.optim.SGD (spec.sgd's settings), zeroing the weights of ``removed``."""
+    """Retrains from step 0 with the torch optimizer of spec.update, zeroing the weights of ``removed``."""
     model = make_mlp().double()
-    sgd = spec.sgd
-    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=sgd.momentum, dampening=sgd.dampening,
-                          nesterov=sgd.nesterov, weight_decay=sgd.weight_decay)
+    opt = make_optimizer(spec.update, model.parameters(), LR)
     for t, batch in enumerate(spec.batches):
         w = torch.tensor([0.0 if (t, i) in removed else 1.0 / len(batch) for i in batch], dtype=torch.float64)
         (w * F.cross_entropy(model(spec.inputs[batch]), spec.targets[batch], reduction="none")).sum().backward()
@@ -220,12 +218,13 @@ def optimizer_losses(spec: TrainingSpec, removed: set[tuple[int, int]]) -> np.nd
         return target_losses(model).numpy()
 
 
-@pytest.mark.parametrize("settings", [dict(momentum=0.9), dict(momentum=0.8, nesterov=True, weight_decay=0.01),
-                                      dict(momentum=0.7, dampening=0.3), dict(weight_decay=0.05)])
-def test_momentum_replay_matches_torch_sgd_retraining(settings) -> None:
+@pytest.mark.parametrize("rule", [SGD(momentum=0.9), SGD(momentum=0.8, nesterov=True, weight_decay=0.01),
+                                  SGD(momentum=0.7, dampening=0.3), SGD(weight_decay=0.05), Adam(),
+                                  Adam(0.8, 0.99, 1e-6, weight_decay=0.1), Adam(weight_decay=0.05, decoupled=False)])
+def test_replay_matches_torch_optimizer_retraining(rule) -> None:
     x, y, _, _ = make_data()
-    spec = TrainingSpec(make_mlp, x, y, epoch_batches(3), [0.2 * 0.9**t for t in range(9)],
-                        sgd=SGDSettings(**settings))
+    lr = 0.02 if isinstance(rule, Adam) else 0.2
+    spec = TrainingSpec(make_mlp, x, y, epoch_batches(3), [lr * 0.9**t for t in range(9)], update=rule)
     records = records_of(spec)
     removals = single_records([records[1], records[7], records[-3]]) + [[records[2], records[12]]]
     trajectory = train(spec, keep_steps=[4])  # removals after step 4 replay from its kept state (buffers too)
@@ -239,6 +238,6 @@ def test_momentum_replay_matches_torch_sgd_retraining(settings) -> None:
 
 
 def _trained_with_optimizer(spec: TrainingSpec) -> nn.Module:
-    """The run recorded by record_run (torch.optim.SGD under a Recorder)."""
+    """The run recorded by record_run (the torch optimizer under a Recorder)."""
     with tempfile.TemporaryDirectory() as tmp:
         return record_run(spec, f"{tmp}/s", dtype=torch.float64)

@@ -5,8 +5,9 @@ Training is mini-batch SGD over steps ``t = 0..T-1``::
     theta_{t+1} = theta_t - eta_t * grad L_t(theta_t)
     L_t(theta)  = sum_{i in B_t} w_ti * loss(theta, z_i)
 
-or, with ``TrainingSpec(sgd=SGDSettings(...))``, torch.optim.SGD's update with momentum,
-dampening, Nesterov and weight decay (the momentum buffers are replayed with the parameters).
+or, with ``TrainingSpec(update=...)``, any :class:`~dvemb.update.UpdateRule`: torch.optim.SGD with
+momentum, dampening, Nesterov and weight decay, or Adam / AdamW (the optimizer's buffers are
+replayed with the parameters, with the same tensor operations as torch's single-tensor step).
 
 with ``w_ti = 1/|B_t|`` for ``reduction="mean"`` and ``1`` for ``"sum"``. A *record* is one
 use of one sample, ``(step t, sample id i)``. Removing a set of records sets their weights to
@@ -45,7 +46,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from ..progress import ProgressBar
-from ..sgd import SGDSettings
+from ..update import SGD, UpdateRule
 
 Record = tuple[int, int]
 """One use of one sample: ``(step, sample_id)``."""
@@ -56,12 +57,9 @@ Params = dict[str, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``loss(outputs, targets) -> [B]`` per-example losses, unweighted."""
 
-StepFn = Callable[[Params, torch.Tensor, torch.Tensor, torch.Tensor, float, bool], Params]
-"""``step(state, x, y, w, lr, first) -> state`` after one weighted SGD step (state: parameters, and
-momentum buffers under :data:`BUFFER` + name; ``first``: the run's first step)."""
-
-BUFFER = "momentum_buffer:"
-"""Key prefix of a parameter's momentum buffer in a replay state."""
+StepFn = Callable[[Params, torch.Tensor, torch.Tensor, torch.Tensor, float, int], Params]
+"""``step(state, x, y, w, lr, t) -> state`` after step t on the weighted batch loss (state: parameters by
+name, and the optimizer's buffers as ``"<buffer>:<name>"``)."""
 
 
 def per_example_cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -85,7 +83,7 @@ class TrainingSpec:
     loss: LossFn = per_example_cross_entropy
     reduction: Literal["mean", "sum"] = "mean"
     dtype: torch.dtype = torch.float64
-    sgd: SGDSettings = SGDSettings()
+    update: UpdateRule = SGD()
 
     def __post_init__(self) -> None:
         """Checks that the run is well formed."""
@@ -145,14 +143,15 @@ class Trajectory:
 
     ``checkpoints[t]`` holds the trainable parameters *before* step ``t``; step 0 is always kept.
     ``fixed`` holds the frozen parameters and buffers, which training never changes.
-    ``momentum[t]`` holds the momentum buffers before step ``t`` (empty without momentum).
+    ``buffers[t]`` holds the optimizer's buffers before step ``t`` (``"<buffer>:<name>"``; empty before
+    the first step and for plain SGD).
     """
 
     spec: TrainingSpec
     checkpoints: Mapping[int, Params]
     final_params: Params
     fixed: Params
-    momentum: Mapping[int, Params] = field(default_factory=dict)
+    buffers: Mapping[int, Params] = field(default_factory=dict)
 
     def params_at(self, step: int) -> Params:
         """theta_step: the kept parameters before ``step``; ``step == T`` gives the final ones."""
@@ -163,8 +162,8 @@ class Trajectory:
         return self.checkpoints[step]
 
     def state_at(self, step: int) -> Params:
-        """Parameters and momentum buffers before a kept ``step``: where a replay starts."""
-        return {**self.params_at(step), **{BUFFER + n: b for n, b in self.momentum.get(step, {}).items()}}
+        """Parameters and optimizer buffers before a kept ``step``: where a replay starts."""
+        return {**self.params_at(step), **self.buffers.get(step, {})}
 
     def latest_kept(self, step: int) -> int:
         """The latest step ``<= step`` whose parameters are available (T counts as kept)."""
@@ -217,16 +216,16 @@ def train(
         raise ValueError(f"keep_steps must lie in [0, {spec.num_steps}]")
     model = spec.build_model()
     params, fixed = _split_state(model)
-    step = _make_step(model, spec.loss, fixed, spec.sgd)
-    state = {**params, **({BUFFER + n: torch.zeros_like(p) for n, p in params.items()} if spec.sgd.momentum else {})}
+    step = _make_step(model, spec.loss, fixed, spec.update)
+    state: Params = dict(params)
     checkpoints: dict[int, Params] = {}
-    momentum: dict[int, Params] = {}
+    buffers: dict[int, Params] = {}
     with _deterministic():
         for t in ProgressBar(range(spec.num_steps), desc="train", unit="step", disable=not show_progress):
             if t in keep:
-                checkpoints[t], momentum[t] = _split_buffers(state)
-            state = step(state, *spec.step_data(t), spec.weights(t), spec.lr(t), t == 0)
-    return Trajectory(spec, checkpoints, _split_buffers(state)[0], fixed, momentum if spec.sgd.momentum else {})
+                checkpoints[t], buffers[t] = _split_buffers(state)
+            state = step(state, *spec.step_data(t), spec.weights(t), spec.lr(t), t)
+    return Trajectory(spec, checkpoints, _split_buffers(state)[0], fixed, buffers)
 
 
 def tsloo(
@@ -261,7 +260,7 @@ def tsloo(
     n_target = _evaluate(target, model, trajectory.final_params).shape[0]
     scores = np.zeros((n_target, len(plans)))
     begins = [trajectory.latest_kept(plans[chunk[0]].start) for chunk in chunks]
-    step = vmap(_make_step(model, spec.loss, trajectory.fixed, spec.sgd), in_dims=(0, None, None, 0, None, None))
+    step = vmap(_make_step(model, spec.loss, trajectory.fixed, spec.update), in_dims=(0, None, None, 0, None, None))
     total = sum(spec.num_steps - b for b in begins)
     with _deterministic(), ProgressBar(
         total=total, desc="TSLOO replay", unit="step", disable=not show_progress
@@ -273,6 +272,17 @@ def tsloo(
             for k, r in enumerate(chunk):
                 scores[:, r] = values[k + 1] - values[0]
     return scores
+
+
+def record_weight(spec: TrainingSpec, record: Record) -> float:
+    """``w_ti`` of a record: the summed weight of every use of the sample in its step's batch."""
+    t, i = int(record[0]), int(record[1])
+    if not 0 <= t < spec.num_steps:
+        raise ValueError(f"record {(t, i)}: step outside [0, {spec.num_steps})")
+    hits = [p for p, j in enumerate(spec.batch(t)) if j == i]
+    if not hits:
+        raise ValueError(f"record {(t, i)}: sample {i} is not in the batch of step {t}")
+    return float(spec.weights(t)[hits].sum())
 
 
 def _plan(spec: TrainingSpec, removal: Sequence[Record]) -> _Plan:
@@ -300,7 +310,7 @@ def _replay(
     for t in range(begin, spec.num_steps):
         stacked = _join(stacked, sum(plan.start <= t for plan in plans))
         x, y = spec.step_data(t)
-        stacked = step(stacked, x, y, _weights(spec, t, plans[: _rows(stacked) - 1]), spec.lr(t), t == 0)
+        stacked = step(stacked, x, y, _weights(spec, t, plans[: _rows(stacked) - 1]), spec.lr(t), t)
         bar.update()
     return _join(stacked, len(plans))
 
@@ -332,9 +342,8 @@ def _row(stacked: Params, k: int) -> Params:
     return {name: p[k] for name, p in stacked.items()}
 
 
-def _make_step(model: nn.Module, loss: LossFn, fixed: Params, sgd: SGDSettings = SGDSettings()) -> StepFn:
-    """One step of torch.optim.SGD (``sgd``'s settings) on ``sum_i w_i loss_i``, run functionally through
-    ``model``; the same tensor operations as torch's single-tensor SGD, so a replay matches it to round-off."""
+def _make_step(model: nn.Module, loss: LossFn, fixed: Params, rule: UpdateRule = SGD()) -> StepFn:
+    """One step of the optimizer ``rule`` describes on ``sum_i w_i loss_i``, run functionally through ``model``."""
 
     def batch_loss(
         params: Params, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor
@@ -348,27 +357,17 @@ def _make_step(model: nn.Module, loss: LossFn, fixed: Params, sgd: SGDSettings =
 
     gradient = grad(batch_loss)
 
-    def step(state: Params, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, lr: float, first: bool) -> Params:
+    def step(state: Params, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, lr: float, t: int) -> Params:
         params, buffers = _split_buffers(state)
-        g = gradient(params, x, y, w)
-        out: Params = {}
-        for name, p in params.items():
-            d = g[name] if not sgd.weight_decay else g[name].add(p, alpha=sgd.weight_decay)
-            if sgd.momentum:
-                buf = d if first and sgd.fresh else buffers[name].mul(sgd.momentum).add(d, alpha=1 - sgd.dampening)
-                out[BUFFER + name] = buf
-                d = d.add(buf, alpha=sgd.momentum) if sgd.nesterov else buf
-            # torch's SGD adds with alpha (possibly fused); plain SGD keeps the replay's historical p - lr * d
-            out[name] = p.add(d, alpha=-lr) if sgd.momentum or sgd.weight_decay else p - lr * d
-        return out
+        new_params, new_buffers = rule.step(params, gradient(params, x, y, w), buffers, lr, t)
+        return {**new_params, **new_buffers}
 
     return step
 
 
 def _split_buffers(state: Params) -> tuple[Params, Params]:
-    """(parameters, momentum buffers by parameter name) of a replay state."""
-    params = {n: t for n, t in state.items() if not n.startswith(BUFFER)}
-    return params, {n[len(BUFFER):]: t for n, t in state.items() if n.startswith(BUFFER)}
+    """(parameters, optimizer buffers) of a replay state: buffer keys are ``"<buffer>:<name>"``."""
+    return ({n: t for n, t in state.items() if ":" not in n}, {n: t for n, t in state.items() if ":" in n})
 
 
 def _split_state(model: nn.Module) -> tuple[Params, Params]:
