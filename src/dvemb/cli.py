@@ -21,6 +21,8 @@ STUDIES: dict[str, dict[str, tuple[str, str]]] = {
     "evaluate": {
         "fidelity": ("dvemb.experiments.fidelity", "every estimator against replayed training: the paper's "
                                                     "MNIST fidelity study (Spearman/Pearson with 95% intervals)"),
+        "ablation": ("dvemb.experiments.ablation", "fidelity of each approximation (curvature, blocking, "
+                                                    "projection, Adam's second moment) against replayed training"),
     },
     "experiment": {
         "dynamics": ("dvemb.experiments.dynamics", "influence of records vs training step: warm-up, basin and "

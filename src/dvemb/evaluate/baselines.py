@@ -26,28 +26,19 @@ are evaluation tools for small models.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import numpy as np
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
 
-from ..capture.layers import rule_for
-from ..capture.selection import layer_spec, select_modules
-from ..progress import ProgressBar
-from .replay import Params, Record, Trajectory, TrainingSpec, train
-
-Target = Callable[[nn.Module], torch.Tensor]
-"""``target(model)``: a scalar or 1-D tensor of test losses, as for :func:`~dvemb.evaluate.tsloo`."""
+from .adjoint import adjoint_estimate
+from .functions import GRADIENT_CHUNK, RunFunctions, Target, flatten, layer_projections, numpy, with_steps
+from .replay import Params, Record, Trajectory, TrainingSpec, record_weight
 
 Estimator = Callable[[Trajectory, Sequence[Record], Target], np.ndarray]
 """``estimator(trajectory, records, target) -> [n_target, n_records]`` estimated TSLOO."""
-
-GRADIENT_CHUNK = 128
-"""Samples whose full per-sample gradients are held at once."""
 
 
 def epoch_ends(spec: TrainingSpec) -> list[int]:
@@ -63,17 +54,6 @@ def epoch_ends(spec: TrainingSpec) -> list[int]:
     if not ends or ends[-1] != spec.num_steps:
         ends.append(spec.num_steps)
     return ends
-
-
-def record_weight(spec: TrainingSpec, record: Record) -> float:
-    """``w_ti`` of a record: the summed weight of every use of the sample in its step's batch."""
-    t, i = int(record[0]), int(record[1])
-    if not 0 <= t < spec.num_steps:
-        raise ValueError(f"record {(t, i)}: step outside [0, {spec.num_steps})")
-    hits = [p for p, j in enumerate(spec.batch(t)) if j == i]
-    if not hits:
-        raise ValueError(f"record {(t, i)}: sample {i} is not in the batch of step {t}")
-    return float(spec.weights(t)[hits].sum())
 
 
 def grad_dot(trajectory: Trajectory, records: Sequence[Record], target: Target) -> np.ndarray:
@@ -97,13 +77,13 @@ def tracin_cp(
     steps = epoch_ends(spec) if checkpoints is None else [int(c) for c in checkpoints]
     if not steps or not all(0 <= c <= spec.num_steps for c in steps):
         raise ValueError(f"checkpoints must be a non-empty list of steps in [0, {spec.num_steps}], got {steps}")
-    trajectory = _with_steps(trajectory, steps)
-    run = _RunFunctions(trajectory)
+    trajectory = with_steps(trajectory, steps)
+    run = RunFunctions(trajectory)
     ids, inverse = np.unique(np.array([int(i) for _, i in records], dtype=np.int64), return_inverse=True)
     total = 0.0
     for c in steps:
         params = trajectory.params_at(c)
-        total = total + run.dots(_flatten(run.target_gradients(params, target), 1), params, ids.tolist())
+        total = total + run.dots(flatten(run.target_gradients(params, target), 1), params, ids.tolist())
     return total[:, inverse] * _coefficients(spec, records)
 
 
@@ -134,9 +114,9 @@ def influence_function(
         raise ValueError(f"damping must be >= 0, got {damping}")
     spec = trajectory.spec
     scale = _coefficients(spec, records) / _total_weight(spec)
-    run = _RunFunctions(trajectory)
+    run = RunFunctions(trajectory)
     params = trajectory.final_params
-    layers = _layer_projections(run.model, projection_dim, seed, spec.dtype)
+    layers = layer_projections(run.model, projection_dim, seed, spec.dtype)
     samples = sorted({i for t in range(spec.num_steps) for i in spec.batch(t)})
     blocks: list[list[torch.Tensor]] = [[] for _ in layers]
     for k in range(0, len(samples), GRADIENT_CHUNK):
@@ -150,7 +130,7 @@ def influence_function(
         train_rows = torch.cat(block)
         solved = damped_fisher_solve(train_rows, layer.project(tests), damping)
         scores = scores + (train_rows[rows] @ solved).T
-    return _numpy(scores) * scale
+    return numpy(scores) * scale
 
 
 def damped_fisher_solve(train_rows: torch.Tensor, tests: torch.Tensor, damping: float) -> torch.Tensor:
@@ -177,40 +157,16 @@ def exact_first_order(
     ``score(t, i) = eta_t w_ti v_{t+1} . g_ti(theta_t)`` and
     ``v_t = v_{t+1} - eta_t H_t(theta_t) v_{t+1}``, where ``H_t`` is the exact Hessian of the
     step's weighted batch loss. This is the derivative of TSLOO in the record's weight: no
-    curvature approximation, no projection. With momentum or weight decay (``spec.sgd``) the
-    adjoint is a pair (for theta and for the momentum buffer), carried back as in
-    ``embed/recursion.py`` with exact Hessian-vector products in place of sum_i w g g^T.
+    curvature approximation, no projection. With an optimizer that keeps buffers (``spec.update``:
+    momentum, Adam's moments) the adjoint also carries theirs, as :mod:`dvemb.update` linearises it:
+    :func:`~dvemb.evaluate.adjoint.adjoint_estimate` with its default (exact) options.
 
     Cost: one Hessian-vector product per step per test target (a few gradient costs each), plus
     the per-sample gradients of the records at their own steps. Memory: theta_t for every step
     from the earliest record on; steps the trajectory did not keep are recovered by training
     the run again. Meant for small models.
     """
-    spec = trajectory.spec
-    normalised = [(int(t), int(i)) for t, i in records]
-    first = min((t for t, _ in normalised), default=spec.num_steps)
-    trajectory = _with_steps(trajectory, range(first, spec.num_steps))
-    run = _RunFunctions(trajectory)
-    by_step: dict[int, list[int]] = {}
-    for k, (t, _) in enumerate(normalised):
-        by_step.setdefault(t, []).append(k)
-    adjoint = _flatten(run.target_gradients(trajectory.final_params, target), 1)
-    scores = np.zeros((adjoint.shape[0], len(normalised)))
-    steps = range(spec.num_steps - 1, first - 1, -1)
-    sgd, buffer = spec.sgd, torch.zeros_like(adjoint)  # buffer: the adjoint of the momentum buffer
-    weights = np.array([record_weight(spec, r) for r in normalised], dtype=np.float64)
-    for t in ProgressBar(steps, desc="exact adjoint", unit="step", disable=not show_progress):
-        params, lr = trajectory.params_at(t), spec.lr(t)
-        a, b = sgd.mix(adjoint, buffer, lr, t)  # buffer now holds W; plain SGD: Phi = -eta v
-        phi = a * buffer + b * adjoint
-        if t in by_step:  # score = -w Phi . g
-            index = by_step[t]
-            scores[:, index] = run.dots(-phi, params, [normalised[k][1] for k in index]) * weights[index]
-        if t > first:  # v <- v + (H + lambda I) Phi,  b <- mu W
-            sgd.decay(adjoint, buffer, (a, b), lr)
-            adjoint = adjoint + run.hessian_vector_products(t, params, phi)
-        buffer.mul_(sgd.momentum)
-    return scores
+    return adjoint_estimate(trajectory, records, target, show_progress=show_progress)
 
 
 def standard_baselines(*, projection_dim: int | None = 1024, seed: int = 0) -> dict[str, Estimator]:
@@ -223,109 +179,6 @@ def standard_baselines(*, projection_dim: int | None = 1024, seed: int = 0) -> d
     }
 
 
-class _RunFunctions:
-    """The run's model as pure functions of its trainable parameters (via :mod:`torch.func`)."""
-
-    def __init__(self, trajectory: Trajectory) -> None:
-        self.trajectory = trajectory
-        self.spec = trajectory.spec
-        self.model = trajectory.model()
-        self.names = list(trajectory.final_params)
-        self._sample_gradient = vmap(grad(self._sample_loss), in_dims=(None, 0, 0))
-        self._batch_gradient = grad(self._batch_loss)
-
-    def _forward(self, params: Params, x: torch.Tensor) -> torch.Tensor:
-        return functional_call(self.model, (params, self.trajectory.fixed), (x,))
-
-    def _sample_loss(self, params: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.spec.loss(self._forward(params, x[None]), y[None])[0]
-
-    def _batch_loss(self, params: Params, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return (w * self.spec.loss(self._forward(params, x), y)).sum()
-
-    def sample_gradients(self, params: Params, ids: Sequence[int]) -> Params:
-        """Per-sample gradients ``g_i(params)`` of the samples ``ids``: ``[len(ids), *shape]`` each."""
-        index = torch.as_tensor(list(ids), device=self.spec.inputs.device)
-        x, y = (_cast(self.spec, tensor[index]) for tensor in (self.spec.inputs, self.spec.targets))
-        return self._sample_gradient(params, x, y)
-
-    def dots(self, vectors: torch.Tensor, params: Params, ids: Sequence[int]) -> np.ndarray:
-        """``vectors [n, P] . g_i(params)`` for each sample id: ``[n, len(ids)]``."""
-        blocks = [vectors @ _flatten(self.sample_gradients(params, ids[k : k + GRADIENT_CHUNK]), 1).T
-                  for k in range(0, len(ids), GRADIENT_CHUNK)]
-        return _numpy(torch.cat(blocks, dim=1)) if blocks else np.zeros((vectors.shape[0], 0))
-
-    def target_gradients(self, params: Params, target: Target) -> Params:
-        """Gradient of each test target at ``params``: ``[n_target, *shape]`` per parameter."""
-        model = self.trajectory.model(params)
-        slots = dict(model.named_parameters())
-        leaves = [slots[name] for name in self.names]
-        with torch.enable_grad():
-            values = torch.as_tensor(target(model)).reshape(-1)
-            rows = [torch.autograd.grad(v, leaves, retain_graph=True, allow_unused=True, materialize_grads=True)
-                    for v in values]
-        return {name: torch.stack([row[k] for row in rows]).detach() for k, name in enumerate(self.names)}
-
-    def hessian_vector_products(self, step: int, params: Params, vectors: torch.Tensor) -> torch.Tensor:
-        """``H_t(params) v`` for each row of ``vectors [n, P]``, H_t the Hessian of step's batch loss.
-
-        Double backward: one differentiable gradient, then one backward pass per row.
-        """
-        x, y = self.spec.step_data(step)
-        leaves = {name: p.detach().requires_grad_() for name, p in params.items()}
-        with torch.enable_grad():
-            gradient = torch.autograd.grad(self._batch_loss(leaves, x, y, self.spec.weights(step)),
-                                           list(leaves.values()), create_graph=True)
-            rows = [torch.autograd.grad(gradient, list(leaves.values()), _unflatten(v, params).values(),
-                                        retain_graph=True, allow_unused=True, materialize_grads=True)
-                    for v in vectors]
-        return torch.stack([torch.cat([g.reshape(-1) for g in row]) for row in rows]).detach()
-
-
-@dataclass(frozen=True)
-class _LayerProjection:
-    """One tracked layer's Kronecker projection ``P_out [W | b] P_in^T`` of parameter gradients."""
-
-    weight: str
-    bias: str | None
-    as_matrix: Callable[[torch.Tensor], torch.Tensor]
-    p_in: torch.Tensor
-    p_out: torch.Tensor
-
-    def project(self, grads: Params) -> torch.Tensor:
-        """Projected rows ``[n, k_out * k_in]`` from parameter gradients with a leading row dimension."""
-        matrix = vmap(self.as_matrix)(grads[self.weight])
-        if self.bias is not None:
-            matrix = torch.cat([matrix, grads[self.bias].unsqueeze(-1)], dim=-1)
-        return (self.p_out @ matrix @ self.p_in.T).flatten(1)
-
-
-def _layer_projections(
-    model: nn.Module, projection_dim: int | None, seed: int, dtype: torch.dtype
-) -> list[_LayerProjection]:
-    """The Recorder's projections of every tracked layer, keyed by parameter names."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    device = next(model.parameters()).device
-    layers = []
-    for name, module in select_modules(model):
-        spec = layer_spec(name, module, projection_dim, seed, "gaussian")
-        rule = rule_for(module)
-        assert rule is not None
-        layers.append(_LayerProjection(
-            names[id(module.weight)], names[id(module.bias)] if spec.bias else None, rule.as_matrix,
-            spec.proj_in.matrix(dtype, device), spec.proj_out.matrix(dtype, device)))
-    return layers
-
-
-def _with_steps(trajectory: Trajectory, steps: Iterable[int]) -> Trajectory:
-    """``trajectory``, or the same run trained again when it lacks theta at any of ``steps``."""
-    spec = trajectory.spec
-    wanted = {int(t) for t in steps if int(t) != spec.num_steps}
-    if wanted <= set(trajectory.checkpoints):
-        return trajectory
-    return train(spec, keep_steps=wanted | set(trajectory.checkpoints))
-
-
 def _coefficients(spec: TrainingSpec, records: Sequence[Record]) -> np.ndarray:
     """``eta_t w_ti`` of every record."""
     return np.array([spec.lr(int(t)) * record_weight(spec, (t, i)) for t, i in records], dtype=np.float64)
@@ -334,25 +187,3 @@ def _coefficients(spec: TrainingSpec, records: Sequence[Record]) -> np.ndarray:
 def _total_weight(spec: TrainingSpec) -> float:
     """``sum_t eta_t sum_i w_ti``: the summed coefficients of every record of the run."""
     return float(sum(spec.lr(t) * float(spec.weights(t).sum()) for t in range(spec.num_steps)))
-
-
-def _cast(spec: TrainingSpec, tensor: torch.Tensor) -> torch.Tensor:
-    """Floating tensors in the run's dtype; integer labels unchanged."""
-    return tensor.to(spec.dtype) if tensor.is_floating_point() else tensor
-
-
-def _flatten(tensors: Params, start: int) -> torch.Tensor:
-    """Concatenates tensors along their flattened dimensions from ``start`` on (parameter order)."""
-    return torch.cat([t.flatten(start) for t in tensors.values()], dim=-1)
-
-
-def _unflatten(vector: torch.Tensor, like: Params) -> Params:
-    """Splits a flat ``[P]`` vector into tensors shaped like ``like``."""
-    sizes = [p.numel() for p in like.values()]
-    return {name: part.view_as(p) for (name, p), part in zip(like.items(), torch.split(vector, sizes))}
-
-
-def _numpy(tensor: torch.Tensor) -> np.ndarray:
-    """A tensor as a float64 numpy array on the CPU."""
-    return tensor.detach().to(device="cpu", dtype=torch.float64).numpy()
-

@@ -41,7 +41,7 @@ from ..evaluate.fidelity import (
 )
 from ..evaluate.metrics import pearson, spearman
 from ..evaluate.replay import Record, TrainingSpec
-from ..sgd import SGDSettings
+from ..update import SGD, Adam, UpdateRule
 from ..capture.projection import DEFAULT_PROJECTION_DIM
 from .common import positive_int, projection_dim
 
@@ -71,9 +71,11 @@ class FidelityOptions:
     train_size: int = 1000
     val_size: int = 1000
     hidden: int = 128
+    depth: int = 1
     epochs: int = 3
     batch_size: int = 32
     lr: float = 0.1
+    optimizer: str = "sgd"
     momentum: float = 0.0
     nesterov: bool = False
     weight_decay: float = 0.0
@@ -89,6 +91,10 @@ class FidelityOptions:
             raise ValueError(f"dataset must be 'digits' or 'mnist', got {self.dataset!r}")
         if self.dataset == "mnist" and self.data_dir is None:
             raise ValueError("--dataset mnist needs --data-dir: the folder with MNIST's idx files")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
+        if self.optimizer == "adamw" and (self.momentum or self.nesterov):
+            raise ValueError("--momentum and --nesterov are SGD options; AdamW uses its default betas")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
         if min(self.records, self.seeds, self.train_size, self.val_size, self.hidden, self.epochs,
@@ -98,9 +104,11 @@ class FidelityOptions:
             raise ValueError(f"{self.records} records asked from {self.train_size} training samples")
 
     @property
-    def sgd(self) -> SGDSettings:
-        """The run's update rule (torch.optim.SGD settings)."""
-        return SGDSettings(self.momentum, 0.0, self.nesterov, self.weight_decay)
+    def update(self) -> UpdateRule:
+        """The run's update rule: torch.optim.SGD's, or AdamW's (default betas and eps)."""
+        if self.optimizer == "adamw":
+            return Adam(weight_decay=self.weight_decay, decoupled=True)
+        return SGD(self.momentum, 0.0, self.nesterov, self.weight_decay)
 
     def to_dict(self) -> dict[str, object]:
         """JSON form."""
@@ -173,8 +181,9 @@ def build_run(options: FidelityOptions, seed: int) -> StudyRun:
     n = len(y_train)
     per_epoch = [torch.randperm(n, generator=generator).split(options.batch_size) for _ in range(options.epochs)]
     batches = [b.tolist() for epoch in per_epoch for b in epoch]
-    factory = _mlp_factory(x_train.shape[1], options.hidden, int(y_train.max()) + 1, options.activation, seed)
-    spec = TrainingSpec(factory, x_train, y_train, batches, options.lr, sgd=options.sgd)
+    factory = _mlp_factory(x_train.shape[1], [options.hidden] * options.depth, int(y_train.max()) + 1,
+                           options.activation, seed)
+    spec = TrainingSpec(factory, x_train, y_train, batches, options.lr, update=options.update)
     samples = sorted(np.random.default_rng(seed).choice(n, options.records, replace=False).tolist())
     last_epoch = range(len(batches) - len(per_epoch[-1]), len(batches))
     step_of = {i: t for t in last_epoch for i in spec.batch(t)}
@@ -221,7 +230,8 @@ def summarise(results: Sequence[FidelityResult], resamples: int) -> dict[str, tu
 def format_table(study: FidelityStudy) -> str:
     """The summary as a text table: method x setting, Spearman and Pearson with 95% intervals."""
     o = study.options
-    lines = [f"{o.dataset} MLP {o.hidden} hidden {o.activation}, {o.train_size} training samples, SGD lr {o.lr}, "
+    lines = [f"{o.dataset} MLP {o.depth} x {o.hidden} hidden {o.activation}, {o.train_size} training samples, "
+             f"{o.update.describe()} lr {o.lr}, "
              f"batch {o.batch_size}, {o.epochs} epochs; {o.records} samples x {o.seeds} seeds; "
              f"mean over seeds [95% bootstrap interval]"]
     for setting, methods in study.summary.items():
@@ -304,13 +314,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="validation samples of the target loss (default: 1000 on MNIST, 297 on digits)")
     parser.add_argument("--hidden", type=positive_int, default=None, metavar="N",
                         help="hidden units (default: 128 on MNIST, 32 on digits)")
+    parser.add_argument("--depth", type=positive_int, default=1, metavar="N", help="hidden layers (default: 1)")
     parser.add_argument("--epochs", type=positive_int, default=3, metavar="N", help="epochs (default: 3)")
     parser.add_argument("--batch-size", type=positive_int, default=32, metavar="N", help="batch size (default: 32)")
     parser.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (default: 0.1)")
+    parser.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
+                        help="torch.optim.SGD or AdamW (betas 0.9/0.999, eps 1e-8; --lr, --weight-decay apply); "
+                             "DVEmb, the replay and the exact adjoint follow it (default: sgd)")
     parser.add_argument("--momentum", type=float, default=0.0,
                         help="SGD momentum (default: 0); DVEmb, the replay and the exact adjoint follow it")
     parser.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
-    parser.add_argument("--weight-decay", type=float, default=0.0, help="SGD weight decay (default: 0)")
+    parser.add_argument("--weight-decay", type=float, default=0.0,
+                        help="weight decay: SGD's, or AdamW's decoupled one (default: 0)")
     parser.add_argument("--projection-dim", type=projection_dim, default=DEFAULT_PROJECTION_DIM, metavar="K|none",
                         help="per-layer projected size of DVEmb and the influence function "
                              f"(default: {DEFAULT_PROJECTION_DIM})")
@@ -330,7 +345,8 @@ def main(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     study = run_study(options, show_progress=not args.no_progress)
     print(format_table(study))
-    stem = f"{options.dataset}-{options.activation}" + (f"-momentum{options.momentum:g}" if options.momentum else "")
+    stem = (f"{options.dataset}-{options.activation}" + (f"-momentum{options.momentum:g}" if options.momentum else "")
+            + ("-adamw" if options.optimizer == "adamw" else ""))
     written = [out / f"fidelity-{stem}.json", out / f"scatter-{stem}.png"]
     written[0].write_text(json.dumps(study.to_dict(), indent=1))
     plot_scatter(study, written[1])
@@ -348,7 +364,9 @@ def options_from(args: argparse.Namespace) -> FidelityOptions:
         dataset=args.dataset, data_dir=args.data_dir, activation=args.activation, records=args.records,
         seeds=args.seeds, train_size=args.train_size or (1000 if mnist else 640),
         val_size=args.val_size or (1000 if mnist else 297), hidden=args.hidden or (128 if mnist else 32),
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov,
+        depth=args.depth,
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer, momentum=args.momentum,
+        nesterov=args.nesterov,
         weight_decay=args.weight_decay, projection_dim=args.projection_dim,
         projection_sweep=args.projection_sweep, curvature_variant=not args.no_curvature_variant,
         extra_configs=dict(args.config), resamples=args.resamples)
@@ -374,13 +392,15 @@ def _load(options: FidelityOptions, seed: int) -> tuple[torch.Tensor, torch.Tens
     return x[chosen].flatten(1), y[chosen], x_val.flatten(1), y_val
 
 
-def _mlp_factory(d_in: int, hidden: int, classes: int, activation: str, seed: int) -> Callable[[], nn.Module]:
-    """A factory of the seed's MLP ``d_in-hidden-classes``, identical on every call."""
+def _mlp_factory(d_in: int, hidden: Sequence[int], classes: int, activation: str, seed: int) -> Callable[[], nn.Module]:
+    """A factory of the seed's MLP ``d_in-hidden...-classes``, identical on every call."""
 
     def factory() -> nn.Module:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return nn.Sequential(nn.Linear(d_in, hidden), ACTIVATIONS[activation](), nn.Linear(hidden, classes))
+            sizes = [d_in, *hidden]
+            layers = [m for a, b in zip(sizes, sizes[1:]) for m in (nn.Linear(a, b), ACTIVATIONS[activation]())]
+            return nn.Sequential(*layers, nn.Linear(sizes[-1], classes))
 
     return factory
 

@@ -1,0 +1,138 @@
+"""The adjoint estimator: exact first order against forward-mode derivatives of the replayed run, and each
+approximation against what data value embeddings compute with the same options."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, jvp
+
+import dvemb
+from dvemb.evaluate import TrainingSpec, record_run, records_of, train
+from dvemb.capture.layers import rule_for
+from dvemb.evaluate.adjoint import AdjointOptions, adjoint_estimate
+from dvemb.evaluate.functions import LayerProjection
+from dvemb.store import Store
+from dvemb.evaluate.replay import record_weight
+from dvemb.update import SGD, Adam
+
+# float64 throughout: both sides sum the same products in different orders, round-off ~1e-15 relative
+TOL = {"rtol": 1e-9, "atol": 1e-12}
+
+
+def make_spec(rule, lr: float, n: int = 24, batch: int = 6, epochs: int = 2) -> tuple[TrainingSpec, tuple]:
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(n + 10, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (n + 10,), generator=g)
+
+    def factory() -> nn.Module:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(1)
+            return nn.Sequential(nn.Linear(6, 7), nn.Tanh(), nn.Linear(7, 3))
+
+    order = [torch.randperm(n, generator=g).split(batch) for _ in range(epochs)]
+    batches = [b.tolist() for epoch in order for b in epoch]
+    spec = TrainingSpec(factory, x[:n], y[:n], batches, [lr * (1 - 0.05 * t) for t in range(len(batches))],
+                        update=rule)
+    return spec, (x[n:], y[n:])
+
+
+def mean_loss(validation):
+    x, y = validation
+    return lambda m: F.cross_entropy(m(x), y)
+
+
+def weight_derivative(spec: TrainingSpec, record, target) -> float:
+    """d target(theta_T) / d w_ti by forward-mode differentiation through the replayed run."""
+    model = spec.build_model()
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    t_r, i_r = record
+    position = spec.batch(t_r).index(i_r)
+
+    def final(eps: torch.Tensor) -> torch.Tensor:
+        p, state = dict(params), {}
+        for t in range(spec.num_steps):
+            x, y = spec.step_data(t)
+            w = spec.weights(t)
+            if t == t_r:
+                w = w + eps * F.one_hot(torch.tensor(position), len(w)).to(w.dtype)
+            loss = lambda q: (w * F.cross_entropy(functional_call(model, q, (x,)), y, reduction="none")).sum()
+            p, state = spec.update.step(p, grad(loss)(p), state, spec.lr(t), t)
+        return target(lambda inputs: functional_call(model, p, (inputs,)))
+
+    return float(jvp(final, (torch.tensor(0.0, dtype=torch.float64),), (torch.tensor(1.0, dtype=torch.float64),))[1])
+
+
+@pytest.mark.parametrize("rule, lr", [(SGD(momentum=0.9, weight_decay=0.01), 0.2), (Adam(weight_decay=0.05), 0.02),
+                                      (Adam(0.8, 0.95, 1e-6), 0.01)])
+def test_exact_first_order_is_the_derivative_of_the_replayed_run(rule, lr):
+    spec, validation = make_spec(rule, lr)
+    records = records_of(spec)[::5]
+    estimate = adjoint_estimate(train(spec), records, mean_loss(validation))[0]
+    want = [-record_weight(spec, r) * weight_derivative(spec, r, mean_loss(validation)) for r in records]
+    assert np.abs(want).max() > 1e-5
+    np.testing.assert_allclose(estimate, want, **TOL)
+
+
+def test_frozen_second_moment_differs_from_full(tmp_path):
+    spec, validation = make_spec(Adam(weight_decay=0.05), 0.02)
+    trajectory, records = train(spec), records_of(spec)
+    full = adjoint_estimate(trajectory, records, mean_loss(validation))
+    frozen = adjoint_estimate(trajectory, records, mean_loss(validation), AdjointOptions(second_moment="frozen"))
+    assert np.abs(full - frozen).max() > 1e-3 * np.abs(full).max()
+
+
+PAPER = dict(curvature="gradient_outer", projection="gaussian")
+
+
+@pytest.mark.parametrize("options, recorder", [
+    (AdjointOptions("gradient_outer", "layer", 12), dict(projection_dim=12, **PAPER)),
+    (AdjointOptions("gradient_outer", "global", 12), dict(projection_dim=12, blocking="global", **PAPER)),
+    (AdjointOptions("ggn", "global", 12), dict(projection_dim=12, curvature="ggn", curvature_samples=None,
+                                                projection="gaussian", blocking="global")),
+    (AdjointOptions("ggn", "layer", None), dict(projection_dim=None, curvature="ggn", curvature_samples=None)),
+    (AdjointOptions("ggn", "global", 12, ggn_rank=1), dict(projection_dim=12, curvature_samples=1, blocking="global")),
+    (AdjointOptions("ggn", "layer", 12, ggn_rank=2), dict(projection_dim=12)),  # the Recorder's defaults
+])
+@pytest.mark.parametrize("rule", [SGD(), SGD(momentum=0.9, nesterov=True)])
+def test_approximations_equal_data_value_embeddings_with_the_same_options(tmp_path, options, recorder, rule):
+    spec, validation = make_spec(rule, 0.3)
+    recorder = dict(recorder)
+    blocking = recorder.pop("blocking", None)
+    model = record_run(spec, tmp_path / "s", dtype=torch.float64, **recorder)
+    x, y = validation
+    inf = dvemb.influence(tmp_path / "s", model, lambda: F.cross_entropy(model(x), y, reduction="none"),
+                          blocking=blocking)
+    records = list(zip(inf.steps.tolist(), inf.sample_ids.tolist()))
+    projections = store_projections(tmp_path / "s", model) if recorder.get("projection", "fitted") == "fitted" else None
+    estimate = adjoint_estimate(train(spec), records, mean_loss(validation), options, projections=projections)[0]
+    np.testing.assert_allclose(inf.scores.mean(axis=0), estimate, **TOL)
+
+
+@pytest.mark.parametrize("blocking", ["layer", "global"])
+def test_whitened_adam_equals_the_adjoint_in_whitened_coordinates(tmp_path, blocking):
+    spec, validation = make_spec(Adam(weight_decay=0.05), 0.02)
+    model = record_run(spec, tmp_path / "s", dtype=torch.float64, projection_dim=12, fit_steps=1)
+    assert Store(tmp_path / "s").config.whitening
+    x, y = validation
+    inf = dvemb.influence(tmp_path / "s", model, lambda: F.cross_entropy(model(x), y, reduction="none"),
+                          blocking=blocking)
+    records = list(zip(inf.steps.tolist(), inf.sample_ids.tolist()))
+    options = AdjointOptions("ggn", blocking, 12, ggn_rank=2, second_moment="frozen", preconditioner="whitened-lagged")
+    estimate = adjoint_estimate(train(spec), records, mean_loss(validation), options,
+                                projections=store_projections(tmp_path / "s", model))[0]
+    np.testing.assert_allclose(inf.scores.mean(axis=0), estimate, **TOL)
+
+
+def store_projections(path, model: nn.Module) -> list[LayerProjection]:
+    """The store's (fitted) projections as the adjoint's Kronecker maps."""
+    names = dict(model.named_modules())
+    out = []
+    for spec in Store(path).layers:
+        module = names[spec.name]
+        out.append(LayerProjection(f"{spec.name}.weight", f"{spec.name}.bias" if spec.bias else None,
+                                   rule_for(module).as_matrix, spec.proj_in.matrix(torch.float64),
+                                   spec.proj_out.matrix(torch.float64)))
+    return out
