@@ -22,7 +22,9 @@ MakeOptimizer = Callable[[Iterable[torch.Tensor]], torch.optim.Optimizer]
 
 def tiny_recorded_run(path, make_optimizer: MakeOptimizer, lr: Callable[[int], float], *, steps: int,
                       batch: int = 5, d: int = 10, **recorder_kwargs) -> nn.Module:
-    """A small float64 tanh MLP trained by the optimizer, its lr set by ``lr(step)``, under a Recorder reading it."""
+    """A small float64 tanh MLP trained by the optimizer, its lr set by ``lr(step)``, under a Recorder reading it
+    (with the paper's curvature, H = sum_i w_i g_i g_i^T, unless ``recorder_kwargs`` say otherwise)."""
+    recorder_kwargs = {"curvature": "gradient_outer", "projection": "gaussian", **recorder_kwargs}
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(d, 8), nn.Tanh(), nn.Linear(8, 4)).double()
     x, y = torch.randn(steps * batch, d, dtype=torch.float64), torch.randint(0, 4, (steps * batch,))

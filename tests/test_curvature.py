@@ -152,11 +152,6 @@ def test_curvature_options_are_validated(tmp_path):
     model = nn.Linear(3, 2)
     with pytest.raises(ValueError, match="curvature must be one of"):
         dvemb.Recorder(model, tmp_path / "a", curvature="hessian")
-    seq = nn.Linear(3, 4)
-    with dvemb.Recorder(seq, tmp_path / "b", curvature="ggn") as rec:
-        with pytest.raises(ValueError, match="use 'fisher' for sequences"):
-            with rec.step([0, 1], lr=0.1):
-                seq(torch.randn(2, 5, 3)).sum().backward()
     single = nn.Linear(3, 1)
     with dvemb.Recorder(single, tmp_path / "c", curvature="ggn") as rec:
         with pytest.raises(ValueError, match=">= 2 classes"):
@@ -188,7 +183,8 @@ def test_ggn_rows_of_a_cnn_match_the_class_sum_of_gradient_outer_products(tmp_pa
     x, y = torch.randn(3, 2, 5, 5, dtype=torch.float64), torch.randint(0, 5, (3,))
     model(x)
     params0 = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    with dvemb.Recorder(model, tmp_path / "s", projection_dim=10, dtype=torch.float64, curvature="ggn") as rec:
+    with dvemb.Recorder(model, tmp_path / "s", projection_dim=10, dtype=torch.float64, curvature="ggn",
+                        curvature_samples=None) as rec:  # exact: C - 1 passes
         with rec.step(range(3), lr=0.1):
             F.cross_entropy(model(x), y).backward()
     model.load_state_dict(params0)  # nothing was updated, but be explicit: theta at the step
@@ -203,3 +199,60 @@ def test_ggn_rows_of_a_cnn_match_the_class_sum_of_gradient_outer_products(tmp_pa
         want = torch.einsum("bc,bcd,bce->bde", probs, g, g)
         rows = to_torch(store.curvature(i), "float64").reshape(3, store.curvature_passes, -1)
         torch.testing.assert_close(rows.transpose(1, 2) @ rows, want, rtol=1e-9, atol=1e-12)
+
+
+def test_token_weights_are_read_off_the_loss_gradient():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 7, (3, 5))
+    labels[0, 3:] = -100  # padding: no weight
+    weights = torch.rand(3, 5, dtype=torch.float64)
+    losses = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none", ignore_index=-100)
+    (grad,) = torch.autograd.grad((weights * losses).sum(), logits)
+    got = curvature_module.token_weights(torch.softmax(logits.detach(), -1), grad)
+    want = torch.where(labels == -100, 0.0, weights)
+    # one division of float64 sums: round-off only
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("samples", [1, 2])
+def test_sequence_factors_are_per_token_ritz_factors_with_random_signs(samples):
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 6, dtype=torch.float64)
+    labels = torch.randint(0, 6, (2, 4))
+    weights = torch.rand(2, 4, dtype=torch.float64)
+    probs = torch.softmax(logits, -1)
+    grad = weights[..., None] * (probs - F.one_hot(labels, 6).double())
+    vectors = curvature_module.logit_gradients(logits, grad, "ggn", samples, torch.Generator().manual_seed(1))
+    assert vectors.shape == (samples, 2, 4, 6)
+    factors = curvature_module._ggn_factors(probs.reshape(-1, 6), samples).reshape(samples, 2, 4, 6)
+    ratio = vectors / (factors * weights.sqrt()[..., None])
+    signs = ratio[..., 0]
+    assert torch.allclose(signs.abs(), torch.ones_like(signs)), "each token's factor is multiplied by +-1"
+    torch.testing.assert_close(ratio, signs[..., None].expand_as(ratio))
+    assert (signs > 0).any() and (signs < 0).any()
+
+
+def test_sequence_ggn_rows_are_unbiased_over_signs(tmp_path):
+    """Averaged over sign draws, sum_s c c^T of a sequence sample equals sum over its tokens of J^T Lambda_k J."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 5)).double()
+    x, y = torch.randn(2, 3, 3, dtype=torch.float64), torch.randint(0, 5, (2, 3))
+    draws = 400
+    total = 0.0
+    for seed in range(draws):
+        with dvemb.Recorder(model, tmp_path / f"s{seed}", dtype=torch.float64, curvature="ggn", curvature_samples=4,
+                            seed=seed) as rec:
+            with rec.step([0, 1], lr=0.1):
+                F.cross_entropy(model(x).transpose(1, 2), y).backward()
+            model.zero_grad()
+        rows = to_torch(Store(tmp_path / f"s{seed}").curvature(1), "float64").reshape(2, 4, -1)
+        total = total + rows.transpose(1, 2) @ rows / draws
+    hidden = torch.tanh(model[0](x)).detach()  # the last layer: J of the logits in [W | b] is I_C kron [h, 1]
+    a = torch.cat([hidden, torch.ones(2, 3, 1, dtype=torch.float64)], -1)
+    probs = torch.softmax(model(x), -1).detach()
+    lam = torch.diag_embed(probs) - probs[..., :, None] * probs[..., None, :]  # exact: 4 = C - 1 factors per token
+    want = torch.einsum("btoc,bti,btj->boicj", lam, a, a).reshape(2, 25, 25) / 3  # token mean: 1/3 each
+    # Monte Carlo over signs: cross-token terms average out at ~1/sqrt(draws) of their size
+    assert (total - want).abs().max() < 0.15 * want.abs().max()
+    assert (total - want).abs().max() > 1e-6  # and the estimate is not exact (signs matter)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -35,14 +37,15 @@ def make_optimizer(params, kind: str) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=LR, momentum=0.9 if kind == "momentum" else 0.0)
 
 
-def rank_main(rank: int, world: int, path: str, rendezvous: str, kind: str) -> None:
+def rank_main(rank: int, world: int, path: str, rendezvous: str, kind: str, projection: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     ddp = nn.parallel.DistributedDataParallel(make_model())
     opt = make_optimizer(ddp.parameters(), kind)
     x, y = data()
     local = GLOBAL_BATCH // world
-    with dvemb.Recorder(ddp, path, projection_dim=12, dtype=torch.float64, save_checkpoints=[3], optimizer=opt) as rec:
+    with dvemb.Recorder(ddp, path, projection_dim=12, dtype=torch.float64, save_checkpoints=[3], optimizer=opt,
+                        projection=projection) as rec:
         for t in range(STEPS):
             ids = list(range(t * GLOBAL_BATCH + rank * local, t * GLOBAL_BATCH + (rank + 1) * local))
             with rec.step(ids):
@@ -52,11 +55,11 @@ def rank_main(rank: int, world: int, path: str, rendezvous: str, kind: str) -> N
     dist.destroy_process_group()
 
 
-def record_single(path, kind: str) -> nn.Module:
+def record_single(path, kind: str, projection: str) -> nn.Module:
     model = make_model()
     opt = make_optimizer(model.parameters(), kind)
     x, y = data()
-    with dvemb.Recorder(model, path, projection_dim=12, dtype=torch.float64, optimizer=opt) as rec:
+    with dvemb.Recorder(model, path, projection_dim=12, dtype=torch.float64, optimizer=opt, projection=projection) as rec:
         for t in range(STEPS):
             ids = list(range(t * GLOBAL_BATCH, (t + 1) * GLOBAL_BATCH))
             with rec.step(ids):
@@ -67,13 +70,19 @@ def record_single(path, kind: str) -> nn.Module:
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
-@pytest.mark.filterwarnings("ignore:AdamW with projected gradients")
-@pytest.mark.parametrize("kind", ["sgd", "momentum", "adamw"])
-def test_two_rank_ddp_store_equals_single_process(tmp_path, kind):
-    mp.spawn(rank_main, args=(2, str(tmp_path / "ddp"), str(tmp_path / "rdv"), kind), nprocs=2, join=True)
-    model = record_single(tmp_path / "one", kind)
+@pytest.mark.parametrize("kind, projection", [("sgd", "gaussian"), ("momentum", "fitted"), ("adamw", "fitted")])
+def test_two_rank_ddp_store_equals_single_process(tmp_path, kind, projection):
+    mp.spawn(rank_main, args=(2, str(tmp_path / "ddp"), str(tmp_path / "rdv"), kind, projection), nprocs=2, join=True)
+    model = record_single(tmp_path / "one", kind, projection)
     ddp_store, one = Store(tmp_path / "ddp"), Store(tmp_path / "one")
-    assert ddp_store.config == one.config and (ddp_store.config.adam is not None) == (kind == "adamw")
+    assert replace(ddp_store.config, layers=()) == replace(one.config, layers=())
+    assert (ddp_store.config.update.kind == "adam") == (kind == "adamw")
+    shards = [Store(tmp_path / "ddp" / "shards" / f"rank-{r:05d}") for r in (0, 1)]
+    assert shards[0].layers == shards[1].layers == ddp_store.layers  # every rank fitted the same bases
+    for a, b in zip(ddp_store.layers, one.layers):  # the ranks' summed moments: the one process's up to round-off
+        for side in ("proj_in", "proj_out"):
+            torch.testing.assert_close(getattr(a, side).matrix(torch.float64), getattr(b, side).matrix(torch.float64),
+                                       rtol=1e-9, atol=1e-9)
     assert ddp_store.world_size == 2 and ddp_store.n_steps == STEPS and ddp_store.n_records == STEPS * GLOBAL_BATCH
     rec_d, rec_1 = ddp_store.records, one.records
     np.testing.assert_array_equal(rec_d["sample_id"], rec_1["sample_id"])  # step-major, rank-minor order

@@ -14,13 +14,15 @@ from dvemb.store import Store, to_torch
 
 
 def train_recorded(path, *, steps: int, batch: int, dtype, projection_dim, d=10, lr=lambda t: 0.3 / (1 + 0.1 * t),
-                   reduction="mean", seed=0):
-    """A small tanh MLP trained with SGD under the Recorder, varying batch sizes and lr."""
+                   reduction="mean", seed=0, **recorder):
+    """A small tanh MLP trained with SGD under the Recorder, varying batch sizes and lr (the paper's curvature
+    and seeded projections unless ``recorder`` says otherwise)."""
+    recorder = {"curvature": "gradient_outer", "projection": "gaussian", **recorder}
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(d, 8), nn.Tanh(), nn.Linear(8, 4)).to(dtype)
     n = steps * batch
     x, y = torch.randn(n, d, dtype=dtype), torch.randint(0, 4, (n,))
-    with dvemb.Recorder(model, path, projection_dim=projection_dim, dtype=dtype, reduction=reduction) as rec:
+    with dvemb.Recorder(model, path, projection_dim=projection_dim, dtype=dtype, reduction=reduction, **recorder) as rec:
         start = 0
         for t in range(steps):
             b = batch - (t % 2)  # uneven batch sizes

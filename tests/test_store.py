@@ -34,7 +34,7 @@ WRITER = textwrap.dedent("""
         StoreWriter._write_manifest = write_manifest
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(20, 16), nn.Tanh(), nn.Linear(16, 4))
-    rec = dvemb.Recorder(model, path, projection_dim=64)
+    rec = dvemb.Recorder(model, path, projection_dim=64, projection="gaussian")  # commits from the first step
     step = 0
     while True:
         g = torch.Generator().manual_seed(step)
@@ -90,7 +90,7 @@ def test_killed_at_random_moment_then_resumed(tmp_path):
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(20, 16), nn.Tanh(), nn.Linear(16, 4))
-    with dvemb.Recorder(model, tmp_path / "s", projection_dim=64) as rec:
+    with dvemb.Recorder(model, tmp_path / "s", projection_dim=64, projection="gaussian") as rec:
         assert rec.steps == committed
         with rec.step(range(8 * committed, 8 * committed + 8), lr=0.1):
             F.cross_entropy(model(torch.randn(8, 20)), torch.randint(0, 4, (8,))).backward()
@@ -118,7 +118,7 @@ def tiny_run(path, steps=3, dtype=torch.float32, **kw):
 def test_files_are_plain_npy_and_json(tmp_path):
     tiny_run(tmp_path / "s")
     manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
-    assert manifest["committed_steps"] == 3 and manifest["format_version"] == 1
+    assert manifest["committed_steps"] == 3 and manifest["format_version"] == 2
     assert [layer["name"] for layer in manifest["layers"]] == ["0", "2"]
     records = np.load(tmp_path / "s" / "records.npy", allow_pickle=False)
     assert records.shape == (12,) and records["step"].tolist() == [0] * 4 + [1] * 4 + [2] * 4
@@ -160,8 +160,9 @@ def test_mismatched_model_is_a_clear_error_naming_the_layer(tmp_path):
         dvemb.influence(tmp_path / "s", missing, lambda: missing(x).sum(1))
     with pytest.raises(StoreError, match="cannot resume: layer '2'"):
         dvemb.Recorder(other, tmp_path / "s")
+    tiny_run(tmp_path / "p", projection_dim=8, projection="gaussian")
     with pytest.raises(StoreError, match="projection"):
-        tiny_run(tmp_path / "s", projection="rademacher")
+        tiny_run(tmp_path / "p", projection_dim=8, projection="rademacher")
 
 
 def test_non_finite_gradients_commit_nothing(tmp_path):
@@ -251,13 +252,13 @@ def test_background_commits_group_steps_and_catch_up_when_idle(tmp_path):
     StoreWriter._write_manifest = counting
     try:
         with dvemb.Recorder(model, tmp_path / "s") as rec:
-            rec._writer.commit_interval = 10.0  # nothing commits by time during the steps below
+            rec._sink._writer.commit_interval = 10.0  # nothing commits by time during the steps below
             for t in range(3):
                 with rec.step(range(4 * t, 4 * t + 4), lr=0.1):
                     F.cross_entropy(model(x[4 * t: 4 * t + 4]), y[4 * t: 4 * t + 4]).backward()
             rec.flush()  # the three steps, one commit
             assert commits == [0, 3] and Store(tmp_path / "s").n_steps == 3
-            rec._writer.commit_interval = 0.02
+            rec._sink._writer.commit_interval = 0.02
             with rec.step([12, 13], lr=0.1):
                 F.cross_entropy(model(x[:2]), y[:2]).backward()
             deadline = time.monotonic() + 5

@@ -21,7 +21,7 @@ from .embed.compute import compute_embeddings
 from .embed.layout import (embedding_info, embeddings_are_current, final_arrays, propagator_arrays, segment_arrays,
                            state_blocks)
 from .embed.recursion import Blocking
-from .store import AppendableArray, MappedArrays, PrefetchedRows, Store, StoreError
+from .store import AppendableArray, MappedArrays, PrefetchedRows, Store, StoreError, whitening_factors
 
 LossClosure = Callable[[], torch.Tensor]
 
@@ -72,10 +72,19 @@ class Influence:
         return Ranking(index, self.steps[index], self.sample_ids[index], np.take_along_axis(self.scores, index, 1))
 
 
-def query_gradients(store: Store, model: nn.Module, loss_fn: LossClosure) -> tuple[list[torch.Tensor], int]:
-    """Projected per-example gradients of the closure's losses at the model's current parameters."""
+def query_gradients(store: Store, model: nn.Module, loss_fn: LossClosure,
+                    step: int | None = None) -> tuple[list[torch.Tensor], int]:
+    """Projected per-example gradients of the closure's losses at the model's current parameters.
+
+    For a store with whitened rows the test gradients are whitened as the rows of the step before
+    ``step`` (default: the last step), i.e. as theta_step moved: see :class:`~dvemb.update.adam.WhitenedAdam`.
+    """
     modules = match_specs(model, store.layers)
     capture = GhostCapture(model, modules, store.layers, overlap=False)  # one backward: nothing to overlap
+    if store.config.whitening:
+        row = (store.n_steps if step is None else step) - 1
+        factors = [whitening_factors(store.whitening(i)[max(row, 0)], s) for i, s in enumerate(store.layers)]
+        capture.set_specs(store.layers, [(c.exp(), r.exp()) for r, c in factors])
     capture.attach()
     try:
         capture.begin()
@@ -180,7 +189,7 @@ def _resolve(store: Store, info: dict, model: nn.Module, loss_fn: LossClosure, c
     """Take the test gradients at the model, for the embeddings of ``checkpoint`` (None: the last step)."""
     boundaries = info["boundaries"]
     last = len(boundaries) - 2 if checkpoint is None else _checkpoint_index(checkpoint, boundaries)
-    grads, _ = query_gradients(store, model, loss_fn)
+    grads, _ = query_gradients(store, model, loss_fn, boundaries[last + 1])
     dtype = torch.float64 if info["precision"] == "float64" else torch.float32
     tests = [g.detach().to(device="cpu", dtype=dtype) for g in grads]
     return _Query(store, info, last, int(store.step_starts[boundaries[last + 1]]), tests)

@@ -39,10 +39,12 @@ import torch
 
 from ._version import __version__
 from .capture.selection import LayerSpec
-from .sgd import AdamSettings, SGDSettings
+from .update import SGD, UpdateRule, legacy_rule, rule_from_dict
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1 stored the update rule as 'sgd' and 'adam'
 MANIFEST = "manifest.json"
+PROJECTIONS = "projections.safetensors"  # fitted projection bases (see capture/fitting.py)
 HEADER_BYTES = 256  # fixed .npy header size so the shape can be rewritten in place
 
 RECORD_DTYPE = np.dtype([("step", "<i8"), ("sample_id", "<i8"), ("weight", "<f8"), ("lr", "<f8"), ("rank", "<i4")])
@@ -378,8 +380,40 @@ class StoreConfig:
     curvature: str = "gradient_outer"
     projection: str = "gaussian"
     seed: int = 0
-    sgd: SGDSettings = SGDSettings()
-    adam: AdamSettings | None = None  # Adam / AdamW: sgd is then unused
+    update: UpdateRule = SGD()
+    whitening: bool = False  # rows whitened by Adam's factored preconditioner; one factor row per layer and step
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One optimizer step as the writer appends it: records, and per layer its rows in the storage dtype.
+
+    ``whitening`` (stores with whitening): per layer one row, the log row and column factors
+    [d_out + d_in (+1)] its rows were whitened with.
+    """
+
+    sample_ids: np.ndarray
+    weights: np.ndarray
+    lr: float
+    grads: Sequence[np.ndarray]
+    curvature: Sequence[np.ndarray] | None = None
+    rank: int = 0
+    whitening: Sequence[np.ndarray] | None = None
+
+
+WHITENING_DTYPE = np.dtype("<f8")
+
+
+def whitening_factors(row: np.ndarray, spec: LayerSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """A whitening row's (log row factor [d_out], log column factor [d_in (+1)])."""
+    row = torch.from_numpy(np.array(row, dtype=np.float64))
+    return row[: spec.d_out], row[spec.d_out:]
+
+
+def whitening_level(row: np.ndarray, spec: LayerSpec) -> float:
+    """The mean log whitening of a layer at a step (its log row plus column factors, averaged)."""
+    r, c = whitening_factors(row, spec)
+    return float(r.mean() + c.mean())
 
 
 SHARDS_DIR = "shards"
@@ -424,12 +458,13 @@ class Store:
         self.path = Path(path)
         self.manifest = read_json(self.path / MANIFEST)
         version = self.manifest.get("format_version")
-        if version != FORMAT_VERSION:
-            raise StoreError(f"{self.path}: store format {version} is not supported (expected {FORMAT_VERSION})")
+        if version not in READABLE_VERSIONS:
+            raise StoreError(f"{self.path}: store format {version} is not supported (expected one of "
+                             f"{READABLE_VERSIONS})")
         missing = [k for k in _REQUIRED_KEYS if k not in self.manifest]
         if missing:
             raise StoreError(f"{self.path / MANIFEST} is invalid: missing {', '.join(missing)}")
-        self.layers = [LayerSpec.from_dict(d) for d in self.manifest["layers"]]
+        self.layers = read_layers(self.path, self.manifest["layers"])
         self.dtype: str = self.manifest["dtype"]
         self.n_steps: int = self.manifest["committed_steps"]
         self.n_records: int = self.manifest["committed_records"]
@@ -476,6 +511,19 @@ class Store:
         """The curvature rows of one layer (``passes`` pseudo-gradients per record)."""
         return AppendableArray(path / "curv" / f"{spec.name}.npy", _STORAGE[dtype][0], (passes * spec.dim,))
 
+    @staticmethod
+    def whitening_array(path: Path, spec: LayerSpec) -> AppendableArray:
+        """One row per step: the log row and column whitening factors of one layer."""
+        return AppendableArray(path / "whitening" / f"{spec.name}.npy", WHITENING_DTYPE,
+                               (spec.d_out + spec.d_in + spec.bias,))
+
+    def whitening(self, layer: int) -> np.ndarray | None:
+        """[n_steps, d_out + d_in (+1)] log whitening factors of a layer per step, or None without whitening."""
+        if not self.config.whitening:
+            return None
+        source = self._shards[0] if self._shards else self
+        return source.whitening_array(source.path, source.layers[layer]).read(self.n_steps)
+
     @property
     def curvature_passes(self) -> int:
         """Curvature rows per record (0: the gradients themselves are used)."""
@@ -494,8 +542,9 @@ class Store:
     def config(self) -> StoreConfig:
         """The creation settings."""
         m = self.manifest
+        update = rule_from_dict(m["update"]) if "update" in m else legacy_rule(m)
         return StoreConfig(tuple(self.layers), m["dtype"], m["reduction"], m["curvature"], m["projection"], m["seed"],
-                           SGDSettings.from_dict(m.get("sgd")), AdamSettings(**m["adam"]) if m.get("adam") else None)
+                           update, bool(m.get("whitening", False)))
 
     # -- records -------------------------------------------------------------------------
     @property
@@ -553,7 +602,7 @@ class Store:
             f"records    {self.n_records}  ({len(np.unique(self.records['sample_id'])) if self.n_records else 0} distinct samples)",
             f"dtype      {self.dtype}   reduction {m['reduction']}   curvature {m['curvature']}   "
             f"projection {m['projection']} (seed {m['seed']})",
-            f"update     {(self.config.adam or self.config.sgd).describe()}",
+            f"update     {self.config.update.describe()}",
             f"layers     {len(self.layers)}, {sum(s.dim for s in self.layers)} values per record",
         ]
         for s in self.layers:
@@ -570,6 +619,39 @@ class Store:
         return "\n".join(lines)
 
 
+def read_layers(path: Path, layers: list[dict]) -> list[LayerSpec]:
+    """The manifest's layer specs, with fitted bases from ``projections.safetensors`` (never executes code)."""
+    fitted = any(d[side].get("kind") == "fitted" and d[side].get("fingerprint") for d in layers
+                 for side in ("proj_in", "proj_out"))
+    values = {}
+    if fitted:
+        from safetensors.torch import load_file
+
+        try:
+            values = load_file(str(path / PROJECTIONS))
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"{path / PROJECTIONS}: the store's fitted projections cannot be read ({exc})") from None
+    try:
+        return [LayerSpec.from_dict(d, values) for d in layers]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise StoreError(f"{path / MANIFEST}: invalid layer description ({exc})") from None
+
+
+def write_projections(path: Path, layers: Sequence[LayerSpec], fsync: bool = False) -> None:
+    """Store the layers' fitted bases, atomically (temp file + rename); nothing when none is fitted."""
+    values = {k: v.detach().to("cpu", torch.float64).contiguous() for s in layers for k, v in s.fitted_values().items()}
+    if not values:
+        return
+    from safetensors.torch import save_file
+
+    tmp = path / (PROJECTIONS + ".tmp")
+    save_file(values, str(tmp))
+    if fsync:
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+    os.replace(tmp, path / PROJECTIONS)
+
+
 def new_manifest(config: StoreConfig) -> dict:
     """The manifest of an empty store."""
     return {
@@ -581,8 +663,8 @@ def new_manifest(config: StoreConfig) -> dict:
         "curvature": config.curvature,
         "projection": config.projection,
         "seed": config.seed,
-        "sgd": config.sgd.to_dict(),
-        "adam": None if config.adam is None else config.adam.to_dict(),
+        "update": config.update.to_dict(),
+        "whitening": config.whitening,
         "layers": [s.to_dict() for s in config.layers],
         "committed_steps": 0,
         "committed_records": 0,
@@ -626,12 +708,13 @@ class StoreWriter(_Committed):
             store = Store(self.path)
             self.check_resume(store.config, config)
             self.manifest = store.manifest
-            if rollback_to_steps is not None and rollback_to_steps < store.n_steps:
+            if rollback_to_steps is not None and rollback_to_steps < store.n_steps:  # (whitening rows follow)
                 self.manifest["committed_steps"] = rollback_to_steps
                 self.manifest["committed_records"] = int(store.step_starts[rollback_to_steps])
         else:
             _check_new_dir(self.path)
             (self.path / "grads").mkdir(parents=True, exist_ok=True)
+            write_projections(self.path, config.layers, fsync)
             self.manifest = new_manifest(config)
         self.config = config
         self._static_json: str | None = None
@@ -640,6 +723,11 @@ class StoreWriter(_Committed):
         self._curv: list[AppendableArray] = []
         if self.manifest.get("curvature_passes", 0):
             self._open_curvature(self.manifest["curvature_passes"])
+        self._white = [Store.whitening_array(self.path, s) for s in config.layers] if config.whitening else []
+        if self._white:
+            self._white[0].path.parent.mkdir(exist_ok=True)
+        for arr in self._white:
+            arr.open_for_append(self.n_steps)
         for arr in (self._records, *self._grads):
             arr.open_for_append(self.n_records)
         self._written = (self.n_steps, self.n_records)  # steps and records written, committed or not
@@ -655,18 +743,34 @@ class StoreWriter(_Committed):
         if len(found.layers) != len(wanted.layers):
             names = {s.name for s in found.layers} ^ {s.name for s in wanted.layers}
             raise StoreError(f"cannot resume: tracked layers differ ({sorted(names)})")
-        for key in ("dtype", "reduction", "curvature", "projection", "seed"):
+        exact = all(spec.proj_in.is_identity and spec.proj_out.is_identity for spec in found.layers)
+        for key in ("dtype", "reduction", "curvature", "projection", "seed", "whitening"):
+            if key in ("projection", "seed") and exact:  # no projection: its kind and seed do not matter
+                continue
             if getattr(found, key) != getattr(wanted, key):
                 raise StoreError(f"cannot resume: store has {key}={getattr(found, key)!r}, "
                                  f"recorder asks {getattr(wanted, key)!r}")
-        if found.adam != wanted.adam or wanted.adam is not None:
-            raise StoreError(f"cannot resume: the store's Adam settings {found.adam} and the optimizer's "
-                             f"{wanted.adam} differ, or Adam's second moments were lost with the earlier process")
-        if dataclasses.replace(found.sgd, fresh=True) != dataclasses.replace(wanted.sgd, fresh=True):
-            raise StoreError(f"cannot resume: store was recorded with {found.sgd}, the optimizer has {wanted.sgd}")
+        if not isinstance(wanted.update, SGD):
+            raise StoreError(f"cannot resume: the store follows {found.update.describe()}, and the optimizer's state "
+                             "before this run (its moments) cannot be recovered; record the run in one process")
+        if not isinstance(found.update, SGD) or (dataclasses.replace(found.update, fresh=True)
+                                                 != dataclasses.replace(wanted.update, fresh=True)):
+            raise StoreError(f"cannot resume: store was recorded with {found.update.describe()}, the optimizer has "
+                             f"{wanted.update.describe()}")
+
+    def set_layers(self, layers: Sequence[LayerSpec]) -> None:
+        """Replace the layers' projections (fitted bases) of a store that has no step yet."""
+        if self._written != (0, 0):
+            raise StoreError(f"{self.path}: the projections of a store with steps cannot change")
+        self.config = dataclasses.replace(self.config, layers=tuple(layers))
+        write_projections(self.path, layers, self.fsync)
+        self.manifest["layers"] = [spec.to_dict() for spec in layers]
+        self._static_json = None
+        self._write_manifest()
 
     @property
     def _arrays(self) -> list[AppendableArray]:
+        """Arrays with one row per record."""
         return [self._records, *self._grads, *self._curv]
 
     def _open_curvature(self, passes: int) -> None:
@@ -677,33 +781,36 @@ class StoreWriter(_Committed):
         self.manifest["curvature_passes"] = passes
         self._static_json = None
 
-    def append_step(self, sample_ids: np.ndarray, weights: np.ndarray, lr: float, grads: Sequence[np.ndarray],
-                    curvature: Sequence[np.ndarray] | None = None, rank: int = 0) -> None:
-        """Write one step's records, per-layer rows and curvature rows (storage dtype), then commit."""
-        self.append_steps([(sample_ids, weights, lr, grads, curvature, rank)])
+    def append_step(self, step: StepRecord) -> None:
+        """Write one step, then commit."""
+        self.append_steps([step])
 
-    def append_steps(self, steps: Sequence[tuple]) -> None:
-        """Write several steps (``append_step``'s arguments each), then commit them with one manifest replace."""
+    def append_steps(self, steps: Sequence[StepRecord]) -> None:
+        """Write several steps, then commit them with one manifest replace."""
         self.write_steps(steps)
         self.commit()
 
-    def write_steps(self, steps: Sequence[tuple]) -> None:
+    def write_steps(self, steps: Sequence[StepRecord]) -> None:
         """Append steps' records and rows after those already written; they count once :meth:`commit` runs.
 
         On an error, every written but uncommitted step is dropped.
         """
         n_steps, n_records = self._written
         try:
-            for sample_ids, weights, lr, grads, curvature, rank in steps:
-                if curvature is not None:
-                    self._check_curvature(curvature, n_records)
-                records = np.zeros(len(sample_ids), dtype=RECORD_DTYPE)
-                records["step"], records["sample_id"], records["weight"] = n_steps, sample_ids, weights
-                records["lr"], records["rank"] = lr, rank
+            for step in steps:
+                if step.curvature is not None:
+                    self._check_curvature(step.curvature, n_records)
+                if bool(self._white) != (step.whitening is not None):
+                    raise StoreError("a step's whitening factors do not match the store's whitening setting")
+                records = np.zeros(len(step.sample_ids), dtype=RECORD_DTYPE)
+                records["step"], records["sample_id"], records["weight"] = n_steps, step.sample_ids, step.weights
+                records["lr"], records["rank"] = step.lr, step.rank
                 self._records.append(records)
-                for arr, rows in zip(self._grads + self._curv, [*grads, *(curvature or [])]):
+                for arr, rows in zip(self._grads + self._curv, [*step.grads, *(step.curvature or [])]):
                     arr.append(rows)
-                n_steps, n_records = n_steps + 1, n_records + len(sample_ids)
+                for arr, row in zip(self._white, step.whitening or []):
+                    arr.append(np.asarray(row, dtype=WHITENING_DTYPE)[None])
+                n_steps, n_records = n_steps + 1, n_records + len(step.sample_ids)
         except BaseException:
             self._drop_uncommitted()
             raise
@@ -714,7 +821,7 @@ class StoreWriter(_Committed):
         if self._written == (self.n_steps, self.n_records):
             return
         try:
-            for arr in self._arrays:
+            for arr in self._arrays + self._white:
                 arr.flush(self.fsync)
         except BaseException:
             self._drop_uncommitted()
@@ -725,6 +832,8 @@ class StoreWriter(_Committed):
     def _drop_uncommitted(self) -> None:
         for arr in self._arrays:
             arr.rollback(self.n_records)
+        for arr in self._white:
+            arr.rollback(self.n_steps)
         self._written = (self.n_steps, self.n_records)
 
     def _check_curvature(self, curvature: Sequence[np.ndarray], rows_written: int) -> None:
@@ -758,6 +867,8 @@ class StoreWriter(_Committed):
             self._drop_uncommitted()
         for arr in self._arrays:
             arr.close(self.n_records)
+        for arr in self._white:
+            arr.close(self.n_steps)
 
 
 class BackgroundWriter:
@@ -816,10 +927,15 @@ class BackgroundWriter:
             error, self._error = self._error, None
             raise StoreError(f"writing to {self.writer.path} failed: {error}") from error
 
-    def append_step(self, *args) -> None:
+    def set_layers(self, layers: Sequence[LayerSpec]) -> None:
+        """:meth:`StoreWriter.set_layers` once every queued step is written."""
+        self.flush()
+        self.writer.set_layers(layers)
+
+    def append_step(self, step: StepRecord) -> None:
         """Queue a step for :meth:`StoreWriter.write_steps` (blocks while ``depth`` steps wait)."""
         self._raise()
-        self._queue.put(args)
+        self._queue.put(step)
         self.submitted += 1
 
     def flush(self) -> None:
@@ -854,8 +970,17 @@ class DistributedIndex(_Committed):
         else:
             _check_new_dir(self.path)
             self.path.mkdir(parents=True, exist_ok=True)
+            write_projections(self.path, config.layers, fsync)
             self.manifest = {**new_manifest(config), "world_size": world_size}
             self.commit(0, 0)
+
+    def set_layers(self, layers: Sequence[LayerSpec]) -> None:
+        """Replace the layers' projections (fitted bases) before the first step."""
+        if self.n_steps:
+            raise StoreError(f"{self.path}: the projections of a store with steps cannot change")
+        write_projections(self.path, layers, self.fsync)
+        self.manifest["layers"] = [spec.to_dict() for spec in layers]
+        self.commit(0, 0)
 
     def commit(self, steps: int, records: int) -> None:
         """Atomically record that every rank's shard holds ``steps`` steps."""

@@ -108,7 +108,8 @@ def test_per_sample_gradients_with_padding(tmp_path, arch, projection_dim):
 
 def test_padding_content_and_width_change_nothing(tmp_path):
     model = MODELS["gpt2"][0]()
-    stores = [record(model, tmp_path / f"s{k}", padded_batch(width, pad), projection_dim=64, modules="transformer.h.*")
+    stores = [record(model, tmp_path / f"s{k}", padded_batch(width, pad), projection_dim=64, modules="transformer.h.*",
+                     projection="gaussian")  # fitted bases are equal up to round-off, which rotates close eigenvectors
               for k, (width, pad) in enumerate([(12, 0), (20, 0), (20, 57)])]
     for i in range(len(stores[0].layers)):
         base = to_torch(stores[0].grads(i), "float32")

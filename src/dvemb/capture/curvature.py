@@ -3,14 +3,18 @@
 ``gradient_outer`` (the paper's): H_t ~ sum_i w_ti g_ti g_ti^T with the true labels.
 ``fisher``: the true Fisher, H_t ~ sum_i w_ti E_{y~p(.|x_i)} g_ti(y) g_ti(y)^T, estimated with
     ``curvature_samples`` labels drawn from the model (one extra pass each).
-``ggn``: the Gauss-Newton matrix of softmax cross-entropy for classification,
-    J^T (diag(p) - p p^T) J, exactly in C - 1 passes (eigenvectors of diag(p) - p p^T), or
-    with ``curvature_samples=k`` its leading rank-k part per sample (k passes).
+``ggn``: the Gauss-Newton matrix of softmax cross-entropy, J^T (diag(p) - p p^T) J: for one
+    prediction per sample exactly in C - 1 passes (eigenvectors of diag(p) - p p^T), or with
+    ``curvature_samples=k`` its leading rank-k part per sample (k passes); for sequences its
+    rank-k part per token (k passes, 1 by default), summed over tokens with random signs.
 
-Each pass is a *pseudo-loss* sum_i m_i * own_loss_i(labels) whose per-sample gradients are
-the rows c_is with H_t ~ sum_i w_ti sum_s c_is c_is^T. Its gradient wrt the logits has a
-closed form (``logit_gradients``), and one vectorised backward from the logits to the
-tracked layers' outputs serves all passes at once (see ghost.py).
+Each pass is a *pseudo-loss* whose per-sample gradients are the rows c_is with
+H_t ~ sum_i w_ti sum_s c_is c_is^T. Its gradient wrt the logits has a closed form
+(``logit_gradients``), with each token weighted as the training loss weights it (read off the
+loss's gradient wrt the logits when the backward pass reaches them), and one vectorised
+backward from the logits to the tracked layers' outputs serves all passes at once (see ghost.py).
+For sequences (one prediction per token) each token has its own low-rank output factors; the
+passes sum them over a sample's tokens with random signs, an unbiased estimate of its GGN.
 """
 
 from __future__ import annotations
@@ -37,32 +41,56 @@ def logits_of(output: object) -> torch.Tensor:
                     "curvature='fisher'/'ggn' needs the model to return logits")
 
 
-def logit_gradients(logits: torch.Tensor, curvature: Curvature, samples: int | None, reduction: str,
+def token_weights(probs: torch.Tensor, loss_grad: torch.Tensor) -> torch.Tensor:
+    """Each token's weight in the batch loss [B, T], read off the loss's gradient wrt the logits.
+
+    Softmax cross-entropy with weight gamma on a token has gradient gamma (p - e_y): its entries sum
+    to 0, y is the most negative one and sum |gradient| = 2 gamma (1 - p_y). Tokens the loss ignores
+    (padding, a causal LM's last position) have a zero gradient and get weight 0; a token the model
+    predicts with certainty (1 - p_y ~ 0) has no curvature either.
+    """
+    y = loss_grad.argmin(dim=-1, keepdim=True)
+    missing = (1.0 - probs.gather(-1, y)).squeeze(-1)
+    total = loss_grad.abs().sum(-1)
+    return torch.where(missing > 1e-12, total / (2.0 * missing.clamp(min=1e-12)), torch.zeros_like(total))
+
+
+def logit_gradients(logits: torch.Tensor, loss_grad: torch.Tensor, curvature: Curvature, samples: int | None,
                     generator: torch.Generator) -> torch.Tensor:
     """The gradients wrt the logits [passes, *logits.shape] of the pseudo-losses whose per-sample
-    parameter gradients are the curvature rows.
+    parameter gradients are the curvature rows (times sqrt(w_i), the sample's weight in the batch loss).
 
-    ``logits`` are [B, C] or [B, T, C]; a sample's own loss is its token mean under
-    ``reduction="mean"`` and its token sum under ``"sum"``, as for the gradients. The gradient of
-    cross-entropy with label c wrt the logits is softmax - e_c, so no backward is needed here.
+    ``logits`` are [B, C] or [B, T, C]; ``loss_grad`` is the training loss's gradient wrt them, which
+    gives each token's weight (:func:`token_weights`): the curvature is that of the loss as trained,
+    with its masking and normalisation. With several tokens per sample, each token gets its own
+    low-rank factors and the passes sum them over the sample's tokens with independent random signs,
+    so that the cross-token terms vanish in expectation (an unbiased estimate of the sample's GGN).
     """
     flat = logits.detach().reshape(logits.shape[0], -1, logits.shape[-1])
     probs = torch.softmax(flat.float() if flat.dtype in (torch.float16, torch.bfloat16) else flat, dim=-1)
-    per_token = 1.0 / flat.shape[1] if reduction == "mean" else 1.0
+    loss_grad = loss_grad.detach().reshape(flat.shape).to(probs.dtype)
+    finite = torch.isfinite(probs).all(-1) & torch.isfinite(loss_grad).all(-1)  # [B, T]
+    if not finite.all():  # the step is refused later: keep the factorisations well defined, mark the rows
+        probs = torch.where(finite[..., None], probs, 1.0 / probs.shape[-1])
+        loss_grad = torch.where(finite[..., None], loss_grad, 0.0)
+    weights = token_weights(probs, loss_grad).sqrt().masked_fill(~finite, float("nan"))  # [B, T]
     if curvature == "fisher":
         samples = samples or 1
         labels = torch.multinomial(probs.reshape(-1, probs.shape[-1]), samples, replacement=True, generator=generator)
         labels = labels.t().reshape(samples, *probs.shape[:-1])  # pass s: one sampled label per token
-        vectors = (probs - F.one_hot(labels, probs.shape[-1]).to(probs.dtype)) * (per_token / samples ** 0.5)
+        vectors = (probs - F.one_hot(labels, probs.shape[-1]).to(probs.dtype)) / samples ** 0.5
     elif curvature == "ggn":
-        if flat.shape[1] != 1:
-            raise ValueError("curvature='ggn' is exact only for one prediction per sample; use 'fisher' for sequences")
         if flat.shape[-1] < 2:
             raise ValueError("curvature='ggn' is for softmax cross-entropy over >= 2 classes; the model returns 1 logit")
-        vectors = _ggn_factors(probs[:, 0], samples)[:, :, None]  # [passes, B, 1, C]
+        tokens = flat.shape[1]
+        factors = _ggn_factors(probs.reshape(-1, probs.shape[-1]), samples or (None if tokens == 1 else 1))
+        vectors = factors.reshape(factors.shape[0], *probs.shape)
+        if tokens > 1:
+            signs = torch.randint(0, 2, vectors.shape[:3], generator=generator, device=generator.device)
+            vectors = vectors * (2 * signs - 1).to(vectors.dtype)[..., None]
     else:
         raise ValueError(f"curvature {curvature!r} needs no extra pass")
-    return vectors.to(logits.dtype).reshape(vectors.shape[0], *logits.shape)
+    return (vectors * weights[..., None]).to(logits.dtype).reshape(vectors.shape[0], *logits.shape)
 
 
 def _ggn_factors(probs: torch.Tensor, samples: int | None) -> torch.Tensor:

@@ -15,10 +15,11 @@ worker thread: the hooks only queue them, so they overlap the rest of the backwa
 (torch kernels release the GIL), and ``collect`` waits for them, so a step still ends with
 all its rows.
 
-With a curvature other than ``gradient_outer``, a hook on the model's output runs, right
-after each forward, one vectorised backward (``is_grads_batched``) of all curvature passes
-from the logits to the tracked layers' outputs only (no parameter gradients), and projects
-each pass's output gradient against the layer's input like a gradient.
+With a curvature other than ``gradient_outer``, a hook on the model's output hooks its logits:
+when the training backward reaches them, one nested vectorised backward (``is_grads_batched``)
+of all curvature passes runs from the logits to the tracked layers' outputs only (no parameter
+gradients), weighting each token as the loss does, and each pass's output gradient is
+projected against the layer's input like a gradient.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from __future__ import annotations
 import functools
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -43,9 +44,15 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 @dataclass
 class _Projector:
     """A layer's projection factors (prepared once per dtype/device and output scale) and the two halves of
-    its projected gradient: input rows and, from output gradients, the rows themselves."""
+    its projected gradient: input rows and, from output gradients, the rows themselves.
+
+    ``in_scale`` [d_in (+1)] and ``out_scale`` [d_out] multiply the factors before projection (whitening:
+    the rows are then those of the gradient scaled elementwise by out_scale in_scale^T).
+    """
 
     spec: LayerSpec
+    in_scale: torch.Tensor | None = None
+    out_scale: torch.Tensor | None = None
     _cache: dict = field(default_factory=dict)
     _rule: LayerRule = field(init=False)
 
@@ -59,34 +66,67 @@ class _Projector:
             in_t = in_bias = None
             if not self.spec.proj_in.is_identity:
                 m = self.spec.proj_in.matrix(dtype, device)
+                if self.in_scale is not None:
+                    m = m * self.in_scale.to(dtype=dtype, device=device)
                 in_t = m[:, : self.spec.d_in].t().contiguous()
                 in_bias = m[:, self.spec.d_in].contiguous() if self.spec.bias else None
             self._cache[key] = (in_t, in_bias)
         return self._cache[key]
 
     def out_factor(self, dtype: torch.dtype, device: torch.device, scale: float) -> torch.Tensor | None:
-        """scale * P_out^T; None = exact output side."""
+        """scale * P_out^T (times out_scale's rows); None = exact output side."""
         key = ("out", dtype, device, scale)
         if key not in self._cache:
             p_out = self.spec.proj_out
-            self._cache[key] = None if p_out.is_identity else (p_out.matrix(dtype, device).t() * scale).contiguous()
+            matrix = None
+            if not p_out.is_identity:
+                matrix = p_out.matrix(dtype, device)
+                if self.out_scale is not None:
+                    matrix = matrix * self.out_scale.to(dtype=dtype, device=device)
+                matrix = (matrix.t() * scale).contiguous()
+            self._cache[key] = matrix
         return self._cache[key]
+
+    def _dtype(self, module: nn.Module, a: torch.Tensor) -> torch.dtype:
+        dtype = a.dtype if a.is_floating_point() else module.weight.dtype
+        return torch.float32 if dtype in _LOW_PRECISION else dtype
 
     def inputs(self, module: nn.Module, a: torch.Tensor) -> torch.Tensor:
         """The layer input's token rows, projected: [b, tokens, k_in]."""
-        dtype = a.dtype if a.is_floating_point() else module.weight.dtype
-        dtype = torch.float32 if dtype in _LOW_PRECISION else dtype
-        return self._rule.inputs(module, a, *self.in_factors(dtype, a.device), self.spec.bias, dtype)
+        dtype = self._dtype(module, a)
+        rows = self._rule.inputs(module, a, *self.in_factors(dtype, a.device), self.spec.bias, dtype)
+        if self.spec.proj_in.is_identity and self.in_scale is not None:
+            rows = rows * self.in_scale.to(dtype=rows.dtype, device=rows.device)
+        return rows
+
+    def exact_factors(self, module: nn.Module, a: torch.Tensor, ds: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Unprojected (whitened) token rows of the input [b, tokens, d_in (+1)] and output gradient
+        [b, tokens, d_out], and the layer's groups (grouped convolutions: inputs [b, groups * tokens, ...]),
+        for fitting a basis."""
+        dtype = self._dtype(module, a)
+        rows = self._rule.inputs(module, a, None, None, self.spec.bias, dtype)
+        outputs = self._rule.outputs(ds.unsqueeze(0).to(dtype))[0]
+        if self.in_scale is not None:
+            rows = rows * self.in_scale.to(dtype=dtype, device=rows.device)
+        if self.out_scale is not None:
+            outputs = outputs * self.out_scale.to(dtype=dtype, device=outputs.device)
+        return rows, outputs, self._rule.groups(module)
 
     def rows(self, inputs: "_InputRows", ds: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
         """Rows [b, passes * k_out * k_in] of ``scale`` times output gradients ds [passes, b, ...] with input rows."""
         a_rows = inputs.get()
         out_t = self.out_factor(a_rows.dtype, ds.device, scale)  # holds the scale when projected
         ds = ds.to(a_rows.dtype) if out_t is not None or scale == 1.0 else ds.to(a_rows.dtype) * scale
+        whiten = out_t is None and self.out_scale is not None  # exact output side: whiten the gradients themselves
         groups = self._rule.groups(inputs.module)
         if groups > 1:
+            if whiten:  # [passes, b, C_out, *spatial]
+                ds = ds * self.out_scale.to(dtype=ds.dtype, device=ds.device).reshape(-1, *[1] * (ds.dim() - 3))
             return grouped_rows(ds, a_rows, out_t, groups)
         ds = self._rule.outputs(ds)  # [passes, b, tokens, d_out]
+        if whiten:
+            ds = ds * self.out_scale.to(dtype=ds.dtype, device=ds.device)
         if out_t is not None:
             ds = ds @ out_t
         passes, b, tokens = ds.shape[:3]
@@ -122,14 +162,13 @@ class GhostCapture:
     """Hooks on tracked modules that accumulate projected per-sample gradients by row."""
 
     def __init__(self, model: nn.Module, modules: Sequence[nn.Module], specs: Sequence[LayerSpec], *,
-                 curvature: Curvature = "gradient_outer", curvature_samples: int | None = None, reduction: str = "mean",
+                 curvature: Curvature = "gradient_outer", curvature_samples: int | None = None,
                  seed: int = 0, overlap: bool | None = None) -> None:
         self.model = model
         self.modules = list(modules)
         self.specs = list(specs)
         self.curvature = curvature
         self.curvature_samples = curvature_samples
-        self.reduction = reduction
         self._seed = seed
         self._generators: dict[torch.device, torch.Generator] = {}
         self._projectors = [_projector(s) for s in self.specs]
@@ -163,21 +202,62 @@ class GhostCapture:
             self._worker.shutdown(wait=True)
             self._worker = None
 
-    def begin(self, scale: float = 1.0) -> None:
-        """Start collecting a fresh set of rows; gradients are multiplied by ``scale`` (e.g. 1/w)."""
+    def begin(self, scale: float = 1.0, defer: bool = False) -> None:
+        """Start collecting a fresh set of rows; gradients are multiplied by ``scale`` (e.g. 1/w).
+
+        With ``defer`` the hooks keep the raw factors instead of projecting them: :meth:`collect` returns a
+        :class:`DeferredStep`, whose rows :meth:`realize` computes once the bases are fitted.
+        """
         self._reset()
         self._scale = scale
+        self._defer = defer
         self._active = True
+
+    def set_specs(self, specs: Sequence[LayerSpec], scales: Sequence[tuple] | None = None) -> None:
+        """Project with these specs from now on (fitted bases), each with (in_scale, out_scale) whitening."""
+        self.specs = list(specs)
+        if scales is None:
+            self._projectors = [_projector(s) for s in self.specs]
+        else:
+            self._projectors = [_Projector(s, *scale) for s, scale in zip(self.specs, scales)]
+
+    @property
+    def projectors(self) -> list[_Projector]:
+        """The current projectors, one per tracked layer."""
+        return self._projectors
+
+    def realize(self, step: "DeferredStep") -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        """The rows of a deferred step, projected with the current specs (as :meth:`collect` returns them)."""
+        def run(parts: list[dict[int, list]]) -> list[dict[int, list]]:
+            out = []
+            for layer in parts:
+                done = {}
+                for offset, calls in layer.items():
+                    blocks = []
+                    for idx, a_rows, *args in calls:
+                        a_rows.projector = self._projectors[idx]
+                        blocks.append(self._projectors[idx].rows(a_rows, *args))
+                    done[offset] = blocks
+                out.append(done)
+            return out
+
+        grads = [self._assemble(spec, parts, step.rows) for spec, parts in zip(self.specs, run(step.parts))]
+        curvature = None
+        if step.curvature_parts is not None:
+            curvature = [self._assemble(spec, parts, step.rows)
+                         for spec, parts in zip(self.specs, run(step.curvature_parts))]
+        return grads, curvature
 
     def abort(self) -> None:
         """Stop collecting and drop everything gathered."""
         self._active = False
         self._reset()
 
-    def collect(self, n_rows: int | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    def collect(self, n_rows: int | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor] | None] | "DeferredStep":
         """Stop collecting; return per-layer gradients [n_rows, dim] and curvature rows [n_rows, passes * dim].
 
         The curvature list is None under ``gradient_outer`` (the gradients are the curvature rows).
+        A deferred step (``begin(fit=...)``) returns a :class:`DeferredStep` instead.
         """
         self._active = False
         rows = self._offset + (self._mb_rows or 0)
@@ -185,6 +265,14 @@ class GhostCapture:
             raise RuntimeError("no gradients were captured: run forward and backward through the model inside the step")
         if n_rows is not None and rows != n_rows:
             raise ValueError(f"the forward passes of this step covered {rows} samples but {n_rows} ids were given")
+        if self._defer:
+            for spec, parts in zip(self.specs, self._parts):
+                if not parts:
+                    self._assemble(spec, parts, rows)  # raises: the layer received no gradient
+            step = DeferredStep(rows, self._parts, None if self.curvature == "gradient_outer" else self._curvature_parts,
+                                all(self._finite))
+            self._reset()
+            return step
         grads = [self._assemble(spec, parts, rows) for spec, parts in zip(self.specs, self._parts)]
         curvature = None
         if self.curvature != "gradient_outer":
@@ -199,6 +287,9 @@ class GhostCapture:
         self._parts: list[dict[int, list]] = [{} for _ in self.specs]
         self._curvature_parts: list[dict[int, list]] = [{} for _ in self.specs]
         self._pending: list[tuple[int, torch.Tensor, int, torch.Tensor]] = []  # (layer, a, offset, output)
+        self._jobs: list[tuple[torch.Tensor, list] | None] = []  # (logits, pending) awaiting the loss gradient
+        self._defer = False
+        self._finite: list[bool] = []  # deferred steps: whether each factor seen was finite
         self._curving = False
         self._scale = 1.0
         self._offset = 0
@@ -252,23 +343,34 @@ class GhostCapture:
                 "tracked layers must take inputs whose first dimension is the sample")
 
     def _curvature_hook(self, module: nn.Module, inputs: tuple, output: object) -> None:
-        """After a recorded forward, backpropagate all curvature pseudo-losses at once to the tracked outputs."""
+        """After a recorded forward, wait for the loss's gradient at the logits to run the curvature passes."""
         pending, self._pending = self._pending, []
         if not (self._active and torch.is_grad_enabled()) or torch._C._current_graph_task_id() != -1:
             return
         logits = logits_of(output)
         if not (logits.requires_grad and pending):
             return
-        vectors = logit_gradients(logits, self.curvature, self.curvature_samples, self.reduction,
+        job = len(self._jobs)
+        self._jobs.append((logits, pending))
+        logits.register_hook(lambda grad: self._on_logits_grad(job, grad))
+
+    def _on_logits_grad(self, job: int, loss_grad: torch.Tensor) -> None:
+        """When the backward pass reaches the logits: backpropagate all curvature pseudo-losses at once to the
+        tracked outputs (a nested backward; the layer-output hooks it fires ignore it)."""
+        if self._curving or not self._active or job >= len(self._jobs) or self._jobs[job] is None:
+            return
+        logits, pending = self._jobs[job]
+        self._jobs[job] = None
+        vectors = logit_gradients(logits, loss_grad, self.curvature, self.curvature_samples,
                                   self._generator(logits.device))
-        self._curving = True  # the layer-output hooks fire during this backward: they must ignore it
+        self._curving = True
         try:
             grads = _output_gradients(logits, [out for _, _, _, out in pending], vectors)
         finally:
             self._curving = False
         for (idx, a_rows, offset, _), ds in zip(pending, grads):
             if ds is not None:  # else this call's output does not reach the logits
-                self._add(self._curvature_parts[idx], offset, self._projectors[idx].rows, a_rows, ds)
+                self._add(self._curvature_parts[idx], offset, idx, a_rows, ds)
 
     def _generator(self, device: torch.device) -> torch.Generator:
         """The seeded label sampler of a device (curvature='fisher' is reproducible)."""
@@ -280,16 +382,41 @@ class GhostCapture:
         self._in_backward = True
         if not self._active:
             return
+        ds = ds.detach()
+        if self._defer:
+            self._finite.append(bool(torch.isfinite(ds).all()) and bool(torch.isfinite(a_rows.a).all()))
         # the step's loss is sum_i w_i loss_i; scaling by 1/w gives the sample's own gradient
-        self._add(self._parts[idx], offset, self._projectors[idx].rows, a_rows, ds.detach().unsqueeze(0),
-                  self._scale)
+        self._add(self._parts[idx], offset, idx, a_rows, ds.unsqueeze(0), self._scale)
 
-    def _add(self, parts: dict[int, list], offset: int, fn, *args: object) -> None:
-        """Queue the block of rows ``fn(*args)`` at ``offset``: a Future on the worker thread, or computed now.
+    def _add(self, parts: dict[int, list], offset: int, idx: int, *args: object) -> None:
+        """Queue the block of rows ``projector.rows(*args)`` of layer ``idx`` at ``offset``: a Future on the worker
+        thread, computed now, or (deferred) the call itself.
 
         A module used several times in a micro-batch adds several blocks; they are summed in :meth:`collect`.
         """
-        parts.setdefault(offset, []).append(fn(*args) if self._worker is None else self._worker.submit(fn, *args))
+        if self._defer:
+            block = (idx, *args)
+        else:
+            fn = self._projectors[idx].rows
+            block = fn(*args) if self._worker is None else self._worker.submit(fn, *args)
+        parts.setdefault(offset, []).append(block)
+
+
+@dataclass
+class DeferredStep:
+    """A step whose rows wait for fitted bases: per layer, row offset -> (layer, input rows, ds, ...) calls."""
+
+    rows: int
+    parts: list[dict[int, list]]
+    curvature_parts: list[dict[int, list]] | None
+    finite: bool
+
+    def gradient_factors(self) -> Iterator[tuple[int, nn.Module, torch.Tensor, torch.Tensor]]:
+        """(layer, module, raw input, output gradient [b, ...]) of every forward call's gradient."""
+        for layer in self.parts:
+            for calls in layer.values():
+                for idx, a_rows, ds, *_ in calls:
+                    yield idx, a_rows.module, a_rows.a, ds[0]
 
 
 def _output_gradients(logits: torch.Tensor, outputs: list[torch.Tensor],

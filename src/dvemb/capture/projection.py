@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -19,7 +19,9 @@ import torch
 DEFAULT_PROJECTION_DIM = 1024
 """Projected size per layer used by the demo, studies and integrations (``Recorder`` itself defaults to exact)."""
 
-ProjectionKind = Literal["gaussian", "rademacher", "orthogonal", "identity"]
+ProjectionKind = Literal["fitted", "gaussian", "rademacher", "orthogonal", "identity"]
+PROJECTIONS = ("fitted", "gaussian", "rademacher", "orthogonal")
+"""Projections a Recorder can use: data-fitted bases (see fitting.py) or seeded random matrices."""
 
 
 def derive_seed(seed: int, *parts: str) -> int:
@@ -50,23 +52,36 @@ def split_budget(d_in: int, d_out: int, budget: int | None) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class FactorProjection:
-    """A seeded k x d projection of one gradient factor (identity when k == d)."""
+    """A k x d projection of one gradient factor: seeded random, fitted to data, or the identity (k == d).
+
+    A fitted basis's rows (``values``, orthonormal) are stored beside the manifest; the spec compares
+    and hashes by their ``fingerprint``. Before its fit a fitted side has no values (``unfitted``).
+    """
 
     dim: int
     k: int
     seed: int
     kind: ProjectionKind
+    fingerprint: str = ""
+    values: torch.Tensor | None = field(default=None, compare=False, hash=False, repr=False)
 
     def __post_init__(self) -> None:
         if not 1 <= self.k <= self.dim:
             raise ValueError(f"projection size {self.k} must lie in [1, {self.dim}]")
-        if self.kind not in ("gaussian", "rademacher", "orthogonal", "identity"):
+        if self.kind not in ("fitted", "gaussian", "rademacher", "orthogonal", "identity"):
             raise ValueError(f"unknown projection kind {self.kind!r}")
+        if self.values is not None and tuple(self.values.shape) != (self.k, self.dim):
+            raise ValueError(f"fitted projection of shape {tuple(self.values.shape)}, expected {(self.k, self.dim)}")
 
     @property
     def is_identity(self) -> bool:
         """Whether this factor is kept exact."""
         return self.k == self.dim
+
+    @property
+    def unfitted(self) -> bool:
+        """A fitted side whose basis is not known yet."""
+        return self.kind == "fitted" and self.values is None
 
     def matrix(self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
         """Build the k x d matrix: N(0, 1/k) entries, +-1/sqrt(k) for Rademacher, or orthogonal rows.
@@ -75,6 +90,10 @@ class FactorProjection:
         """
         if self.is_identity:
             return torch.eye(self.dim, dtype=dtype, device=device)
+        if self.kind == "fitted":
+            if self.values is None:
+                raise RuntimeError("the fitted projection is used before its basis was fitted")
+            return self.values.to(dtype=dtype, device=device)
         gen = torch.Generator().manual_seed(self.seed)
         if self.kind == "rademacher":
             signs = torch.randint(0, 2, (self.k, self.dim), generator=gen, dtype=torch.int8)
@@ -87,8 +106,26 @@ class FactorProjection:
         return mat.to(dtype=dtype, device=device)
 
     def to_dict(self) -> dict:
-        """JSON-serialisable description for the manifest."""
-        return asdict(self)
+        """JSON-serialisable description for the manifest (a fitted basis's values are stored apart)."""
+        out = {"dim": self.dim, "k": self.k, "seed": self.seed, "kind": self.kind}
+        return {**out, "fingerprint": self.fingerprint} if self.kind == "fitted" else out
+
+
+def fingerprint(values: torch.Tensor) -> str:
+    """A fitted basis's identity: SHA-256 of its float64 values."""
+    return hashlib.sha256(values.detach().to("cpu", torch.float64).contiguous().numpy().tobytes()).hexdigest()
+
+
+def fitted_projection(side: FactorProjection, moment: torch.Tensor) -> FactorProjection:
+    """``side`` with its basis: the top-k eigenvectors of the symmetric ``moment`` [dim, dim], as rows, leading first.
+
+    Each eigenvector's sign is fixed (largest entry positive), so equal moments give equal bases.
+    """
+    values, vectors = torch.linalg.eigh(moment.to(torch.float64))
+    top = vectors[:, values.argsort(descending=True)[: side.k]].T
+    signs = torch.sign(top.gather(1, top.abs().argmax(1, keepdim=True)))
+    top = (top * torch.where(signs == 0, 1.0, signs)).contiguous()
+    return FactorProjection(side.dim, side.k, side.seed, "fitted", fingerprint(top), top)
 
 
 def layer_projections(
@@ -100,3 +137,13 @@ def layer_projections(
         dim, k, derive_seed(seed, name, side), "identity" if k == dim else kind
     )
     return make(d_in, k_in, "in"), make(d_out, k_out, "out")
+
+
+def from_dict(data: dict, values: torch.Tensor | None = None) -> FactorProjection:
+    """A side from the manifest, with a fitted basis's stored ``values`` (checked against its fingerprint)."""
+    side = FactorProjection(data["dim"], data["k"], data["seed"], data["kind"], data.get("fingerprint", ""))
+    if side.kind != "fitted" or not side.fingerprint:  # not fitted yet: a store without steps
+        return side
+    if values is None or fingerprint(values) != side.fingerprint:
+        raise ValueError("the fitted projection's stored values are missing or do not match their fingerprint")
+    return FactorProjection(side.dim, side.k, side.seed, "fitted", side.fingerprint, values)

@@ -7,10 +7,12 @@ import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
+import torch
 from torch import nn
 
 from .layers import SUPPORTED, has_bias, rule_for
 from .projection import FactorProjection, ProjectionKind, layer_projections
+from .projection import from_dict as projection_from_dict
 
 ModuleSelection = None | str | Sequence[str]
 
@@ -62,10 +64,17 @@ class LayerSpec:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "LayerSpec":
-        """Inverse of :meth:`to_dict`."""
+    def from_dict(cls, d: dict, values: dict[str, torch.Tensor] | None = None) -> "LayerSpec":
+        """Inverse of :meth:`to_dict`; fitted bases come from ``values`` (see :meth:`fitted_values`)."""
+        values = values or {}
         return cls(d["name"], d["kind"], d["d_in"], d["d_out"], d["bias"],
-                   FactorProjection(**d["proj_in"]), FactorProjection(**d["proj_out"]))
+                   projection_from_dict(d["proj_in"], values.get(f"{d['name']}.in")),
+                   projection_from_dict(d["proj_out"], values.get(f"{d['name']}.out")))
+
+    def fitted_values(self) -> dict[str, torch.Tensor]:
+        """The fitted bases' rows by key (``<name>.in``, ``<name>.out``), stored beside the manifest."""
+        sides = {"in": self.proj_in, "out": self.proj_out}
+        return {f"{self.name}.{k}": p.values for k, p in sides.items() if p.kind == "fitted" and p.values is not None}
 
     def describe(self) -> str:
         """Shape summary used in error messages."""

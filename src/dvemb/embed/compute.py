@@ -18,7 +18,7 @@ from .. import gemm
 from ..progress import ProgressBar
 from ..store import MANIFEST, Store, release_pages, write_json_atomic
 from .checkpointing import Checkpoints, compose, segment_boundaries
-from .layout import SEGMENTS_DIR, embeddings_dir, final_arrays, propagator_arrays, segment_arrays, state_blocks
+from .layout import LAYOUT_VERSION, SEGMENTS_DIR, embeddings_dir, final_arrays, propagator_arrays, segment_arrays, state_blocks
 from .recursion import (TORCH_DTYPES, Blocking, Precision, block_layers, default_precision, rows_per_chunk,
                         run_recursion)
 
@@ -106,7 +106,7 @@ def compute_embeddings(
     write_json_atomic(out_dir / MANIFEST, {
         "committed_steps": store.n_steps, "committed_records": store.n_records, "boundaries": boundaries,
         "precision": precision, "curvature": store.manifest["curvature"], "blocking": blocking, "blocks": blocks,
-        "workers": workers, "seconds": seconds,
+        "workers": workers, "seconds": seconds, "layout_version": LAYOUT_VERSION,
     })
     return EmbeddingInfo(out_dir, store.n_steps, store.n_records, tuple(boundaries), precision, blocking, workers,
                          seconds)

@@ -4,11 +4,12 @@
     embeddings/<layer>.npy           DVEmb relative to the final step T  [n_records, dim]
     embeddings/segments/<layer>.npy  DVEmb relative to the end of each record's segment (K > 1;
                                      rows of the last segment unused: they are final)
-    embeddings/segments/<layer>.buffer.npy   runs with momentum: each record's effect on the
-                                     momentum buffer at the end of its segment
+    embeddings/segments/<layer>.<buffer>.npy   optimizers with buffers (momentum_buffer, exp_avg,
+                                     exp_avg_sq): each record's effect on the buffer at the end
+                                     of its segment
     embeddings/segments/block-<b>.propagators.npy   K_j = prod_{t in segment j} (I - eta_t H_t)
                                      of block b (its layers' dims together)  [K, dim_b, dim_b];
-                                     with momentum the map of (theta, buffer)  [K, 2 dim_b, 2 dim_b]
+                                     with buffers the map of (theta, buffers)  [K, parts dim_b, parts dim_b]
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..store import MANIFEST, AppendableArray, Store, read_json
+from .coefficients import linearised_rule
 
 EMBEDDINGS_DIR = "embeddings"
 SEGMENTS_DIR = "segments"
@@ -38,9 +40,8 @@ def final_arrays(store: Store, precision: str) -> list[AppendableArray]:
 
 
 def state_parts(store: Store) -> int:
-    """Parts of a record's local embedding: its effect on theta, and with momentum on the buffer too."""
-    config = store.config
-    return 2 if config.sgd.momentum or config.adam is not None else 1
+    """Parts of a record's local embedding: its effect on theta, and on each buffer of the update rule."""
+    return linearised_rule(store).parts
 
 
 def state_blocks(store: Store, blocks: list[list[int]]) -> list[list[int]]:
@@ -50,14 +51,14 @@ def state_blocks(store: Store, blocks: list[list[int]]) -> list[list[int]]:
 
 
 def segment_arrays(store: Store, precision: str) -> list[AppendableArray]:
-    """Per-layer embeddings relative to the end of their segment; with momentum, then each layer's buffer part."""
-    suffixes = ["", ".buffer"][:state_parts(store)]
+    """Per-layer embeddings relative to the end of their segment, then each buffer's part for every layer."""
+    suffixes = [""] + [f".{name}" for name in linearised_rule(store).buffers]
     return [AppendableArray(embeddings_dir(store) / SEGMENTS_DIR / f"{s.name}{suffix}.npy", _float(precision),
                             (s.dim,)) for suffix in suffixes for s in store.layers]
 
 
 def propagator_arrays(store: Store, precision: str, blocks: list[list[int]]) -> list[AppendableArray]:
-    """Per-block stacks of segment propagators [K, dim_b, dim_b] ([K, 2 dim_b, 2 dim_b] with momentum)."""
+    """Per-block stacks of segment propagators [K, dim_b, dim_b] ([K, parts dim_b, parts dim_b] with buffers)."""
     dims = [state_parts(store) * sum(store.layers[i].dim for i in block) for block in blocks]
     return [AppendableArray(embeddings_dir(store) / SEGMENTS_DIR / f"block-{b}.propagators.npy", _float(precision),
                             (d, d)) for b, d in enumerate(dims)]
@@ -69,7 +70,11 @@ def embedding_info(store: Store) -> dict | None:
     return read_json(path) if path.exists() else None
 
 
+LAYOUT_VERSION = 2  # 2: buffer parts named after the update rule's buffers
+
+
 def embeddings_are_current(store: Store) -> bool:
-    """Whether embeddings exist and cover every committed step."""
+    """Whether embeddings exist in this layout and cover every committed step."""
     info = embedding_info(store)
-    return info is not None and info["committed_steps"] == store.n_steps
+    return (info is not None and info["committed_steps"] == store.n_steps
+            and info.get("layout_version", 1) == LAYOUT_VERSION)

@@ -2,30 +2,32 @@
 
 With H_k ~ sum_i w_ki g_ki g_ki^T (or separately captured curvature rows, see
 capture/curvature.py), the propagator K = prod_{k>t} (I - eta_k H_k) is
-kept as K = I - M, one M per layer, updated from the last step backwards::
+kept per block of layers and updated from the last step backwards (plain SGD)::
 
-    M = 0
+    K = I
     for t = T-1 .. 0:
-        e_ti = eta_t w_ti (g_ti - M g_ti)        (row form: E = eta w (G - G M^T))
-        M   += sum_i e_ti g_ti^T                  (M += E^T G)
+        e_ti = eta_t w_ti K g_ti                 (row form: E = eta w G K^T)
+        K   -= sum_i e_ti g_ti^T                  (K -= E^T G)
 
-so DVEmb(t, i) = e_ti = eta_t w_ti K g_ti. Memory is O(sum_l dim_l^2) plus two chunks
-of records (CHUNK_BYTES each by default), read from the store backwards in time.
+so DVEmb(t, i) = e_ti = eta_t w_ti K g_ti. Optimizers with buffers (momentum, Adam) carry one
+matrix per buffer too, stepped by their update rule (``dvemb.update``). Memory is
+O(sum_l dim_l^2) per matrix plus two chunks of records (CHUNK_BYTES each by default), read from
+the store backwards in time.
 ``blocking="global"`` keeps one M over all layers instead (O((sum_l dim_l)^2)), which keeps
 the cross-layer curvature.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from .. import gemm
-from ..sgd import AdamSettings, SGDSettings
 from ..store import RowFile, Store, to_torch
+from ..update import StepCoefficients, UpdateRule
+from .coefficients import linearised_rule, step_coefficients
 
 Precision = Literal["float32", "float64"]
 Blocking = Literal["layer", "global"]
@@ -43,124 +45,43 @@ def default_precision(store: Store) -> Precision:
     return "float64" if store.dtype == "float64" else "float32"
 
 
-class _PlainState:
-    """Plain SGD: the running product K = I - M of one block."""
+class _State:
+    """The adjoints of one block: per output, [U, V_1, ...] mapping a change of (theta_t, buffers_{t-1}) to it.
 
-    def __init__(self, dim: int, dtype: torch.dtype) -> None:
-        self.m = torch.zeros(dim, dim, dtype=dtype)
-
-    def step(self, g: torch.Tensor, w: torch.Tensor, lr: float, c: torch.Tensor | None,
-             c_w: torch.Tensor | None, t: int) -> list[torch.Tensor]:
-        """Embeddings [B, dim] of step t's records (rows g, weights w), then fold the step's curvature in."""
-        e = (lr * w) * (g - gemm.rows_product(g, self.m))  # eta w (g - M g), rows
-        if c is None:
-            gemm.add_outer(self.m, e, g)  # M += E^T G
-        else:  # H_t = sum_i w_ti sum_s c_tis c_tis^T with separately captured rows c
-            gemm.add_outer(self.m, (lr * c_w) * (c - gemm.rows_product(c, self.m)), c)
-        return [e]
-
-    def propagator(self) -> torch.Tensor:
-        """K = I - M, in place."""
-        self.m.neg_().diagonal().add_(1.0)
-        return self.m
-
-
-class _AdamRule:
-    """Adam with frozen second moments: W = V - U P_t (P_t diagonal), Phi = (1 - beta1) W;
-    AdamW scales U by 1 - eta lambda. (SGD's rule is ``SGDSettings.mix`` / ``decay``.)"""
-
-    def __init__(self, adam: AdamSettings, preconditioners: torch.Tensor, start: int) -> None:
-        self.adam, self.momentum = adam, adam.beta1
-        self.p, self.start = preconditioners, start  # [steps of the segment, dim]
-
-    def mix(self, u: torch.Tensor, v: torch.Tensor, lr: float, t: int) -> tuple[float, float]:
-        """Turn V (of step t + 1) into W in place; return (a, b) with Phi = a W + b U."""
-        v.addcmul_(u, self.p[t - self.start], value=-1.0)
-        return 1.0 - self.adam.beta1, 0.0
-
-    def decay(self, u: torch.Tensor, w_mat: torch.Tensor, phi: tuple[float, float], lr: float) -> None:
-        """AdamW's theta <- (1 - eta lambda) theta: U_t = (1 - eta lambda) U_{t+1} + Phi H."""
-        if self.adam.weight_decay:
-            u.mul_(1.0 - lr * self.adam.weight_decay)
-
-
-class _MomentumState:
-    """A momentum method (SGD with momentum and/or weight decay, Adam): U and V map a change of
-    (theta_t, buffer_{t-1}) to an output.
-
-    The output is theta at the end of the segment, and with ``buffer`` also the momentum
-    buffer there (Algorithm 2 composes segments through both). With the rule's W and
-    Phi = a W + b U, a record's embedding is -w Phi g (the output's change when its gradient
-    is dropped), and going back one step: U += Phi H (plus the rule's weight decay),
-    V = mu W. Plain SGD gives Phi = -eta U. W is formed in V's storage: no matrix is allocated.
+    The outputs are theta at the end of the segment, and with ``buffers`` also the optimizer's
+    buffers there (Algorithm 2 composes segments through all of them). Going back one step
+    (``dvemb.update``): gamma = rule.mix(...), a record's embedding is -w gamma g (its output's
+    change when its gradient is dropped), then U = (the rule's) U + gamma H with
+    H = sum_i w_i h_i h_i^T over the curvature rows h (the gradients themselves by default).
+    Plain SGD starts at U = I and gives U = K = prod (I - eta H): the paper's recursion.
     """
 
-    def __init__(self, dim: int, dtype: torch.dtype, rule: SGDSettings | _AdamRule, buffer: bool) -> None:
-        eye, zero = torch.eye(dim, dtype=dtype), torch.zeros(dim, dim, dtype=dtype)
-        self.maps = [(eye, zero)] + ([(zero.clone(), eye.clone())] if buffer else [])  # (U, V) per output
+    def __init__(self, dim: int, dtype: torch.dtype, rule: UpdateRule, buffers: bool) -> None:
+        parts = rule.parts
+        outputs = parts if buffers else 1
+        self.maps = [[torch.eye(dim, dtype=dtype) if part == out else torch.zeros(dim, dim, dtype=dtype)
+                      for part in range(parts)] for out in range(outputs)]
         self.rule = rule
 
-    def step(self, g: torch.Tensor, w: torch.Tensor, lr: float, c: torch.Tensor | None,
-             c_w: torch.Tensor | None, t: int) -> list[torch.Tensor]:
-        """Embeddings [B, dim] of step t's records for each output, then go back one step."""
+    def step(self, g: torch.Tensor, w: torch.Tensor, c: torch.Tensor | None, c_w: torch.Tensor | None,
+             coefficients: StepCoefficients) -> list[torch.Tensor]:
+        """Embeddings [B, dim] of step t's records (rows g, weights w) for each output, then go back one step."""
         out = []
-        for u, v in self.maps:
-            phi = self.rule.mix(u, v, lr, t)  # v now holds W
-            e = self._times_phi(g, u, v, phi, -w)  # -w Phi g, rows
-            h, h_e = (g, e) if c is None else (c, self._times_phi(c, u, v, phi, -c_w))
-            self.rule.decay(u, v, phi, lr)
-            gemm.add_outer(u, -h_e, h)  # U += sum_i w_i (Phi h_i) h_i^T
-            v.mul_(self.rule.momentum)  # V = mu W
+        for adjoints in self.maps:
+            gamma = self.rule.mix(adjoints, coefficients)
+            e = gamma.rows(g, gemm.rows_product).mul_(-w)  # -w gamma g, rows
+            h, h_e = (g, e) if c is None else (c, gamma.rows(c, gemm.rows_product).mul_(-c_w))
+            self.rule.settle(adjoints, gamma, coefficients)
+            gemm.add_outer(adjoints[0], h_e.neg(), h)  # U += sum_i w_i (gamma h_i) h_i^T
+            self.rule.finish(adjoints, coefficients)
             out.append(e)
         return out
 
-    @staticmethod
-    def _times_phi(rows: torch.Tensor, u: torch.Tensor, w_mat: torch.Tensor, phi: tuple[float, float],
-                   scale: torch.Tensor) -> torch.Tensor:
-        """scale * (rows Phi^T) with Phi = a W + b U, without forming Phi."""
-        product = gemm.rows_product(rows, w_mat).mul_(phi[0])
-        if phi[1]:
-            product.add_(gemm.rows_product(rows, u), alpha=phi[1])
-        return product.mul_(scale)
-
     def propagator(self) -> torch.Tensor:
-        """The map of a change of theta (and of the buffer) at the segment's start to the outputs."""
+        """The map of a change of theta (and of the buffers) at the segment's start to the outputs."""
         if len(self.maps) == 1:
             return self.maps[0][0]
-        return torch.cat([torch.cat(pair, 1) for pair in self.maps], 0)  # [[U, V], [U_b, V_b]]
-
-
-def adam_preconditioners(store: Store, block: Sequence[int], start: int, stop: int,
-                         dtype: torch.dtype) -> torch.Tensor:
-    """P_t = eta_t / (1 - beta1^(t+1)) / (sqrt(v_t / (1 - beta2^(t+1))) + eps) for t in [start, stop): [steps, dim].
-
-    v is replayed from step 0 over the stored per-sample gradients: the batch gradient of step t
-    is sum_i w_ti g_ti (what the optimizer applied). Exact layers get v elementwise; a projected
-    layer gets one v per layer, the mean square of its batch gradient, ||P_out G P_in^T||^2 / size
-    (the projections keep squared norms in expectation): an approximation of Adam's
-    per-parameter scaling that keeps its per-layer and per-step scale.
-    """
-    adam = store.config.adam
-    assert adam is not None
-    records, starts = store.records, store.step_starts
-    weights, lrs = np.ascontiguousarray(records["weight"], dtype=np.float64), np.asarray(records["lr"])
-    specs = [store.layers[i] for i in block]
-    grads = [store.grads(i) for i in block]
-    exact = [s.proj_in.is_identity and s.proj_out.is_identity for s in specs]
-    v = [torch.zeros(s.dim if e else 1, dtype=torch.float64) for s, e in zip(specs, exact)]
-    out = torch.empty(stop - start, sum(s.dim for s in specs), dtype=dtype)
-    for t in range(stop):
-        r0, r1 = int(starts[t]), int(starts[t + 1])
-        scale = float(lrs[r0]) / (1.0 - adam.beta1 ** (t + 1)) if r1 > r0 else 0.0
-        parts = []
-        for spec, a, v_l, e in zip(specs, grads, v, exact):
-            mean = torch.from_numpy(weights[r0:r1]) @ to_torch(np.asarray(a[r0:r1]), store.dtype).double()
-            square = mean * mean if e else (mean @ mean / (spec.d_out * (spec.d_in + spec.bias))).reshape(1)
-            v_l.mul_(adam.beta2).add_(square, alpha=1.0 - adam.beta2)
-            parts.append((v_l.sqrt() / math.sqrt(1.0 - adam.beta2 ** (t + 1)) + adam.eps).expand(spec.dim))
-        if t >= start:
-            out[t - start] = scale / torch.cat(parts)
-    return out
+        return torch.cat([torch.cat(adjoints, 1) for adjoints in self.maps], 0)
 
 
 def run_recursion(
@@ -174,49 +95,43 @@ def run_recursion(
     on_step: Callable[[], None] = lambda: None,
     buffer: bool = False,
 ) -> list[torch.Tensor]:
-    """Run the recursion over steps [start, stop) from M = 0 for the given blocks of layers.
+    """Run the recursion over steps [start, stop) from K = I for the given blocks of layers.
 
-    Each block (a list of layer indices) has one M over its layers' concatenated
+    Each block (a list of layer indices) has one K over its layers' concatenated
     dimensions: one layer per block is the layer-wise approximation, all layers in one
-    block is a global M. Writes each record's embedding relative to step ``stop`` into
+    block a global K. Writes each record's embedding relative to step ``stop`` into
     ``sinks`` (row writers by layer index, rows indexed like the store) and
-    returns the segment's propagators K = I - M, one per block. Records are read in chunks of
-    ``chunk_rows`` rows, by default as many as fit in CHUNK_BYTES. A store recorded with
-    momentum or weight decay (``store.config.sgd``) keeps two matrices per block (U, V); with
-    ``buffer`` (momentum, Algorithm 2) also the records' effects on the momentum buffer at
-    ``stop``, written to ``sinks[layer + number of layers]``, and the propagators map
-    (theta, buffer) to (theta, buffer).
+    returns the segment's propagators, one per block. Records are read in chunks of
+    ``chunk_rows`` rows, by default as many as fit in CHUNK_BYTES. A store whose update rule
+    keeps buffers (momentum, Adam's moments) keeps one matrix per buffer too; with ``buffer``
+    (Algorithm 2) also the records' effects on the buffers at ``stop``, written to
+    ``sinks[layer + k * number of layers]`` for buffer k, and the propagators map
+    (theta, buffers) to (theta, buffers).
     """
     dtype = TORCH_DTYPES[precision]
     records = store.records
-    lr_all, w_all = np.asarray(records["lr"]), np.ascontiguousarray(records["weight"], dtype=np.float64)
+    w_all = np.ascontiguousarray(records["weight"], dtype=np.float64)
     layers = [i for block in blocks for i in block]
     passes = store.curvature_passes
     arrays = [store.grads(i) for i in layers] + ([store.curvature(i) for i in layers] if passes else [])
     dims = [sum(store.layers[i].dim for i in block) for block in blocks]
-    config = store.config
-    buffer = buffer and (config.sgd.momentum > 0 or config.adam is not None)
-    if config.adam is not None:
-        rules = [_AdamRule(config.adam, adam_preconditioners(store, block, start, stop, dtype), start)
-                 for block in blocks]
-    else:
-        rules = [None if config.sgd.plain else config.sgd for _ in blocks]
-    states = [_PlainState(d, dtype) if rule is None else _MomentumState(d, dtype, rule, buffer)
-              for d, rule in zip(dims, rules)]
+    rule = linearised_rule(store)
+    buffer = buffer and rule.parts > 1
+    coefficients = [step_coefficients(store, rule, block, start, stop, dtype) for block in blocks]
+    states = [_State(d, dtype, rule, buffer) for d in dims]
     chunk_rows = rows_per_chunk(sum(a.dtype.itemsize * a.shape[1] for a in arrays), chunk_rows)
     for t, r0, r1, rows in store.iter_steps_backward(arrays, chunk_rows, start, stop):
         by_layer = dict(zip(layers, rows))
         curv_by_layer = dict(zip(layers, rows[len(layers):]))
         w = torch.from_numpy(w_all[r0:r1]).to(dtype).unsqueeze(1)
-        lr = float(lr_all[r0]) if r1 > r0 else 0.0
-        for block, state in zip(blocks, states):
+        for block, state, at in zip(blocks, states, coefficients):
             g = torch.cat([to_torch(by_layer[i], store.dtype) for i in block], 1).to(dtype)
             c = c_w = None
             if passes:
                 c = torch.cat([to_torch(curv_by_layer[i], store.dtype).reshape(len(g), passes, -1) for i in block],
                               2).reshape(-1, g.shape[1]).to(dtype)
                 c_w = w.repeat_interleave(passes, dim=0)
-            for part, e in enumerate(state.step(g, w, lr, c, c_w, t)):
+            for part, e in enumerate(state.step(g, w, c, c_w, at(t))):
                 offset = part * len(store.layers)
                 for i, rows_i in zip(block, e.split([store.layers[i].dim for i in block], dim=1)):
                     sinks[i + offset][r0:r1] = rows_i.numpy()

@@ -1,0 +1,105 @@
+"""Each step's linearisation coefficients, rebuilt from a store.
+
+SGD needs only the lr. Whitened rows (projected Adam, see capture/whitening.py) follow
+:class:`~dvemb.update.adam.WhitenedAdam`, whose coefficients come from the lr and the stored
+whitening of each layer and step. Adam's P_t, Q_t and d_t depend on its moments, which are replayed from
+step 0 over the stored per-sample gradients: the batch gradient of step t is sum_i w_ti g_ti,
+what the optimizer applied. Exact layers (no projection) get the moments elementwise. A
+projected layer gets one second moment per layer, the mean square of its batch gradient,
+||P_out G P_in^T||^2 / size (the projections keep squared norms in expectation), and its v path
+is dropped (frozen second moment): an approximation of Adam's per-parameter scaling that keeps
+its per-layer and per-step scale.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..store import Store, to_torch, whitening_level
+from ..update import Adam, StepCoefficients, UpdateRule
+from ..update.adam import WhitenedAdam
+
+CoefficientsAt = Callable[[int], StepCoefficients]
+
+
+def linearised_rule(store: Store) -> UpdateRule:
+    """The rule the recursion follows: the store's, or Adam in whitened coordinates for whitened rows."""
+    rule = store.config.update
+    if store.config.whitening and isinstance(rule, Adam):
+        return WhitenedAdam(rule.beta1, rule.beta2, rule.eps, rule.weight_decay)
+    return rule
+
+
+def step_coefficients(store: Store, rule: UpdateRule, block: Sequence[int], start: int, stop: int,
+                      dtype: torch.dtype) -> CoefficientsAt:
+    """Coefficients of steps [start, stop) for one block of layers (its dims concatenated in block order)."""
+    records, starts = store.records, store.step_starts
+    lrs = np.asarray(records["lr"])
+    step_lr = [float(lrs[starts[t]]) if starts[t + 1] > starts[t] else 0.0 for t in range(stop)]
+    if isinstance(rule, WhitenedAdam):
+        return _whitened(store, rule, block, step_lr, dtype)
+    if not isinstance(rule, Adam):
+        return lambda t: rule.coefficients(step_lr[t], t)
+    table = _adam_table(store, rule, block, start, stop, step_lr, dtype)
+    return lambda t: StepCoefficients(step_lr[t], t, {k: v[t - start] for k, v in table.items()})
+
+
+def _adam_table(store: Store, rule: Adam, block: Sequence[int], start: int, stop: int, step_lr: list[float],
+                dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Per step in [start, stop): P_t, and for exact layers Q_t and d_t ([steps, dim] each)."""
+    specs = [store.layers[i] for i in block]
+    grads = [store.grads(i) for i in block]
+    weights = np.ascontiguousarray(store.records["weight"], dtype=np.float64)
+    starts = store.step_starts
+    exact = [s.proj_in.is_identity and s.proj_out.is_identity for s in specs]
+    state = [{} for _ in specs]
+    dim = sum(s.dim for s in specs)
+    full = rule.second_moment == "full"
+    table = {k: torch.zeros(stop - start, dim, dtype=dtype) for k in (["precondition", "second", "gradient"] if full
+                                                                      else ["precondition"])}
+    for t in range(stop):
+        r0, r1 = int(starts[t]), int(starts[t + 1])
+        offset = 0
+        for k, (spec, rows, is_exact) in enumerate(zip(specs, grads, exact)):
+            batch = torch.from_numpy(weights[r0:r1]) @ to_torch(np.asarray(rows[r0:r1]), store.dtype).double()
+            if is_exact:
+                c = rule.coefficients(step_lr[t], t, state[k], batch)
+                state[k] = {"exp_avg": c.diagonals["exp_avg"], "exp_avg_sq": c.diagonals["exp_avg_sq"]}
+                values = {name: c.diagonals[name] for name in table}
+            else:
+                values = {"precondition": _layer_preconditioner(rule, state[k], batch, spec, step_lr[t], t)
+                          .expand(spec.dim)}
+            if t >= start:
+                for name, value in values.items():
+                    table[name][t - start, offset: offset + spec.dim] = value
+            offset += spec.dim
+    return table
+
+
+def _whitened(store: Store, rule: WhitenedAdam, block: Sequence[int], step_lr: list[float],
+              dtype: torch.dtype) -> CoefficientsAt:
+    """s_t per coordinate and rho_t = exp(level_{t-1} - level_t) per layer, from the stored whitening rows."""
+    specs = [store.layers[i] for i in block]
+    levels = np.array([[whitening_level(row, s) for row in store.whitening(i)] for i, s in zip(block, specs)])
+    dims = [s.dim for s in specs]
+
+    def at(t: int) -> StepCoefficients:
+        ratio = np.exp(levels[:, t - 1] - levels[:, t]) if t > 0 else np.ones(len(specs))
+        s = step_lr[t] / (1 - rule.beta1 ** (t + 1))
+        return StepCoefficients(step_lr[t], t, {
+            "precondition": torch.full((sum(dims),), s, dtype=dtype),
+            "ratio": torch.cat([torch.full((d,), float(r), dtype=dtype) for d, r in zip(dims, ratio)])})
+
+    return at
+
+
+def _layer_preconditioner(rule: Adam, state: dict, batch: torch.Tensor, spec, lr: float, t: int) -> torch.Tensor:
+    """One P_t for a projected layer, from the EMA of its batch gradient's mean square (kept in ``state``)."""
+    square = batch @ batch / (spec.d_out * (spec.d_in + spec.bias))
+    state["v"] = rule.beta2 * state.get("v", 0.0) + (1 - rule.beta2) * float(square)
+    scale = lr / (1 - rule.beta1 ** (t + 1))
+    return torch.tensor(scale / (math.sqrt(state["v"] / (1 - rule.beta2 ** (t + 1))) + rule.eps), dtype=torch.float64)
