@@ -74,12 +74,12 @@ def test_recursion_equals_forward_simulation(tmp_path, settings, second_moment):
     store = Store(tmp_path / "s")
     assert store.config.update.second_moment == second_moment
     assert ("second moments frozen" in store.summary()) == (second_moment == "frozen")
-    dvemb.compute_embeddings(tmp_path / "s", show_progress=False)
+    dvemb.compute_embeddings(tmp_path / "s", blocking="layer", show_progress=False)
     single = [np.array(a.read(store.n_records)) for a in final_arrays(store, "float64")]
     for layer, got in enumerate(single):
         # float64 throughout; the two orders of summation agree to round-off
         torch.testing.assert_close(torch.from_numpy(got), simulated_embeddings(store, layer), rtol=1e-9, atol=1e-12)
-    dvemb.compute_embeddings(tmp_path / "s", checkpoints=[2, 5], workers=2, show_progress=False)
+    dvemb.compute_embeddings(tmp_path / "s", checkpoints=[2, 5], workers=2, blocking="layer", show_progress=False)
     for a, b in zip(single, final_arrays(store, "float64")):  # Algorithm 2 composes through (theta, m, v)
         np.testing.assert_allclose(np.array(b.read(store.n_records)), a, rtol=1e-9, atol=1e-12)
 

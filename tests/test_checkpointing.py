@@ -25,7 +25,7 @@ def final_embeddings(path) -> np.ndarray:
 def run64(tmp_path_factory):
     path = tmp_path_factory.mktemp("alg2") / "s"
     model = train_recorded(path, steps=13, batch=5, dtype=torch.float64, projection_dim=16)
-    dvemb.compute_embeddings(path, show_progress=False)
+    dvemb.compute_embeddings(path, blocking="layer", show_progress=False)
     return path, model, final_embeddings(path)
 
 
@@ -33,17 +33,32 @@ def run64(tmp_path_factory):
 @pytest.mark.parametrize("checkpoints,workers", [(2, 1), (3, 1), (13, 1), ([4, 5, 11], 1), (4, 2), (1, 3)])
 def test_algorithm2_equals_algorithm1(run64, checkpoints, workers):
     path, _, reference = run64
-    info = dvemb.compute_embeddings(path, checkpoints=checkpoints, workers=workers, show_progress=False)
+    info = dvemb.compute_embeddings(path, checkpoints=checkpoints, workers=workers, blocking="layer", show_progress=False)
     got = final_embeddings(path)
     assert np.linalg.norm(got - reference) / np.linalg.norm(reference) < 1e-10
     assert list(info.boundaries) == segment_boundaries(13, checkpoints)
+
+
+@pytest.mark.parametrize("checkpoints,workers", [(3, 1), (4, 2)])
+def test_algorithm2_equals_algorithm1_for_a_hierarchical_plan(run64, checkpoints, workers):
+    path, model, _ = run64
+    small = 1728  # bytes: 6 coarse coordinates per layer in float64 (6^2 (2^2 + 2) values)
+    one = dvemb.compute_embeddings(path, blocking="hierarchical", memory=small, show_progress=False)
+    assert one.blocking == "hierarchical"
+    reference = final_embeddings(path)
+    dvemb.compute_embeddings(path, checkpoints=checkpoints, workers=workers, blocking="hierarchical", memory=small,
+                             show_progress=False)
+    assert np.linalg.norm(final_embeddings(path) - reference) / np.linalg.norm(reference) < 1e-10
+    xt = torch.randn(2, 10, dtype=torch.float64)
+    inf = dvemb.influence(path, model, lambda: model(xt).sum(1), checkpoint=-1)  # the last checkpoint is T
+    assert inf.scores.shape == (2, Store(path).n_records)
 
 
 def test_influence_at_checkpoint_equals_product_formula_up_to_that_step(tmp_path):
     path = tmp_path / "s"
     torch.manual_seed(0)
     model = train_recorded(path, steps=10, batch=4, dtype=torch.float64, projection_dim=None)
-    dvemb.compute_embeddings(path, checkpoints=[3, 7], show_progress=False)
+    dvemb.compute_embeddings(path, checkpoints=[3, 7], blocking="layer", show_progress=False)
     assert dvemb.checkpoint_steps(path) == [3, 7, 10]
     store = Store(path)
     xt, yt = torch.randn(3, 10, dtype=torch.float64), torch.tensor([1, 2, 0])

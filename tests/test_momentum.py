@@ -65,7 +65,7 @@ def test_recursion_equals_forward_simulation(tmp_path, sgd, projection_dim):
     train_with_sgd(tmp_path / "s", sgd, projection_dim=projection_dim)
     store = Store(tmp_path / "s")
     assert store.config.update == SGD(**sgd)
-    dvemb.compute_embeddings(tmp_path / "s", show_progress=False)
+    dvemb.compute_embeddings(tmp_path / "s", blocking="layer", show_progress=False)
     for layer, arr in enumerate(final_arrays(store, "float64")):
         got = torch.from_numpy(np.array(arr.read(store.n_records)))
         want = simulated_embeddings(store, layer)
@@ -75,10 +75,10 @@ def test_recursion_equals_forward_simulation(tmp_path, sgd, projection_dim):
 
 def test_layer_sharded_workers_equal_one_process(tmp_path):
     train_with_sgd(tmp_path / "s", dict(momentum=0.9))
-    dvemb.compute_embeddings(tmp_path / "s", show_progress=False)
+    dvemb.compute_embeddings(tmp_path / "s", blocking="layer", show_progress=False)
     store = Store(tmp_path / "s")
     first = [np.array(a.read(store.n_records)) for a in final_arrays(store, "float64")]
-    dvemb.compute_embeddings(tmp_path / "s", workers=2, show_progress=False)  # layers split over 2 processes
+    dvemb.compute_embeddings(tmp_path / "s", workers=2, blocking="layer", show_progress=False)  # layers split over 2 processes
     for a, b in zip(first, final_arrays(store, "float64")):
         np.testing.assert_array_equal(a, np.array(b.read(store.n_records)))
 

@@ -37,20 +37,22 @@ def train_recorded(path, *, steps: int, batch: int, dtype, projection_dim, d=10,
     return model
 
 
-def explicit_embeddings(store: Store, layer: int | list[int], until: int | None = None) -> torch.Tensor:
+def explicit_embeddings(store: Store, layer: int | list, until: int | None = None) -> torch.Tensor:
     """eta_t w_ti [prod_{k=t+1..T-1} (I - eta_k H_k)] g_ti with H_k = sum_i w_ki g_ki g_ki^T, term by term.
 
     ``until`` sets T (records of steps >= T are dropped): the embedding relative to theta_T.
-    A list of layers concatenates them (one M for the block); stored curvature rows c
-    replace g in H_k = sum_i w_ki sum_s c_kis c_kis^T.
+    A list of layers concatenates them (one M for the block), each given as its index or as
+    (index, columns) for some of its coordinates; stored curvature rows c replace g in
+    H_k = sum_i w_ki sum_s c_kis c_kis^T.
     """
-    block = [layer] if isinstance(layer, int) else layer
+    block = [(i, None) if isinstance(i, int) else i for i in ([layer] if isinstance(layer, int) else layer)]
     T = store.n_steps if until is None else until
     n = int(store.step_starts[T])
-    g = torch.cat([to_torch(store.grads(i), store.dtype) for i in block], 1).double()[:n]
+    pick = lambda rows, cols: rows if cols is None else rows[..., list(cols)]  # noqa: E731
+    g = torch.cat([pick(to_torch(store.grads(i), store.dtype), cols) for i, cols in block], 1).double()[:n]
     passes = store.curvature_passes
-    c = (torch.cat([to_torch(store.curvature(i), store.dtype).reshape(-1, passes, store.layers[i].dim)
-                    for i in block], 2).double()[:n] if passes else g[:, None, :])
+    c = (torch.cat([pick(to_torch(store.curvature(i), store.dtype).reshape(-1, passes, store.layers[i].dim), cols)
+                    for i, cols in block], 2).double()[:n] if passes else g[:, None, :])
     rec = store.records[:n]
     steps, w, lr = rec["step"], torch.from_numpy(rec["weight"].copy()), torch.from_numpy(rec["lr"].copy())
     p = g.shape[1]
@@ -70,18 +72,40 @@ def explicit_embeddings(store: Store, layer: int | list[int], until: int | None 
     return out
 
 
+def plan_embeddings(store: Store, blocking: str) -> list[torch.Tensor]:
+    """Each layer's embeddings under a blocking, from the product formula: per layer, one block, or the
+    hierarchical plan's fine per-layer blocks plus the coarse global block minus the coarse per-layer ones."""
+    from dvemb.embed.plan import leading_columns
+    n = len(store.layers)
+    if blocking == "layer":
+        return [explicit_embeddings(store, i) for i in range(n)]
+    if blocking == "global":
+        return list(explicit_embeddings(store, list(range(n))).split([s.dim for s in store.layers], 1))
+    cols = [leading_columns(s.proj_out.k, s.proj_in.k, 6) for s in store.layers]
+    coarse = explicit_embeddings(store, [(i, c) for i, c in enumerate(cols)]).split([len(c) for c in cols], 1)
+    out = []
+    for i in range(n):
+        e = explicit_embeddings(store, i)
+        e[:, list(cols[i])] += coarse[i] - explicit_embeddings(store, [(i, cols[i])])
+        out.append(e)
+    return out
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-@pytest.mark.parametrize("projection_dim", [None, 20])
-def test_algorithm1_equals_product_formula(tmp_path, reduction, projection_dim):
+@pytest.mark.parametrize("projection_dim, blocking", [(None, "layer"), (20, "layer"), (20, "global"),
+                                                       (20, "hierarchical")])
+def test_algorithm1_equals_product_formula(tmp_path, monkeypatch, reduction, projection_dim, blocking):
     train_recorded(tmp_path / "s", steps=7, batch=5, dtype=torch.float64, projection_dim=projection_dim,
                    reduction=reduction, lr=(lambda t: 0.3 / (1 + 0.1 * t)) if reduction == "mean" else lambda t: 0.05)
-    info = dvemb.compute_embeddings(tmp_path / "s", show_progress=False)
-    assert info.precision == "float64"
+    monkeypatch.setattr(dvemb.embed.plan, "coarse_size", lambda dims, values: 6)  # 6 coarse coordinates per layer
+    info = dvemb.compute_embeddings(tmp_path / "s", blocking=blocking, show_progress=False)
+    assert info.precision == "float64" and info.blocking == blocking
     store = Store(tmp_path / "s")
     arrays = final_arrays(store, "float64")
+    wanted = plan_embeddings(store, blocking)
     for layer in range(len(store.layers)):
         got = torch.from_numpy(np.array(arrays[layer].read(store.n_records)))
-        want = explicit_embeddings(store, layer)
+        want = wanted[layer]
         # propagation must matter, or the test would not check the recursion
         assert (want - to_torch(store.grads(layer), "float64") * torch.from_numpy(
             store.records["lr"] * store.records["weight"])[:, None]).norm() > 1e-3 * want.norm()
@@ -94,7 +118,7 @@ def test_float32_recursion_matches_float64(tmp_path):
     store = Store(tmp_path / "s")
     results = {}
     for precision in ("float64", "float32"):
-        dvemb.compute_embeddings(tmp_path / "s", precision=precision, show_progress=False)
+        dvemb.compute_embeddings(tmp_path / "s", precision=precision, blocking="layer", show_progress=False)
         results[precision] = np.concatenate(
             [np.array(a.read(store.n_records), dtype=np.float64) for a in final_arrays(store, precision)], 1)
     diff = np.linalg.norm(results["float32"] - results["float64"]) / np.linalg.norm(results["float64"])

@@ -21,6 +21,8 @@ STUDIES: dict[str, dict[str, tuple[str, str]]] = {
     "evaluate": {
         "fidelity": ("dvemb.experiments.fidelity", "every estimator against replayed training: the paper's "
                                                     "MNIST fidelity study (Spearman/Pearson with 95% intervals)"),
+        "lm-fidelity": ("dvemb.experiments.lm_fidelity", "a GPT-2 trained with AdamW on a text corpus: every "
+                                                          "estimator against replayed training"),
         "ablation": ("dvemb.experiments.ablation", "fidelity of each approximation (curvature, blocking, "
                                                     "projection, Adam's second moment) against replayed training"),
     },
@@ -95,9 +97,12 @@ def _parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     embed.add_argument("--checkpoints", type=positive_int, default=None, metavar="K",
                        help="split the run into K segments computed independently and composed (Algorithm 2); "
                             "their boundaries become checkpoints for influence(..., checkpoint=l)")
-    embed.add_argument("--blocking", choices=("layer", "global"), default="layer",
-                       help="one M per layer (default), or one over all layers (keeps cross-layer curvature; "
-                            "memory grows with the square of the summed dims)")
+    embed.add_argument("--blocking", choices=("auto", "layer", "global", "hierarchical"), default="auto",
+                       help="which curvature the propagators keep: auto (default: one over all layers when it fits "
+                            "--memory, else one per layer plus a global one over each layer's leading coordinates), "
+                            "layer (the paper's), global, hierarchical")
+    embed.add_argument("--memory", type=positive_int, default=768, metavar="MiB",
+                       help="budget for the propagators beyond one per layer (default: 768)")
     embed.add_argument("--workers", type=positive_int, default=1, metavar="N",
                        help="processes sharing the segments and layers (default: 1)")
     embed.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -134,7 +139,8 @@ def _info(args: argparse.Namespace) -> int:
 def _embed(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     info = compute_embeddings(args.store, checkpoints=args.checkpoints, workers=args.workers,
-                              precision=args.precision, blocking=args.blocking, show_progress=not args.no_progress)
+                              precision=args.precision, blocking=args.blocking, memory=args.memory << 20,
+                              show_progress=not args.no_progress)
     print(f"embeddings of {info.committed_records} records over {info.committed_steps} steps "
           f"({info.precision}) written to {info.path} in {time.perf_counter() - start:.2f} s")
     return 0

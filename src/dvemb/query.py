@@ -18,9 +18,9 @@ from .capture.ghost import GhostCapture
 from .capture.selection import match_specs
 from .embed.checkpointing import Checkpoints, segment_boundaries
 from .embed.compute import compute_embeddings
-from .embed.layout import (embedding_info, embeddings_are_current, final_arrays, propagator_arrays, segment_arrays,
-                           state_blocks)
-from .embed.recursion import Blocking
+from .embed.layout import (embedding_info, embedding_plan, embeddings_are_current, final_arrays, propagator_arrays,
+                           segment_arrays, state_blocks)
+from .embed.plan import Blocking
 from .store import AppendableArray, MappedArrays, PrefetchedRows, Store, StoreError, whitening_factors
 
 LossClosure = Callable[[], torch.Tensor]
@@ -178,7 +178,7 @@ def _ensure_embeddings(store: Store, checkpoints: Checkpoints, blocking: Blockin
     wanted = None if checkpoints is None else segment_boundaries(store.n_steps, checkpoints)
     if (not embeddings_are_current(store) or (wanted is not None and wanted != info["boundaries"])
             or (blocking is not None and blocking != info["blocking"])):
-        compute_embeddings(store.path, checkpoints=checkpoints, blocking=blocking or "layer",
+        compute_embeddings(store.path, checkpoints=checkpoints, blocking=blocking or "auto",
                            show_progress=show_progress)
         info = embedding_info(store)
     assert info is not None
@@ -222,10 +222,13 @@ def _score_chunks(q: _Query, chunk_rows: int | None, show_progress: bool,
     if q.last == n_segments - 1:  # relative to T: the composed embeddings
         arrays, plan = final_arrays(store, info["precision"]), [(0, q.n_rows, q.tests)]
     else:  # relative to checkpoint `last`: carry the test gradients back through the propagators
-        arrays = segment_arrays(store, info["precision"])  # with momentum: theta parts, then buffer parts
-        stacks = [a.read(n_segments) for a in propagator_arrays(store, info["precision"], info["blocks"])]
-        blocks = state_blocks(store, info["blocks"])
-        plan, tests = [], q.tests + [torch.zeros_like(t) for t in q.tests] * (len(arrays) // len(q.tests) - 1)
+        layout = embedding_plan(info)
+        arrays = segment_arrays(store, layout, info["precision"])  # theta parts, then the buffers' parts
+        stacks = [a.read(n_segments) for a in propagator_arrays(store, layout, info["precision"])]
+        blocks = state_blocks(store, layout)
+        tests = [p.sign * (q.tests[p.layer] if p.columns is None else q.tests[p.layer][:, list(p.columns)])
+                 for p in layout.parts]
+        plan, tests = [], tests + [torch.zeros_like(t) for t in tests] * (len(arrays) // len(tests) - 1)
         for j in range(q.last, -1, -1):
             plan.append((int(starts[boundaries[j]]), int(starts[boundaries[j + 1]]), tests))
             if j > 0:
@@ -387,7 +390,7 @@ def _top_k(q: _Query, chunks: Iterator[tuple[int, int, torch.Tensor]], k: int) -
 
 def _propagate(tests: list[torch.Tensor], blocks: list[list[int]], propagators: list[np.ndarray],
                dtype: torch.dtype) -> list[torch.Tensor]:
-    """Per-layer test gradients times each block's propagator (V_j = V_{j+1} K_{j+1}; blocks index ``tests``)."""
+    """Per-part test gradients times each block's propagator (V_j = V_{j+1} K_{j+1}; blocks index ``tests``)."""
     out = list(tests)
     for block, k in zip(blocks, propagators):
         moved = torch.cat([tests[i] for i in block], 1) @ torch.from_numpy(np.array(k)).to(dtype)

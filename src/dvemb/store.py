@@ -619,6 +619,21 @@ class Store:
         return "\n".join(lines)
 
 
+def _spec_difference(found: LayerSpec, wanted: LayerSpec) -> str:
+    """The first field that differs between a stored layer and a requested one, in words."""
+    if (found.name, found.kind, found.d_in, found.d_out, found.bias) != (wanted.name, wanted.kind, wanted.d_in,
+                                                                        wanted.d_out, wanted.bias):
+        return f"the store has {found.describe()}, the model {wanted.describe()}"
+    for side in ("proj_in", "proj_out"):
+        a, b = getattr(found, side), getattr(wanted, side)
+        for key in ("k", "kind", "seed", "fingerprint"):
+            if getattr(a, key) != getattr(b, key):
+                what = {"proj_in": "input", "proj_out": "output"}[side]
+                return (f"its {what} projection's {key} is {getattr(a, key)!r} in the store and {getattr(b, key)!r} "
+                        "in the recorder (record with the store's projection_dim, projection and seed)")
+    return "its description differs"
+
+
 def read_layers(path: Path, layers: list[dict]) -> list[LayerSpec]:
     """The manifest's layer specs, with fitted bases from ``projections.safetensors`` (never executes code)."""
     fitted = any(d[side].get("kind") == "fitted" and d[side].get("fingerprint") for d in layers
@@ -738,8 +753,8 @@ class StoreWriter(_Committed):
         """Raise a StoreError naming what differs between a store's settings and the requested ones."""
         for a, b in zip(found.layers, wanted.layers):
             if a != b:
-                raise StoreError(f"cannot resume: layer {b.name!r} differs from the store's {a.name!r} "
-                                 f"({a.describe()}, dim {a.dim} vs {b.describe()}, dim {b.dim})")
+                raise StoreError(f"cannot resume: layer {b.name!r} differs from the store's {a.name!r}: "
+                                 f"{_spec_difference(a, b)}")
         if len(found.layers) != len(wanted.layers):
             names = {s.name for s in found.layers} ^ {s.name for s in wanted.layers}
             raise StoreError(f"cannot resume: tracked layers differ ({sorted(names)})")

@@ -100,7 +100,8 @@ PAPER = dict(curvature="gradient_outer", projection="gaussian")
 def test_approximations_equal_data_value_embeddings_with_the_same_options(tmp_path, options, recorder, rule):
     spec, validation = make_spec(rule, 0.3)
     recorder = dict(recorder)
-    blocking = recorder.pop("blocking", None)
+    recorder.pop("blocking", None)
+    blocking = options.blocking
     model = record_run(spec, tmp_path / "s", dtype=torch.float64, **recorder)
     x, y = validation
     inf = dvemb.influence(tmp_path / "s", model, lambda: F.cross_entropy(model(x), y, reduction="none"),

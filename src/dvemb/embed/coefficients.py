@@ -22,6 +22,7 @@ import torch
 from ..store import Store, to_torch, whitening_level
 from ..update import Adam, StepCoefficients, UpdateRule
 from ..update.adam import WhitenedAdam
+from .plan import Part
 
 CoefficientsAt = Callable[[int], StepCoefficients]
 
@@ -34,18 +35,24 @@ def linearised_rule(store: Store) -> UpdateRule:
     return rule
 
 
-def step_coefficients(store: Store, rule: UpdateRule, block: Sequence[int], start: int, stop: int,
+def step_coefficients(store: Store, rule: UpdateRule, parts: Sequence[Part], start: int, stop: int,
                       dtype: torch.dtype) -> CoefficientsAt:
-    """Coefficients of steps [start, stop) for one block of layers (its dims concatenated in block order)."""
+    """Coefficients of steps [start, stop) for one block: its parts' coordinates concatenated in order."""
     records, starts = store.records, store.step_starts
     lrs = np.asarray(records["lr"])
     step_lr = [float(lrs[starts[t]]) if starts[t + 1] > starts[t] else 0.0 for t in range(stop)]
     if isinstance(rule, WhitenedAdam):
-        return _whitened(store, rule, block, step_lr, dtype)
+        return _whitened(store, rule, parts, step_lr, dtype)
     if not isinstance(rule, Adam):
         return lambda t: rule.coefficients(step_lr[t], t)
-    table = _adam_table(store, rule, block, start, stop, step_lr, dtype)
+    layers = sorted({p.layer for p in parts})
+    tables = dict(zip(layers, (_adam_table(store, rule, [i], start, stop, step_lr, dtype) for i in layers)))
+    table = {k: torch.cat([_columns(tables[p.layer][k], p) for p in parts], 1) for k in tables[layers[0]]}
     return lambda t: StepCoefficients(step_lr[t], t, {k: v[t - start] for k, v in table.items()})
+
+
+def _columns(values: torch.Tensor, part: Part) -> torch.Tensor:
+    return values if part.columns is None else values[:, list(part.columns)]
 
 
 def _adam_table(store: Store, rule: Adam, block: Sequence[int], start: int, stop: int, step_lr: list[float],
@@ -80,15 +87,16 @@ def _adam_table(store: Store, rule: Adam, block: Sequence[int], start: int, stop
     return table
 
 
-def _whitened(store: Store, rule: WhitenedAdam, block: Sequence[int], step_lr: list[float],
+def _whitened(store: Store, rule: WhitenedAdam, parts: Sequence[Part], step_lr: list[float],
               dtype: torch.dtype) -> CoefficientsAt:
     """s_t per coordinate and rho_t = exp(level_{t-1} - level_t) per layer, from the stored whitening rows."""
-    specs = [store.layers[i] for i in block]
-    levels = np.array([[whitening_level(row, s) for row in store.whitening(i)] for i, s in zip(block, specs)])
-    dims = [s.dim for s in specs]
+    layers = sorted({p.layer for p in parts})
+    by_layer = {i: [whitening_level(row, store.layers[i]) for row in store.whitening(i)] for i in layers}
+    levels = np.array([by_layer[p.layer] for p in parts])
+    dims = [p.width(store) for p in parts]
 
     def at(t: int) -> StepCoefficients:
-        ratio = np.exp(levels[:, t - 1] - levels[:, t]) if t > 0 else np.ones(len(specs))
+        ratio = np.exp(levels[:, t - 1] - levels[:, t]) if t > 0 else np.ones(len(parts))
         s = step_lr[t] / (1 - rule.beta1 ** (t + 1))
         return StepCoefficients(step_lr[t], t, {
             "precondition": torch.full((sum(dims),), s, dtype=dtype),

@@ -1,4 +1,4 @@
-"""compute_embeddings: Algorithm 1, or Algorithm 2 over parallel segments and layer groups."""
+"""compute_embeddings: Algorithm 1, or Algorithm 2 over parallel segments and blocks."""
 
 from __future__ import annotations
 
@@ -18,9 +18,11 @@ from .. import gemm
 from ..progress import ProgressBar
 from ..store import MANIFEST, Store, release_pages, write_json_atomic
 from .checkpointing import Checkpoints, compose, segment_boundaries
-from .layout import LAYOUT_VERSION, SEGMENTS_DIR, embeddings_dir, final_arrays, propagator_arrays, segment_arrays, state_blocks
-from .recursion import (TORCH_DTYPES, Blocking, Precision, block_layers, default_precision, rows_per_chunk,
-                        run_recursion)
+from .coefficients import linearised_rule
+from .layout import (LAYOUT_VERSION, PARTS_DIR, SEGMENTS_DIR, embeddings_dir, final_arrays, part_final_arrays,
+                     propagator_arrays, segment_arrays, state_blocks)
+from .plan import DEFAULT_MEMORY, Blocking, Plan, make_plan
+from .recursion import TORCH_DTYPES, Precision, default_precision, rows_per_chunk, run_recursion
 
 
 @dataclass(frozen=True)
@@ -39,13 +41,12 @@ class EmbeddingInfo:
 
 @dataclass(frozen=True)
 class _Task:
-    """One segment of steps for a group of blocks (each block: layer indices sharing one M)."""
+    """One segment of steps for a group of the plan's blocks."""
 
     segment: int
     start: int
     stop: int
-    blocks: tuple[tuple[int, ...], ...]
-    block_ids: tuple[int, ...]
+    blocks: tuple[int, ...]
 
 
 def compute_embeddings(
@@ -54,20 +55,23 @@ def compute_embeddings(
     checkpoints: Checkpoints = None,
     workers: int = 1,
     precision: Precision | None = None,
-    blocking: Blocking = "layer",
+    blocking: Blocking = "auto",
+    memory: int = DEFAULT_MEMORY,
     chunk_rows: int | None = None,
     show_progress: bool = True,
 ) -> EmbeddingInfo:
     """Compute data value embeddings for the store at ``path`` and write them into it.
 
-    ``checkpoints`` splits the run into K evenly spaced segments (an int) or at given
-    steps (a sequence), run independently (Algorithm 2) and composed; their boundaries
-    become checkpoints for ``influence(..., checkpoint=l)``. ``workers`` processes share
-    the segments and, when there are more workers than segments, the layers.
-    ``blocking="global"`` uses one M over all layers (cross-layer curvature; memory
-    (sum of dims)^2) instead of one per layer. Records are read in chunks of ``chunk_rows``
-    rows, by default as many as fit in ``recursion.CHUNK_BYTES`` (96 MiB), whatever the
-    number and size of the tracked layers.
+    ``blocking`` chooses which curvature the propagators keep (see ``embed/plan.py``):
+    ``"auto"`` (default) keeps one global propagator over all layers when it fits ``memory``
+    bytes beyond one per layer, and else a hierarchical plan (one per layer, plus a global one
+    over each layer's leading coordinates for the cross-layer curvature); ``"layer"`` is the
+    paper's one per layer; ``"global"`` and ``"hierarchical"`` force those plans.
+    ``checkpoints`` splits the run into K evenly spaced segments (an int) or at given steps (a
+    sequence), run independently (Algorithm 2) and composed; their boundaries become checkpoints
+    for ``influence(..., checkpoint=l)``. ``workers`` processes share the segments and, when
+    there are more workers than segments, the blocks. Records are read in chunks of
+    ``chunk_rows`` rows, by default as many as fit in ``recursion.CHUNK_BYTES`` (96 MiB).
     """
     store = Store(path)
     boundaries = segment_boundaries(store.n_steps, checkpoints)
@@ -76,81 +80,91 @@ def compute_embeddings(
         raise ValueError(f"precision must be 'float32' or 'float64', got {precision!r}")
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    blocks = block_layers(store, blocking)
+    plan = make_plan(store, blocking, memory, linearised_rule(store).parts, TORCH_DTYPES[precision].itemsize)
     n_segments = len(boundaries) - 1
     out_dir = embeddings_dir(store)
     out_dir.mkdir(exist_ok=True)
     (out_dir / MANIFEST).unlink(missing_ok=True)  # invalidate before overwriting
     start = time.perf_counter()
-
-    for arr in final_arrays(store, precision):
-        arr.allocate(store.n_records)
-    if n_segments > 1:
-        (out_dir / SEGMENTS_DIR).mkdir(exist_ok=True)
-        for arr in segment_arrays(store, precision):
-            arr.allocate(store.n_records)
-        for arr in propagator_arrays(store, precision, blocks):
-            arr.allocate(n_segments)
-    tasks = _plan(store, boundaries, blocks, workers)
+    _allocate(store, plan, precision, n_segments)
+    tasks = _plan_tasks(store, plan, boundaries, workers)
     bar = ProgressBar(total=sum(t.stop - t.start for t in tasks), desc="embeddings", unit="step",
                       disable=not show_progress)
     if workers == 1:
         for task in tasks:
-            _run_task(store, task, precision, blocks, chunk_rows, n_segments, lambda: bar.update(1))
+            _run_task(store, plan, task, precision, chunk_rows, n_segments, lambda: bar.update(1))
     else:
-        _run_parallel(store, tasks, precision, blocks, chunk_rows, n_segments, workers, bar)
+        _run_parallel(store, plan, tasks, precision, chunk_rows, n_segments, workers, bar)
     bar.close()
     if n_segments > 1:
-        _compose_final(store, boundaries, precision, blocks, chunk_rows)
+        _compose_final(store, plan, boundaries, precision, chunk_rows)
+    if not plan.trivial:
+        _sum_parts(store, plan, precision, chunk_rows)
     seconds = time.perf_counter() - start
     write_json_atomic(out_dir / MANIFEST, {
         "committed_steps": store.n_steps, "committed_records": store.n_records, "boundaries": boundaries,
-        "precision": precision, "curvature": store.manifest["curvature"], "blocking": blocking, "blocks": blocks,
-        "workers": workers, "seconds": seconds, "layout_version": LAYOUT_VERSION,
+        "precision": precision, "curvature": store.manifest["curvature"], "blocking": plan.kind,
+        "plan": plan.to_dict(), "workers": workers, "seconds": seconds, "layout_version": LAYOUT_VERSION,
     })
-    return EmbeddingInfo(out_dir, store.n_steps, store.n_records, tuple(boundaries), precision, blocking, workers,
+    return EmbeddingInfo(out_dir, store.n_steps, store.n_records, tuple(boundaries), precision, plan.kind, workers,
                          seconds)
 
 
-def _plan(store: Store, boundaries: Sequence[int], blocks: list[list[int]], workers: int) -> list[_Task]:
+def _allocate(store: Store, plan: Plan, precision: str, n_segments: int) -> None:
+    """Create the embedding files at their full sizes."""
+    arrays = final_arrays(store, precision) + ([] if plan.trivial else part_final_arrays(store, plan, precision))
+    if not plan.trivial:
+        (embeddings_dir(store) / PARTS_DIR).mkdir(exist_ok=True)
+    for arr in arrays:
+        arr.allocate(store.n_records)
+    if n_segments > 1:
+        (embeddings_dir(store) / SEGMENTS_DIR).mkdir(exist_ok=True)
+        for arr in segment_arrays(store, plan, precision):
+            arr.allocate(store.n_records)
+        for arr in propagator_arrays(store, plan, precision):
+            arr.allocate(n_segments)
+
+
+def _plan_tasks(store: Store, plan: Plan, boundaries: Sequence[int], workers: int) -> list[_Task]:
     """Segments x groups of blocks; blocks are split only when workers outnumber segments."""
     n_segments = len(boundaries) - 1
-    n_groups = min(len(blocks), max(1, math.ceil(workers / n_segments)))
+    n_groups = min(len(plan.blocks), max(1, math.ceil(workers / n_segments)))
     groups: list[list[int]] = [[] for _ in range(n_groups)]
     loads = [0] * n_groups
-    cost = [sum(store.layers[i].dim for i in block) ** 2 for block in blocks]
-    for b in sorted(range(len(blocks)), key=lambda b: -cost[b]):  # balance by dim^2
+    cost = [sum(plan.parts[i].width(store) for i in block) ** 2 for block in plan.blocks]
+    for b in sorted(range(len(plan.blocks)), key=lambda b: -cost[b]):  # balance by dim^2
         g = loads.index(min(loads))
         groups[g].append(b)
         loads[g] += cost[b]
-    return [_Task(j, boundaries[j], boundaries[j + 1], tuple(tuple(blocks[b]) for b in sorted(g)), tuple(sorted(g)))
-            for j in range(n_segments) for g in groups]
+    return [_Task(j, boundaries[j], boundaries[j + 1], tuple(sorted(g))) for j in range(n_segments) for g in groups]
 
 
-def _run_task(store: Store, task: _Task, precision: str, blocks: list[list[int]], chunk_rows: int | None,
-              n_segments: int, on_step) -> None:
+def _run_task(store: Store, plan: Plan, task: _Task, precision: str, chunk_rows: int | None, n_segments: int,
+              on_step) -> None:
     """Run one task in this process, writing into the preallocated files.
 
-    The last segment's embeddings are already relative to T: they go straight to the
-    final arrays (no checkpoint query reads them as segment embeddings).
+    The last segment's embeddings are already relative to T: they go straight to the parts' final
+    arrays (no checkpoint query reads them as segment embeddings).
     """
     last = task.segment == n_segments - 1
+    finals = part_final_arrays(store, plan, precision)
     if n_segments == 1:
-        arrays, indices = final_arrays(store, precision), [list(b) for b in task.blocks]
-    else:  # with momentum the layers' buffer parts follow their theta parts (never final)
-        local = segment_arrays(store, precision)
-        arrays = final_arrays(store, precision) + local[len(store.layers):] if last else local
-        indices = state_blocks(store, [list(b) for b in task.blocks])
+        arrays, indices = finals, [list(plan.blocks[b]) for b in task.blocks]
+    else:  # with buffers the parts' buffer parts follow their theta parts (never final)
+        local = segment_arrays(store, plan, precision)
+        arrays = finals + local[len(plan.parts):] if last else local
+        every = state_blocks(store, plan)
+        indices = [every[b] for b in task.blocks]
     sinks = {i: arrays[i].row_file() for block in indices for i in block}
     try:
-        propagators = run_recursion(store, task.blocks, sinks, task.start, task.stop, precision, chunk_rows, on_step,
-                                    buffer=n_segments > 1)
+        propagators = run_recursion(store, plan, task.blocks, sinks, task.start, task.stop, precision, chunk_rows,
+                                    on_step, buffer=n_segments > 1)
     finally:
         for sink in sinks.values():
             sink.close()
     if n_segments > 1:
-        stacks = propagator_arrays(store, precision, blocks)
-        for b, k in zip(task.block_ids, propagators):
+        stacks = propagator_arrays(store, plan, precision)
+        for b, k in zip(task.blocks, propagators):
             stack = stacks[b].writable(n_segments)
             stack[task.segment] = k.numpy()
             stack.flush()
@@ -170,19 +184,19 @@ def _count_step() -> None:
         _counter.value += 1
 
 
-def _worker(path: str, task: _Task, precision: str, blocks: list[list[int]], chunk_rows: int | None,
-            n_segments: int) -> None:
-    _run_task(Store(path), task, precision, blocks, chunk_rows, n_segments, _count_step)
+def _worker(path: str, plan: dict, task: _Task, precision: str, chunk_rows: int | None, n_segments: int) -> None:
+    _run_task(Store(path), Plan.from_dict(plan), task, precision, chunk_rows, n_segments, _count_step)
 
 
-def _run_parallel(store: Store, tasks: list[_Task], precision: str, blocks: list[list[int]], chunk_rows: int | None,
+def _run_parallel(store: Store, plan: Plan, tasks: list[_Task], precision: str, chunk_rows: int | None,
                   n_segments: int, workers: int, bar: ProgressBar) -> None:
     """Run tasks in ``workers`` spawned processes, each with its share of the CPU threads."""
     ctx = get_context("spawn")
     counter = ctx.Value("q", 0)
     threads = max(1, torch.get_num_threads() // workers)
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(counter, threads)) as pool:
-        pending = {pool.submit(_worker, str(store.path), t, precision, blocks, chunk_rows, n_segments) for t in tasks}
+        pending = {pool.submit(_worker, str(store.path), plan.to_dict(), t, precision, chunk_rows, n_segments)
+                   for t in tasks}
         while pending:
             done, pending = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
             for fut in done:
@@ -190,22 +204,22 @@ def _run_parallel(store: Store, tasks: list[_Task], precision: str, blocks: list
             bar.update(counter.value - bar.n)
 
 
-def _compose_final(store: Store, boundaries: Sequence[int], precision: str, blocks: list[list[int]],
+def _compose_final(store: Store, plan: Plan, boundaries: Sequence[int], precision: str,
                    chunk_rows: int | None) -> None:
-    """Final embeddings: each segment's local embeddings mapped to T by the later propagators.
+    """Final embeddings of each part: each segment's local embeddings mapped to T by the later propagators.
 
-    With momentum a local embedding is (effect on theta, effect on the buffer) at the segment's
+    With buffers a local embedding is (effect on theta, effect on the buffers) at the segment's
     end, and the composed propagators' theta rows map it to theta_T.
     """
     dtype = TORCH_DTYPES[precision]
     starts = store.step_starts
-    local = [a.read(store.n_records) for a in segment_arrays(store, precision)]
-    finals = [a.row_file() for a in final_arrays(store, precision)]
-    stacks = propagator_arrays(store, precision, blocks)
-    for block, state, stack_arr in zip(blocks, state_blocks(store, blocks), stacks):
+    local = [a.read(store.n_records) for a in segment_arrays(store, plan, precision)]
+    finals = [a.row_file() for a in part_final_arrays(store, plan, precision)]
+    stacks = propagator_arrays(store, plan, precision)
+    for block, state, stack_arr in zip(plan.blocks, state_blocks(store, plan), stacks):
         stack = stack_arr.read(len(boundaries) - 1)
         maps = compose([torch.from_numpy(np.array(k)).to(dtype) for k in stack])
-        sizes = [store.layers[i].dim for i in block]
+        sizes = [plan.parts[i].width(store) for i in block]
         rows = rows_per_chunk(sum(sizes) * dtype.itemsize * len(state) // len(block), chunk_rows)
         for j, c in enumerate(maps[:-1]):  # the last segment was written as final already
             theta_rows = c[:sum(sizes)].contiguous()
@@ -217,5 +231,27 @@ def _compose_final(store: Store, boundaries: Sequence[int], precision: str, bloc
                     finals[i][r0:r1] = part.numpy()
                 for i in state:
                     release_pages(local[i])
+    for sink in finals:
+        sink.close()
+
+
+def _sum_parts(store: Store, plan: Plan, precision: str, chunk_rows: int | None) -> None:
+    """Each layer's final embeddings: the signed sum of its parts' (coarse parts on their columns)."""
+    parts = [a.read(store.n_records) for a in part_final_arrays(store, plan, precision)]
+    finals = [a.row_file() for a in final_arrays(store, precision)]
+    dtype = TORCH_DTYPES[precision]
+    rows = rows_per_chunk(sum(s.dim for s in store.layers) * dtype.itemsize * 3, chunk_rows)
+    for r0 in range(0, store.n_records, rows):
+        r1 = min(r0 + rows, store.n_records)
+        sums = [np.zeros((r1 - r0, s.dim), dtype=parts[0].dtype) for s in store.layers]
+        for part, values in zip(plan.parts, parts):
+            block = np.asarray(values[r0:r1]) * part.sign
+            if part.columns is None:
+                sums[part.layer] += block
+            else:
+                sums[part.layer][:, list(part.columns)] += block
+            release_pages(values)
+        for sink, block in zip(finals, sums):
+            sink[r0:r1] = block
     for sink in finals:
         sink.close()

@@ -1,15 +1,17 @@
-"""Where a store keeps its embeddings.
+"""Where a store keeps its embeddings (see plan.py for parts and blocks).
 
-    embeddings/manifest.json         steps covered, segment boundaries, precision
-    embeddings/<layer>.npy           DVEmb relative to the final step T  [n_records, dim]
-    embeddings/segments/<layer>.npy  DVEmb relative to the end of each record's segment (K > 1;
-                                     rows of the last segment unused: they are final)
-    embeddings/segments/<layer>.<buffer>.npy   optimizers with buffers (momentum_buffer, exp_avg,
-                                     exp_avg_sq): each record's effect on the buffer at the end
-                                     of its segment
-    embeddings/segments/block-<b>.propagators.npy   K_j = prod_{t in segment j} (I - eta_t H_t)
-                                     of block b (its layers' dims together)  [K, dim_b, dim_b];
-                                     with buffers the map of (theta, buffers)  [K, parts dim_b, parts dim_b]
+    embeddings/manifest.json              steps covered, segment boundaries, precision, the plan
+    embeddings/<layer>.npy                DVEmb relative to the final step T  [n_records, dim]
+    embeddings/parts/<part>.npy           hierarchical plans: each part's DVEmb relative to T (a layer's
+                                          embedding is the signed sum of its parts')
+    embeddings/segments/<part>.npy        DVEmb relative to the end of each record's segment (K > 1;
+                                          rows of the last segment unused: they are final)
+    embeddings/segments/<part>.<buffer>.npy   optimizers with buffers (momentum_buffer, exp_avg,
+                                          exp_avg_sq): each record's effect on the buffer at the end
+                                          of its segment
+    embeddings/segments/block-<b>.propagators.npy   K_j = prod_{t in segment j} (I - eta_t H_t) of block b
+                                          (its parts' coordinates together)  [K, dim_b, dim_b]; with
+                                          buffers the map of (theta, buffers)  [K, parts dim_b, parts dim_b]
 """
 
 from __future__ import annotations
@@ -20,9 +22,12 @@ import numpy as np
 
 from ..store import MANIFEST, AppendableArray, Store, read_json
 from .coefficients import linearised_rule
+from .plan import Plan
 
 EMBEDDINGS_DIR = "embeddings"
 SEGMENTS_DIR = "segments"
+PARTS_DIR = "parts"
+LAYOUT_VERSION = 3  # 3: plans of parts and blocks
 
 
 def _float(precision: str) -> np.dtype:
@@ -39,27 +44,36 @@ def final_arrays(store: Store, precision: str) -> list[AppendableArray]:
     return [AppendableArray(embeddings_dir(store) / f"{s.name}.npy", _float(precision), (s.dim,)) for s in store.layers]
 
 
+def part_final_arrays(store: Store, plan: Plan, precision: str) -> list[AppendableArray]:
+    """Per-part embeddings relative to the last step: the layers' own arrays for a trivial plan."""
+    if plan.trivial:
+        by_layer = final_arrays(store, precision)
+        return [by_layer[p.layer] for p in plan.parts]
+    return [AppendableArray(embeddings_dir(store) / PARTS_DIR / f"{p.name}.npy", _float(precision),
+                            (p.width(store),)) for p in plan.parts]
+
+
 def state_parts(store: Store) -> int:
     """Parts of a record's local embedding: its effect on theta, and on each buffer of the update rule."""
     return linearised_rule(store).parts
 
 
-def state_blocks(store: Store, blocks: list[list[int]]) -> list[list[int]]:
-    """Per block, indices into :func:`segment_arrays`: its layers' theta parts, then their buffer parts."""
-    n = len(store.layers)
-    return [[i + part * n for part in range(state_parts(store)) for i in block] for block in blocks]
+def state_blocks(store: Store, plan: Plan) -> list[list[int]]:
+    """Per block, indices into :func:`segment_arrays`: its parts' theta parts, then their buffer parts."""
+    n = len(plan.parts)
+    return [[i + k * n for k in range(state_parts(store)) for i in block] for block in plan.blocks]
 
 
-def segment_arrays(store: Store, precision: str) -> list[AppendableArray]:
-    """Per-layer embeddings relative to the end of their segment, then each buffer's part for every layer."""
+def segment_arrays(store: Store, plan: Plan, precision: str) -> list[AppendableArray]:
+    """Per-part embeddings relative to the end of their segment, then each buffer's part for every part."""
     suffixes = [""] + [f".{name}" for name in linearised_rule(store).buffers]
-    return [AppendableArray(embeddings_dir(store) / SEGMENTS_DIR / f"{s.name}{suffix}.npy", _float(precision),
-                            (s.dim,)) for suffix in suffixes for s in store.layers]
+    return [AppendableArray(embeddings_dir(store) / SEGMENTS_DIR / f"{p.name}{suffix}.npy", _float(precision),
+                            (p.width(store),)) for suffix in suffixes for p in plan.parts]
 
 
-def propagator_arrays(store: Store, precision: str, blocks: list[list[int]]) -> list[AppendableArray]:
+def propagator_arrays(store: Store, plan: Plan, precision: str) -> list[AppendableArray]:
     """Per-block stacks of segment propagators [K, dim_b, dim_b] ([K, parts dim_b, parts dim_b] with buffers)."""
-    dims = [state_parts(store) * sum(store.layers[i].dim for i in block) for block in blocks]
+    dims = [state_parts(store) * sum(plan.parts[i].width(store) for i in block) for block in plan.blocks]
     return [AppendableArray(embeddings_dir(store) / SEGMENTS_DIR / f"block-{b}.propagators.npy", _float(precision),
                             (d, d)) for b, d in enumerate(dims)]
 
@@ -70,7 +84,9 @@ def embedding_info(store: Store) -> dict | None:
     return read_json(path) if path.exists() else None
 
 
-LAYOUT_VERSION = 2  # 2: buffer parts named after the update rule's buffers
+def embedding_plan(info: dict) -> Plan:
+    """The plan the embeddings were computed with."""
+    return Plan.from_dict(info["plan"])
 
 
 def embeddings_are_current(store: Store) -> bool:

@@ -28,9 +28,9 @@ from .. import gemm
 from ..store import RowFile, Store, to_torch
 from ..update import StepCoefficients, UpdateRule
 from .coefficients import linearised_rule, step_coefficients
+from .plan import Part, Plan
 
 Precision = Literal["float32", "float64"]
-Blocking = Literal["layer", "global"]
 TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 CHUNK_BYTES = 96 << 20  # records read per chunk (two are alive while the next is read); 8,200 rows of 3 x 1024 fp32
 
@@ -86,7 +86,8 @@ class _State:
 
 def run_recursion(
     store: Store,
-    blocks: Sequence[Sequence[int]],
+    plan: Plan,
+    blocks: Sequence[int],
     sinks: Mapping[int, RowFile],
     start: int,
     stop: int,
@@ -95,54 +96,47 @@ def run_recursion(
     on_step: Callable[[], None] = lambda: None,
     buffer: bool = False,
 ) -> list[torch.Tensor]:
-    """Run the recursion over steps [start, stop) from K = I for the given blocks of layers.
+    """Run the recursion over steps [start, stop) from K = I for the given blocks of the plan.
 
-    Each block (a list of layer indices) has one K over its layers' concatenated
-    dimensions: one layer per block is the layer-wise approximation, all layers in one
-    block a global K. Writes each record's embedding relative to step ``stop`` into
-    ``sinks`` (row writers by layer index, rows indexed like the store) and
-    returns the segment's propagators, one per block. Records are read in chunks of
-    ``chunk_rows`` rows, by default as many as fit in CHUNK_BYTES. A store whose update rule
-    keeps buffers (momentum, Adam's moments) keeps one matrix per buffer too; with ``buffer``
-    (Algorithm 2) also the records' effects on the buffers at ``stop``, written to
-    ``sinks[layer + k * number of layers]`` for buffer k, and the propagators map
-    (theta, buffers) to (theta, buffers).
+    Each block (parts of one or more layers) has one K over its parts' concatenated coordinates:
+    one layer per block is the layer-wise approximation, all layers in one block a global K (see
+    plan.py). Writes each record's embedding relative to step ``stop`` into ``sinks`` (row writers
+    by part index, rows indexed like the store) and returns the segment's propagators, one per
+    block. Records are read in chunks of ``chunk_rows`` rows, by default as many as fit in
+    CHUNK_BYTES. A store whose update rule keeps buffers (momentum, Adam's moments) keeps one
+    matrix per buffer too; with ``buffer`` (Algorithm 2) also the records' effects on the buffers
+    at ``stop``, written to ``sinks[part + k * number of parts]`` for buffer k, and the
+    propagators map (theta, buffers) to (theta, buffers).
     """
     dtype = TORCH_DTYPES[precision]
-    records = store.records
-    w_all = np.ascontiguousarray(records["weight"], dtype=np.float64)
-    layers = [i for block in blocks for i in block]
+    w_all = np.ascontiguousarray(store.records["weight"], dtype=np.float64)
+    parts = [[plan.parts[i] for i in plan.blocks[b]] for b in blocks]
+    layers = sorted({p.layer for block in parts for p in block})
     passes = store.curvature_passes
     arrays = [store.grads(i) for i in layers] + ([store.curvature(i) for i in layers] if passes else [])
-    dims = [sum(store.layers[i].dim for i in block) for block in blocks]
     rule = linearised_rule(store)
     buffer = buffer and rule.parts > 1
-    coefficients = [step_coefficients(store, rule, block, start, stop, dtype) for block in blocks]
-    states = [_State(d, dtype, rule, buffer) for d in dims]
+    coefficients = [step_coefficients(store, rule, block, start, stop, dtype) for block in parts]
+    states = [_State(sum(p.width(store) for p in block), dtype, rule, buffer) for block in parts]
     chunk_rows = rows_per_chunk(sum(a.dtype.itemsize * a.shape[1] for a in arrays), chunk_rows)
     for t, r0, r1, rows in store.iter_steps_backward(arrays, chunk_rows, start, stop):
-        by_layer = dict(zip(layers, rows))
-        curv_by_layer = dict(zip(layers, rows[len(layers):]))
+        grads = {i: to_torch(r, store.dtype) for i, r in zip(layers, rows)}
+        curv = {i: to_torch(r, store.dtype).reshape(r1 - r0, passes, -1) for i, r in zip(layers, rows[len(layers):])}
         w = torch.from_numpy(w_all[r0:r1]).to(dtype).unsqueeze(1)
-        for block, state, at in zip(blocks, states, coefficients):
-            g = torch.cat([to_torch(by_layer[i], store.dtype) for i in block], 1).to(dtype)
+        for b, block, state, at in zip(blocks, parts, states, coefficients):
+            g = torch.cat([_columns(grads[p.layer], p) for p in block], 1).to(dtype)
             c = c_w = None
             if passes:
-                c = torch.cat([to_torch(curv_by_layer[i], store.dtype).reshape(len(g), passes, -1) for i in block],
-                              2).reshape(-1, g.shape[1]).to(dtype)
+                c = torch.cat([_columns(curv[p.layer], p) for p in block], 2).reshape(-1, g.shape[1]).to(dtype)
                 c_w = w.repeat_interleave(passes, dim=0)
-            for part, e in enumerate(state.step(g, w, c, c_w, at(t))):
-                offset = part * len(store.layers)
-                for i, rows_i in zip(block, e.split([store.layers[i].dim for i in block], dim=1)):
+            for k, e in enumerate(state.step(g, w, c, c_w, at(t))):
+                offset = k * len(plan.parts)
+                for i, rows_i in zip(plan.blocks[b], e.split([p.width(store) for p in block], dim=1)):
                     sinks[i + offset][r0:r1] = rows_i.numpy()
         on_step()
     return [state.propagator() for state in states]
 
 
-def block_layers(store: Store, blocking: Blocking) -> list[list[int]]:
-    """Layer indices of each block: one per layer, or all layers together."""
-    if blocking == "layer":
-        return [[i] for i in range(len(store.layers))]
-    if blocking == "global":
-        return [list(range(len(store.layers)))]
-    raise ValueError(f"blocking must be 'layer' or 'global', got {blocking!r}")
+def _columns(rows: torch.Tensor, part: Part) -> torch.Tensor:
+    """A part's coordinates of a layer's rows (the last dimension)."""
+    return rows if part.columns is None else rows[..., list(part.columns)]
