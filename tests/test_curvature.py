@@ -129,14 +129,15 @@ def test_fisher_rows_are_gradients_at_sampled_labels(tmp_path):
                                                 ("ggn", "global")])
 def test_recursion_with_curvature_rows_and_blocks_matches_product_formula(tmp_path, curvature, blocking):
     model, x, y = tiny(tmp_path / "s", curvature, samples=2 if curvature == "fisher" else None, steps=5, batch=4)
-    dvemb.compute_embeddings(tmp_path / "s", blocking=blocking, show_progress=False)
+    dvemb.compute_embeddings(tmp_path / "s", blocking=blocking, step_rank=None, show_progress=False)
     store = Store(tmp_path / "s")
     got = np.concatenate([np.array(a.read(store.n_records)) for a in final_arrays(store, "float64")], 1)
     blocks = [[0, 1]] if blocking == "global" else [[0], [1]]
     want = torch.cat([explicit_embeddings(store, b) for b in blocks], 1).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12 * np.abs(want).max())
     # Algorithm 2 with the same blocks agrees, and checkpoint queries work through block propagators
-    dvemb.compute_embeddings(tmp_path / "s", blocking=blocking, checkpoints=[2], workers=1, show_progress=False)
+    dvemb.compute_embeddings(tmp_path / "s", blocking=blocking, checkpoints=[2], workers=1, step_rank=None,
+                             show_progress=False)
     got2 = np.concatenate([np.array(a.read(store.n_records)) for a in final_arrays(store, "float64")], 1)
     np.testing.assert_allclose(got2, want, rtol=1e-9, atol=1e-12 * np.abs(want).max())
     xt, yt = torch.randn(2, 5, dtype=torch.float64), torch.tensor([0, 2])
@@ -146,6 +147,38 @@ def test_recursion_with_curvature_rows_and_blocks_matches_product_formula(tmp_pa
     tg = torch.cat([tests[s.name].reshape(2, -1) for s in store.layers], 1)
     early = torch.cat([explicit_embeddings(store, b, until=2) for b in blocks], 1)
     np.testing.assert_allclose(inf.scores, (tg @ early.t()).numpy(), rtol=1e-9, atol=1e-13)
+
+
+@pytest.mark.parametrize("blocking", ["layer", "global"])
+def test_each_steps_curvature_is_cut_to_its_leading_eigenvectors(tmp_path, blocking):
+    """step_rank=0.5: H_k replaced by its top-(B/2) eigenpart, built here by eigh of the explicit H_k."""
+    tiny(tmp_path / "s", "ggn", samples=2, steps=5, batch=4)
+    dvemb.compute_embeddings(tmp_path / "s", blocking=blocking, step_rank=0.5, show_progress=False)
+    store = Store(tmp_path / "s")
+    got = np.concatenate([np.array(a.read(store.n_records)) for a in final_arrays(store, "float64")], 1)
+    blocks = [[0, 1]] if blocking == "global" else [[0], [1]]
+    rec = store.records
+    steps, w, lr = rec["step"], torch.from_numpy(rec["weight"].copy()), torch.from_numpy(rec["lr"].copy())
+    parts = []
+    for block in blocks:
+        g = torch.cat([to_torch(store.grads(i), "float64") for i in block], 1)
+        c = torch.cat([to_torch(store.curvature(i), "float64").reshape(-1, 2, store.layers[i].dim) for i in block], 2)
+        cut = []
+        for k in range(store.n_steps):
+            rows = np.flatnonzero(steps == k)
+            h = torch.einsum("r,rsp,rsq->pq", w[rows], c[rows], c[rows])
+            values, vectors = torch.linalg.eigh(h)
+            cut.append(vectors[:, -2:] @ torch.diag(values[-2:]) @ vectors[:, -2:].T)  # B = 4 records: keep 2
+        out = torch.empty_like(g)
+        for r in range(len(g)):
+            v = lr[r] * w[r] * g[r]
+            for k in range(int(steps[r]) + 1, store.n_steps):
+                v = v - float(lr[steps == k][0]) * cut[k] @ v
+            out[r] = v
+        parts.append(out)
+    want = torch.cat(parts, 1).numpy()
+    # eigh of a 4 x 4 Gram against eigh of the explicit curvature: float64 round-off
+    np.testing.assert_allclose(got, want, rtol=1e-8, atol=1e-12 * np.abs(want).max())
 
 
 def test_curvature_options_are_validated(tmp_path):

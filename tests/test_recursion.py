@@ -42,13 +42,13 @@ def explicit_embeddings(store: Store, layer: int | list, until: int | None = Non
 
     ``until`` sets T (records of steps >= T are dropped): the embedding relative to theta_T.
     A list of layers concatenates them (one M for the block), each given as its index or as
-    (index, columns) for some of its coordinates; stored curvature rows c replace g in
+    (index, S) for its rows sketched by a matrix S; stored curvature rows c replace g in
     H_k = sum_i w_ki sum_s c_kis c_kis^T.
     """
     block = [(i, None) if isinstance(i, int) else i for i in ([layer] if isinstance(layer, int) else layer)]
     T = store.n_steps if until is None else until
     n = int(store.step_starts[T])
-    pick = lambda rows, cols: rows if cols is None else rows[..., list(cols)]  # noqa: E731
+    pick = lambda rows, sketch: rows.double() if sketch is None else rows.double() @ sketch.T  # noqa: E731
     g = torch.cat([pick(to_torch(store.grads(i), store.dtype), cols) for i, cols in block], 1).double()[:n]
     passes = store.curvature_passes
     c = (torch.cat([pick(to_torch(store.curvature(i), store.dtype).reshape(-1, passes, store.layers[i].dim), cols)
@@ -75,20 +75,17 @@ def explicit_embeddings(store: Store, layer: int | list, until: int | None = Non
 def plan_embeddings(store: Store, blocking: str) -> list[torch.Tensor]:
     """Each layer's embeddings under a blocking, from the product formula: per layer, one block, or the
     hierarchical plan's fine per-layer blocks plus the coarse global block minus the coarse per-layer ones."""
-    from dvemb.embed.plan import leading_columns
+    from dvemb.embed.plan import hierarchical
     n = len(store.layers)
     if blocking == "layer":
         return [explicit_embeddings(store, i) for i in range(n)]
     if blocking == "global":
         return list(explicit_embeddings(store, list(range(n))).split([s.dim for s in store.layers], 1))
-    cols = [leading_columns(s.proj_out.k, s.proj_in.k, 6) for s in store.layers]
-    coarse = explicit_embeddings(store, [(i, c) for i, c in enumerate(cols)]).split([len(c) for c in cols], 1)
-    out = []
-    for i in range(n):
-        e = explicit_embeddings(store, i)
-        e[:, list(cols[i])] += coarse[i] - explicit_embeddings(store, [(i, cols[i])])
-        out.append(e)
-    return out
+    plan = hierarchical(store, 6)
+    sketches = [p.matrix(store.layers[p.layer].dim, torch.float64) for p in plan.parts[n:2 * n]]
+    coarse = explicit_embeddings(store, list(enumerate(sketches))).split([len(s) for s in sketches], 1)
+    return [explicit_embeddings(store, i) + (coarse[i] - explicit_embeddings(store, [(i, sketches[i])])) @ sketches[i]
+            for i in range(n)]
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])

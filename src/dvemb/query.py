@@ -226,8 +226,7 @@ def _score_chunks(q: _Query, chunk_rows: int | None, show_progress: bool,
         arrays = segment_arrays(store, layout, info["precision"])  # theta parts, then the buffers' parts
         stacks = [a.read(n_segments) for a in propagator_arrays(store, layout, info["precision"])]
         blocks = state_blocks(store, layout)
-        tests = [p.sign * (q.tests[p.layer] if p.columns is None else q.tests[p.layer][:, list(p.columns)])
-                 for p in layout.parts]
+        tests = [p.sign * p.coordinates(q.tests[p.layer]) for p in layout.parts]
         plan, tests = [], tests + [torch.zeros_like(t) for t in tests] * (len(arrays) // len(tests) - 1)
         for j in range(q.last, -1, -1):
             plan.append((int(starts[boundaries[j]]), int(starts[boundaries[j + 1]]), tests))

@@ -90,11 +90,13 @@ PAPER = dict(curvature="gradient_outer", projection="gaussian")
 @pytest.mark.parametrize("options, recorder", [
     (AdjointOptions("gradient_outer", "layer", 12), dict(projection_dim=12, **PAPER)),
     (AdjointOptions("gradient_outer", "global", 12), dict(projection_dim=12, blocking="global", **PAPER)),
-    (AdjointOptions("ggn", "global", 12), dict(projection_dim=12, curvature="ggn", curvature_samples=None,
-                                                projection="gaussian", blocking="global")),
-    (AdjointOptions("ggn", "layer", None), dict(projection_dim=None, curvature="ggn", curvature_samples=None)),
-    (AdjointOptions("ggn", "global", 12, ggn_rank=1), dict(projection_dim=12, curvature_samples=1, blocking="global")),
-    (AdjointOptions("ggn", "layer", 12, ggn_rank=2), dict(projection_dim=12)),  # the Recorder's defaults
+    (AdjointOptions("ggn", "global", 12, truncate=3), dict(projection_dim=12, curvature="ggn", curvature_samples=None,
+                                                            projection="gaussian", blocking="global")),
+    (AdjointOptions("ggn", "layer", None, truncate=3), dict(projection_dim=None, curvature="ggn",
+                                                            curvature_samples=None)),
+    (AdjointOptions("ggn", "global", 12, ggn_rank=1, truncate=3), dict(projection_dim=12, curvature_samples=1,
+                                                                       blocking="global")),
+    (AdjointOptions("ggn", "global", 12, ggn_rank=3, truncate=3), dict(projection_dim=12)),  # the defaults
 ])
 @pytest.mark.parametrize("rule", [SGD(), SGD(momentum=0.9, nesterov=True)])
 def test_approximations_equal_data_value_embeddings_with_the_same_options(tmp_path, options, recorder, rule):
@@ -121,7 +123,8 @@ def test_whitened_adam_equals_the_adjoint_in_whitened_coordinates(tmp_path, bloc
     inf = dvemb.influence(tmp_path / "s", model, lambda: F.cross_entropy(model(x), y, reduction="none"),
                           blocking=blocking)
     records = list(zip(inf.steps.tolist(), inf.sample_ids.tolist()))
-    options = AdjointOptions("ggn", blocking, 12, ggn_rank=2, second_moment="frozen", preconditioner="whitened-lagged")
+    options = AdjointOptions("ggn", blocking, 12, ggn_rank=3, second_moment="frozen", preconditioner="whitened-lagged",
+                             truncate=3)  # 6 records per step: cut to 3
     estimate = adjoint_estimate(train(spec), records, mean_loss(validation), options,
                                 projections=store_projections(tmp_path / "s", model))[0]
     np.testing.assert_allclose(inf.scores.mean(axis=0), estimate, **TOL)

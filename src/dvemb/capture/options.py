@@ -11,8 +11,8 @@ from .curvature import CURVATURES, Curvature
 from .projection import DEFAULT_PROJECTION_DIM, PROJECTIONS, ProjectionKind
 
 Reduction = Literal["mean", "sum"]
-DEFAULT_GGN_RANK = 2
-"""Gauss-Newton passes per sample by default (leading rank-2 part of the output curvature; see docs/results.md)."""
+DEFAULT_GGN_RANK = 3
+"""Gauss-Newton passes per sample by default (leading rank-3 part of the output curvature; see docs/results.md)."""
 
 
 @dataclass(frozen=True)
@@ -20,7 +20,7 @@ class RecorderOptions:
     """The Recorder's settings (see :class:`~dvemb.Recorder` for their meaning).
 
     The defaults are the most faithful configuration that scales: fitted projections of 1024 values
-    per layer, and the Gauss-Newton curvature's leading rank-2 part per sample.
+    per layer, and the Gauss-Newton curvature's leading rank-3 part per sample.
     """
 
     projection_dim: int | None = DEFAULT_PROJECTION_DIM

@@ -65,7 +65,7 @@ class Recorder:
     The defaults are the most faithful configuration that scales (docs/results.md): each layer's
     per-sample gradient projected to ``projection_dim`` values on bases fitted to its factors during
     the first steps (``projection="fitted"``; ``"gaussian"`` etc. for seeded random projections,
-    ``projection_dim=None`` for exact gradients), and the Gauss-Newton curvature's leading rank-2 part
+    ``projection_dim=None`` for exact gradients), and the Gauss-Newton curvature's leading rank-3 part
     per sample (``curvature="ggn"``; the paper's ``"gradient_outer"`` needs no extra pass). Under
     Adam / AdamW (``optimizer=``) projected rows are whitened by the optimizer's factored preconditioner.
     ``save_checkpoints`` (every N steps, or a list of steps) saves theta_t before those steps, and

@@ -21,7 +21,7 @@ from .checkpointing import Checkpoints, compose, segment_boundaries
 from .coefficients import linearised_rule
 from .layout import (LAYOUT_VERSION, PARTS_DIR, SEGMENTS_DIR, embeddings_dir, final_arrays, part_final_arrays,
                      propagator_arrays, segment_arrays, state_blocks)
-from .plan import DEFAULT_MEMORY, Blocking, Plan, make_plan
+from .plan import DEFAULT_MEMORY, STEP_RANK, Blocking, Plan, make_plan
 from .recursion import TORCH_DTYPES, Precision, default_precision, rows_per_chunk, run_recursion
 
 
@@ -57,6 +57,7 @@ def compute_embeddings(
     precision: Precision | None = None,
     blocking: Blocking = "auto",
     memory: int = DEFAULT_MEMORY,
+    step_rank: float | None = STEP_RANK,
     chunk_rows: int | None = None,
     show_progress: bool = True,
 ) -> EmbeddingInfo:
@@ -66,7 +67,8 @@ def compute_embeddings(
     ``"auto"`` (default) keeps one global propagator over all layers when it fits ``memory``
     bytes beyond one per layer, and else a hierarchical plan (one per layer, plus a global one
     over each layer's leading coordinates for the cross-layer curvature); ``"layer"`` is the
-    paper's one per layer; ``"global"`` and ``"hierarchical"`` force those plans.
+    paper's one per layer; ``"global"`` and ``"hierarchical"`` force those plans. Stored curvature rows
+    are cut, step by step, to their top eigenvectors, ``step_rank`` of the step's records (None: whole).
     ``checkpoints`` splits the run into K evenly spaced segments (an int) or at given steps (a
     sequence), run independently (Algorithm 2) and composed; their boundaries become checkpoints
     for ``influence(..., checkpoint=l)``. ``workers`` processes share the segments and, when
@@ -80,7 +82,8 @@ def compute_embeddings(
         raise ValueError(f"precision must be 'float32' or 'float64', got {precision!r}")
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    plan = make_plan(store, blocking, memory, linearised_rule(store).parts, TORCH_DTYPES[precision].itemsize)
+    plan = make_plan(store, blocking, memory, linearised_rule(store).parts, TORCH_DTYPES[precision].itemsize,
+                     step_rank)
     n_segments = len(boundaries) - 1
     out_dir = embeddings_dir(store)
     out_dir.mkdir(exist_ok=True)
@@ -236,7 +239,7 @@ def _compose_final(store: Store, plan: Plan, boundaries: Sequence[int], precisio
 
 
 def _sum_parts(store: Store, plan: Plan, precision: str, chunk_rows: int | None) -> None:
-    """Each layer's final embeddings: the signed sum of its parts' (coarse parts on their columns)."""
+    """Each layer's final embeddings: the signed sum of its parts' (sketched parts mapped back by S^T)."""
     parts = [a.read(store.n_records) for a in part_final_arrays(store, plan, precision)]
     finals = [a.row_file() for a in final_arrays(store, precision)]
     dtype = TORCH_DTYPES[precision]
@@ -245,11 +248,10 @@ def _sum_parts(store: Store, plan: Plan, precision: str, chunk_rows: int | None)
         r1 = min(r0 + rows, store.n_records)
         sums = [np.zeros((r1 - r0, s.dim), dtype=parts[0].dtype) for s in store.layers]
         for part, values in zip(plan.parts, parts):
-            block = np.asarray(values[r0:r1]) * part.sign
-            if part.columns is None:
-                sums[part.layer] += block
-            else:
-                sums[part.layer][:, list(part.columns)] += block
+            block = torch.from_numpy(np.array(values[r0:r1])) * part.sign
+            if part.sketch is not None:
+                block = block @ part.matrix(store.layers[part.layer].dim, block.dtype)
+            sums[part.layer] += block.numpy()
             release_pages(values)
         for sink, block in zip(finals, sums):
             sink[r0:r1] = block

@@ -19,6 +19,7 @@ the cross-layer curvature.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Literal, Mapping, Sequence
 
 import numpy as np
@@ -28,7 +29,7 @@ from .. import gemm
 from ..store import RowFile, Store, to_torch
 from ..update import StepCoefficients, UpdateRule
 from .coefficients import linearised_rule, step_coefficients
-from .plan import Part, Plan
+from .plan import Plan
 
 Precision = Literal["float32", "float64"]
 TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -84,6 +85,15 @@ class _State:
         return torch.cat([torch.cat(adjoints, 1) for adjoints in self.maps], 0)
 
 
+def leading_rows(c: torch.Tensor, c_w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows z [rank, dim] (weights 1) with z^T z the top-``rank`` part of sum_i c_w_i c_i c_i^T (the step's curvature)."""
+    if c.shape[0] <= rank:
+        return c, c_w
+    m = c * c_w.sqrt()
+    _, vectors = torch.linalg.eigh(m @ m.T)  # ascending; m^T m's leading eigenvectors are m^T v / |m^T v|
+    return vectors[:, -rank:].T @ m, torch.ones(rank, 1, dtype=c.dtype)
+
+
 def run_recursion(
     store: Store,
     plan: Plan,
@@ -124,19 +134,16 @@ def run_recursion(
         curv = {i: to_torch(r, store.dtype).reshape(r1 - r0, passes, -1) for i, r in zip(layers, rows[len(layers):])}
         w = torch.from_numpy(w_all[r0:r1]).to(dtype).unsqueeze(1)
         for b, block, state, at in zip(blocks, parts, states, coefficients):
-            g = torch.cat([_columns(grads[p.layer], p) for p in block], 1).to(dtype)
+            g = torch.cat([p.coordinates(grads[p.layer].to(dtype)) for p in block], 1)
             c = c_w = None
             if passes:
-                c = torch.cat([_columns(curv[p.layer], p) for p in block], 2).reshape(-1, g.shape[1]).to(dtype)
+                c = torch.cat([p.coordinates(curv[p.layer].to(dtype)) for p in block], 2).reshape(-1, g.shape[1])
                 c_w = w.repeat_interleave(passes, dim=0)
+                if plan.step_rank is not None:
+                    c, c_w = leading_rows(c, c_w, math.ceil(plan.step_rank * (r1 - r0)))
             for k, e in enumerate(state.step(g, w, c, c_w, at(t))):
                 offset = k * len(plan.parts)
                 for i, rows_i in zip(plan.blocks[b], e.split([p.width(store) for p in block], dim=1)):
                     sinks[i + offset][r0:r1] = rows_i.numpy()
         on_step()
     return [state.propagator() for state in states]
-
-
-def _columns(rows: torch.Tensor, part: Part) -> torch.Tensor:
-    """A part's coordinates of a layer's rows (the last dimension)."""
-    return rows if part.columns is None else rows[..., list(part.columns)]

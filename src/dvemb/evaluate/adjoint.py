@@ -65,6 +65,7 @@ class AdjointOptions:
     preconditioner: Literal["layer", "whitened", "whitened-lagged", "whitened-elementwise"] = "whitened"
     whitening_clip: float | None = None  # with "whitened": R within [median / clip, median * clip] per layer
     ggn_rank: int | None = None  # curvature="ggn": the Recorder's rank-k output factors (softmax cross-entropy)
+    truncate: int | None = None  # curvature="ggn": each step's curvature (per block) cut to its top-r eigenvectors
 
     def __post_init__(self) -> None:
         if self.curvature not in CURVATURES:
@@ -178,6 +179,15 @@ def _curvature_products(run: RunFunctions, coords: Coordinates, options: Adjoint
     if options.curvature == "none":
         return torch.zeros_like(rows)
     blocks = _blocks(coords.layers, options.blocking)
+    if options.truncate is not None:
+        grads, w = run.gauss_newton_rows(t, params, options.ggn_rank)
+        c = coords.project(scale(grads)) * w.sqrt()[:, None]
+        out = torch.zeros_like(rows)
+        for part in blocks:
+            _, sv, vt = torch.linalg.svd(c[:, part], full_matrices=False)
+            top = sv[: options.truncate, None] * vt[: options.truncate]
+            out[:, part] = (rows[:, part] @ top.T) @ top
+        return out
     if options.curvature in ("gradient_outer", "fisher"):
         labels = _sampled_labels(run, t, params) if options.curvature == "fisher" else None
         grads = coords.project(scale(run.sample_gradients(params, run.spec.batch(t), labels)))

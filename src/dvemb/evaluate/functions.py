@@ -118,6 +118,22 @@ class RunFunctions:
             rows.append(flatten(pullback(curved)[0], 0))
         return torch.stack(rows).detach()
 
+    def gauss_newton_rows(self, step: int, params: Params, rank: int | None) -> tuple[Params, torch.Tensor]:
+        """Rows c_is (parameter-shaped, [B * passes, *shape]) with G_t = sum_i w_i sum_s c_is c_is^T for softmax
+        cross-entropy (``rank``: the Recorder's rank-k factors; None: exact), and each row's weight w_i."""
+        from ..capture.curvature import _ggn_factors
+
+        x, _ = self.spec.step_data(step)
+        w = self.spec.weights(step)
+        probs = torch.softmax(self._forward(params, x).detach(), -1)
+        factors = _ggn_factors(probs, rank).transpose(0, 1)  # [B, passes, C]
+
+        def pseudo(p: Params, xi: torch.Tensor, ui: torch.Tensor) -> torch.Tensor:
+            return (ui * self._forward(p, xi[None])[0]).sum()
+
+        per = vmap(vmap(grad(pseudo), in_dims=(None, None, 0)), in_dims=(None, 0, 0))(params, x, factors)
+        return {n: g.reshape(-1, *g.shape[2:]) for n, g in per.items()}, w.repeat_interleave(factors.shape[1])
+
     def gradient_outer_products(self, step: int, params: Params, vectors: torch.Tensor,
                                 project: Callable[[Params], torch.Tensor] | None = None) -> torch.Tensor:
         """``sum_i w_i g_i (g_i . v)`` for each row of ``vectors [n, N]``, g_i the step's per-sample gradients
