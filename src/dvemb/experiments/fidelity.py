@@ -51,9 +51,9 @@ SWEEP_DIMS = tuple(2**k for k in range(5, 13))
 """Per-layer projected sizes of ``--projection-sweep``: 32 .. 4096."""
 UNPROJECTED_LIMIT = 4096
 """Largest per-layer gradient size for which unprojected DVEmb (a p x p matrix per layer) is added."""
-CURVATURE_VARIANT = "dvemb-ggn3-global"
-CURVATURE_VARIANT_OPTIONS = {"curvature": "ggn", "curvature_samples": 3, "blocking": "global"}
-"""The study's second DVEmb: the most faithful curvature at about 2x the default capture (README, "Which curvature?")."""
+CURVATURE_VARIANT = "dvemb-paper"
+CURVATURE_VARIANT_OPTIONS = {"curvature": "gradient_outer", "projection": "gaussian", "blocking": "layer"}
+"""The study's second DVEmb: the paper's configuration (gradient outer product, seeded projections, one K per layer)."""
 MNIST_POOL = 10000
 """The training subset is drawn from the first MNIST_POOL training images."""
 SETTING_LABELS = {SINGLE: "single-epoch removal", ALL_EPOCH: "all-epoch removal"}
@@ -307,7 +307,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--projection-sweep", action="store_true",
                         help=f"also run DVEmb at per-layer projected sizes {SWEEP_DIMS[0]}..{SWEEP_DIMS[-1]}")
     parser.add_argument("--no-curvature-variant", action="store_true",
-                        help=f"skip {CURVATURE_VARIANT} (DVEmb with {CURVATURE_VARIANT_OPTIONS}), run by default")
+                        help=f"skip {CURVATURE_VARIANT} (DVEmb with the paper's configuration "
+                             f"{CURVATURE_VARIANT_OPTIONS}), run by default")
     parser.add_argument("--train-size", type=positive_int, default=None, metavar="N",
                         help="training samples (default: 1000 on MNIST, 640 on digits)")
     parser.add_argument("--val-size", type=positive_int, default=None, metavar="N",
