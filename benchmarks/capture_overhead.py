@@ -38,7 +38,8 @@ from torch import nn
 
 import dvemb
 from dvemb.capture.ghost import GhostCapture
-from dvemb.capture.selection import LayerSpec, layer_spec, select_modules
+from dvemb.capture.selection import layer_spec, select_modules
+from dvemb.store import LayerSpec
 from dvemb.capture import recorder as recorder_module
 from dvemb.store import AppendableArray, BackgroundWriter, StoreWriter
 

@@ -4,7 +4,7 @@ Both kinds of step run side by side in one process on the same model and batches
 alternating order; each run times ``--steps`` steps of each, and the reported ratio is the
 median over ``--runs`` runs. A step is forward, loss, backward and an SGD update; the
 recorded step also writes its rows to a store (as in real use). The model is the
-lm-self experiment's GPT-2 (``dvemb.experiments.lm``), tied head and untied head.
+lm-self experiment's GPT-2 (``dvemb.studies.lm``), tied head and untied head.
 
     python benchmarks/capture_overhead_lm.py [--runs 7] [--projection-dim 1024 none]
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 import dvemb
-from dvemb.experiments.lm import GPT2Size, LMSelfConfig, build_gpt2, sequence_losses
+from dvemb.studies.lm import GPT2Size, LMSelfConfig, build_gpt2, sequence_losses
 
 DEFAULTS = LMSelfConfig()
 

@@ -41,7 +41,7 @@ import torch
 from dvemb import influence
 from dvemb.evaluate import all_epoch_removal, pearson, record_run, single_records, spearman, tsloo
 from dvemb.evaluate.fidelity import bootstrap_interval
-from dvemb.experiments.fidelity import FidelityOptions, build_run
+from dvemb.studies.fidelity import FidelityOptions, build_run
 
 SEED = 0
 SETTINGS = ("single_epoch", "all_epoch")

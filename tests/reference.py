@@ -9,7 +9,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from dvemb.capture.layers import rule_for
-from dvemb.capture.selection import LayerSpec
+from dvemb.store import LayerSpec
 
 
 def per_sample_gradients(

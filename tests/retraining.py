@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dvemb
-from dvemb.data import load_digits_split
+from dvemb.studies.data import load_digits_split
 from dvemb.evaluate.metrics import spearman
 
 MakeOptimizer = Callable[[Iterable[torch.Tensor]], torch.optim.Optimizer]

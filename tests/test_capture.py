@@ -119,7 +119,7 @@ def test_hf_conv1d_and_no_bias(tmp_path):
     model = nn.Sequential(Conv1D(9, 12), nn.GELU(), nn.Linear(9, 5, bias=False))
     x, y = torch.randn(5, 3, 12), torch.randint(0, 5, (5, 3))
     store = record(model, tmp_path / "s", [(x, y)], projection_dim=None)
-    assert [s.kind for s in store.layers] == ["conv1d", "linear"]
+    assert [s.kind for s in store.layers] == ["hf_conv1d", "linear"]
     assert [s.bias for s in store.layers] == [True, False]
     check_against_reference(store, model, x, y, TOL32)
 
@@ -286,7 +286,7 @@ def test_conv1d_patches_against_torch_func(tmp_path, conv, projection_dim):
     x, y = torch.randn(5, 3, 11), torch.randint(0, 5, (5,))
     model(x)
     store = record(model, tmp_path / "s", [(x, y)], projection_dim=projection_dim)
-    assert [s.kind for s in store.layers] == ["torch_conv1d", "linear"]
+    assert [s.kind for s in store.layers] == ["conv1d", "linear"]
     assert (store.layers[0].d_in, store.layers[0].d_out) == (9, 4)
     check_against_reference(store, model, x, y, TOL32)
 
@@ -343,7 +343,7 @@ def test_grouped_conv1d_against_torch_func(tmp_path, projection_dim):
     x, y = torch.randn(5, 4, 10), torch.randint(0, 5, (5,))
     model(x)
     store = record(model, tmp_path / "s", [(x, y)], projection_dim=projection_dim)
-    assert [s.kind for s in store.layers] == ["torch_conv1d", "torch_conv1d", "linear"]
+    assert [s.kind for s in store.layers] == ["conv1d", "conv1d", "linear"]
     check_against_reference(store, model, x, y, TOL32)
 
 

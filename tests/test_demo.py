@@ -12,8 +12,8 @@ import torch
 
 from dvemb import Store
 from dvemb.cli import main
-from dvemb.data import load_digits_split, load_mnist
-from dvemb.experiments.demo import _pick_test_points, run_demo
+from dvemb.studies.data import load_digits_split, load_mnist
+from dvemb.studies.demo import _pick_test_points, run_demo
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

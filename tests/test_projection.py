@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dvemb.capture.projection import FactorProjection, derive_seed, layer_projections, split_budget
+from dvemb.projection import FactorProjection, derive_seed, layer_projections, split_budget
 
 
 def test_budget_split_never_projects_up_and_fits_the_budget():

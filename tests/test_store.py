@@ -118,7 +118,7 @@ def tiny_run(path, steps=3, dtype=torch.float32, **kw):
 def test_files_are_plain_npy_and_json(tmp_path):
     tiny_run(tmp_path / "s")
     manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
-    assert manifest["committed_steps"] == 3 and manifest["format_version"] == 2
+    assert manifest["committed_steps"] == 3 and manifest["format_version"] == 3
     assert [layer["name"] for layer in manifest["layers"]] == ["0", "2"]
     records = np.load(tmp_path / "s" / "records.npy", allow_pickle=False)
     assert records.shape == (12,) and records["step"].tolist() == [0] * 4 + [1] * 4 + [2] * 4

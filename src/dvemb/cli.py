@@ -9,29 +9,49 @@ import time
 from typing import Sequence
 
 from . import Store, StoreError, __version__, compute_embeddings
-from .experiments.common import positive_int, projection_dim
-from .experiments.demo import DEFAULT_PROJECTION_DIM, run_demo
+from .projection import DEFAULT_PROJECTION_DIM
 
 EXIT_ERROR = 2
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def projection_dim(text: str) -> int | None:
+    """argparse type: a projection size per layer, or 'none' for exact per-sample gradients."""
+    if text.lower() == "none":
+        return None
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer or 'none', got {text!r}") from None
 
 
 # Studies behind `dvemb evaluate ...` and `dvemb experiment ...`: (module, one-line help). Each module
 # exposes add_arguments(parser) and main(args) -> int, and is imported only when its study runs.
 STUDIES: dict[str, dict[str, tuple[str, str]]] = {
     "evaluate": {
-        "fidelity": ("dvemb.experiments.fidelity", "every estimator against replayed training: the paper's "
+        "fidelity": ("dvemb.studies.fidelity", "every estimator against replayed training: the paper's "
                                                     "MNIST fidelity study (Spearman/Pearson with 95% intervals)"),
-        "lm-fidelity": ("dvemb.experiments.lm_fidelity", "a GPT-2 trained with AdamW on a text corpus: every "
+        "lm-fidelity": ("dvemb.studies.lm_fidelity", "a GPT-2 trained with AdamW on a text corpus: every "
                                                           "estimator against replayed training"),
-        "ablation": ("dvemb.experiments.ablation", "fidelity of each approximation (curvature, blocking, "
+        "ablation": ("dvemb.studies.ablation", "fidelity of each approximation (curvature, blocking, "
                                                     "projection, Adam's second moment) against replayed training"),
     },
     "experiment": {
-        "dynamics": ("dvemb.experiments.dynamics", "influence of records vs training step: warm-up, basin and "
+        "dynamics": ("dvemb.studies.dynamics", "influence of records vs training step: warm-up, basin and "
                                                    "ascent regimes, decay of early influence, top-k evolution"),
-        "selection": ("dvemb.experiments.selection", "online gradient-alignment data selection in training "
+        "selection": ("dvemb.studies.selection", "online gradient-alignment data selection in training "
                                                      "windows (none, all, early, late, early+late)"),
-        "lm-self": ("dvemb.experiments.lm", "GPT-2-style LM on Shakespeare: does DVEmb rank a test sequence's own "
+        "lm-self": ("dvemb.studies.lm", "GPT-2-style LM on Shakespeare: does DVEmb rank a test sequence's own "
                                             "training records first, per epoch, vs the influence function"),
     },
 }
@@ -126,6 +146,8 @@ def _add_studies(sub: argparse._SubParsersAction, argv: Sequence[str]) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from .studies.demo import run_demo  # the studies load only when asked for
+
     run_demo(args.out, epochs=args.epochs, projection_dim=args.projection_dim, seed=args.seed, quick=args.quick,
              show_progress=not args.no_progress)
     return 0

@@ -15,10 +15,10 @@ from torch import nn
 from dvemb.evaluate import TrainingSpec, pearson, spearman
 from dvemb.evaluate.baselines import exact_first_order
 from dvemb.evaluate.fidelity import ALL_EPOCH, SINGLE, Interval, bootstrap_interval, evaluate_fidelity
-from dvemb.experiments import fidelity as study
+from dvemb.studies import fidelity as study
 
 pytest.importorskip("sklearn")
-from dvemb.data import load_digits_split  # noqa: E402
+from dvemb.studies.data import load_digits_split  # noqa: E402
 
 HARNESS_FLOOR = 0.98  # issue acceptance: the exact first-order estimate at a small learning rate
 

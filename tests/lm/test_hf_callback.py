@@ -12,7 +12,7 @@ pytest.importorskip("transformers")
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
 import dvemb  # noqa: E402
-from dvemb.experiments.lm import GPT2Size, build_gpt2  # noqa: E402
+from dvemb.studies.lm import GPT2Size, build_gpt2  # noqa: E402
 from dvemb.integrations.hf import DVEmbCallback, DVEmbTrainer  # noqa: E402
 from dvemb.store import Store, to_torch  # noqa: E402
 from reference import rel_err  # noqa: E402

@@ -28,7 +28,7 @@ pytest.importorskip("transformers")
 
 import dvemb  # noqa: E402
 from dvemb.capture.layers import rule_for  # noqa: E402
-from dvemb.experiments.lm import GPT2Size, build_gpt2  # noqa: E402
+from dvemb.studies.lm import GPT2Size, build_gpt2  # noqa: E402
 from dvemb.store import Store, to_torch  # noqa: E402
 from reference import project, rel_err  # noqa: E402
 
@@ -121,7 +121,7 @@ def test_layer_selection_and_tied_head(tmp_path):
     model = MODELS["gpt2"][0]()
     mlp = dvemb.Recorder(model, tmp_path / "mlp", modules="transformer.h.*.mlp.*")
     assert mlp.layers == [f"transformer.h.{b}.mlp.{n}" for b in (0, 1) for n in ("c_fc", "c_proj")]
-    assert {s.kind for s in Store(tmp_path / "mlp").layers} == {"conv1d"}
+    assert {s.kind for s in Store(tmp_path / "mlp").layers} == {"hf_conv1d"}
     mlp.close()
     with pytest.warns(UserWarning, match="tied"):
         default = dvemb.Recorder(model, tmp_path / "all")

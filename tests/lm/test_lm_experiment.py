@@ -10,8 +10,8 @@ import tarfile
 import numpy as np
 import pytest
 
-from dvemb.experiments import lm
-from dvemb.experiments.text import highlight, load_corpus, read_tar_texts, words
+from dvemb.studies import lm
+from dvemb.studies.text import highlight, load_corpus, read_tar_texts, words
 
 TINY = ["--n-train", "48", "--n-test", "6", "--seq-len", "16", "--vocab-size", "300", "--batch-size", "8",
         "--pretrain-steps", "10", "--projection-dim", "32", "--n-shown", "2", "--no-progress"]

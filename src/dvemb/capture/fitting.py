@@ -25,8 +25,8 @@ from typing import Sequence
 
 import torch
 
-from .projection import FactorProjection, fitted_projection
-from .selection import LayerSpec
+from ..projection import FactorProjection, fitted_projection
+from ..store import LayerSpec
 
 MAX_FIT_STEPS = 8
 """The most steps whose raw factors are held for the fit."""

@@ -35,8 +35,8 @@ from torch.utils.hooks import RemovableHandle
 
 from ..cpus import spare_cpu
 from .curvature import Curvature, logit_gradients, logits_of
-from .layers import RULES, LayerRule, grouped_rows
-from .selection import LayerSpec
+from .layers import LayerRule, grouped_rows, rule_by_kind
+from ..store import LayerSpec
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -57,7 +57,7 @@ class _Projector:
     _rule: LayerRule = field(init=False)
 
     def __post_init__(self) -> None:
-        self._rule = next(rule for rule in RULES if rule.kind == self.spec.kind)
+        self._rule = rule_by_kind(self.spec.kind)
 
     def in_factors(self, dtype: torch.dtype, device: torch.device) -> tuple:
         """(P_in^T restricted to the weight columns, P_in's bias column); (None, None) = exact input side."""

@@ -8,7 +8,7 @@ from typing import Literal, Sequence
 import torch
 
 from .curvature import CURVATURES, Curvature
-from .projection import DEFAULT_PROJECTION_DIM, PROJECTIONS, ProjectionKind
+from ..projection import DEFAULT_PROJECTION_DIM, PROJECTIONS, ProjectionKind
 
 Reduction = Literal["mean", "sum"]
 DEFAULT_GGN_RANK = 3

@@ -22,8 +22,9 @@ from .distributed import refuse_fsdp
 from .fitting import BasisFit, needs_fit
 from .ghost import DeferredStep, GhostCapture
 from .options import DEFAULT_GGN_RANK, RecorderOptions, Reduction
-from .projection import DEFAULT_PROJECTION_DIM, ProjectionKind
-from .selection import LayerSpec, ModuleSelection, layer_spec, select_modules
+from ..projection import DEFAULT_PROJECTION_DIM, ProjectionKind
+from ..store import LayerSpec
+from .selection import ModuleSelection, layer_spec, select_modules
 from .sink import sink_for
 
 

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import fnmatch
 import warnings
-from dataclasses import dataclass
 from typing import Sequence
 
-import torch
 from torch import nn
 
-from .layers import SUPPORTED, has_bias, rule_for
-from .projection import FactorProjection, ProjectionKind, layer_projections
-from .projection import from_dict as projection_from_dict
+from ..projection import ProjectionKind, layer_projections
+from ..store import LayerSpec
+from .layers import has_bias, rule_for, supported_layers
 
 ModuleSelection = None | str | Sequence[str]
 
@@ -39,54 +37,12 @@ def named_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(canonical_name(n) if n else ROOT_NAME, m) for n, m in model.named_modules()]
 
 
-@dataclass(frozen=True)
-class LayerSpec:
-    """A tracked layer as recorded in the manifest: sizes and projections."""
-
-    name: str
-    kind: str
-    d_in: int
-    d_out: int
-    bias: bool
-    proj_in: FactorProjection
-    proj_out: FactorProjection
-
-    @property
-    def dim(self) -> int:
-        """Projected size of this layer's per-sample gradient (k_out * k_in)."""
-        return self.proj_in.k * self.proj_out.k
-
-    def to_dict(self) -> dict:
-        """JSON form for the manifest."""
-        return {
-            "name": self.name, "kind": self.kind, "d_in": self.d_in, "d_out": self.d_out, "bias": self.bias,
-            "proj_in": self.proj_in.to_dict(), "proj_out": self.proj_out.to_dict(), "dim": self.dim,
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict, values: dict[str, torch.Tensor] | None = None) -> "LayerSpec":
-        """Inverse of :meth:`to_dict`; fitted bases come from ``values`` (see :meth:`fitted_values`)."""
-        values = values or {}
-        return cls(d["name"], d["kind"], d["d_in"], d["d_out"], d["bias"],
-                   projection_from_dict(d["proj_in"], values.get(f"{d['name']}.in")),
-                   projection_from_dict(d["proj_out"], values.get(f"{d['name']}.out")))
-
-    def fitted_values(self) -> dict[str, torch.Tensor]:
-        """The fitted bases' rows by key (``<name>.in``, ``<name>.out``), stored beside the manifest."""
-        sides = {"in": self.proj_in, "out": self.proj_out}
-        return {f"{self.name}.{k}": p.values for k, p in sides.items() if p.kind == "fitted" and p.values is not None}
-
-    def describe(self) -> str:
-        """Shape summary used in error messages."""
-        return f"{self.kind} {self.d_in}->{self.d_out}{' +bias' if self.bias else ''}"
-
-
 def select_modules(model: nn.Module, modules: ModuleSelection = None) -> list[tuple[str, nn.Module]]:
     """Tracked (canonical name, module) pairs in model order.
 
-    ``None`` tracks every trainable nn.Linear, nn.Conv1d, nn.Conv2d and GPT-2 Conv1D (embeddings only
-    when chosen); a string is a glob pattern over names; a sequence lists names exactly
-    (each must exist and be supported).
+    ``None`` tracks every trainable module of a supported type (:func:`~dvemb.supported_layers`;
+    embeddings only when chosen); a string is a glob pattern over names; a sequence lists names
+    exactly (each must exist and be supported).
     """
     named = named_modules(model)
     functional = _functional_layers(model)
@@ -101,7 +57,7 @@ def select_modules(model: nn.Module, modules: ModuleSelection = None) -> list[tu
     elif isinstance(modules, str):
         chosen = [(n, m) for n, m in supported if fnmatch.fnmatchcase(n, modules)]
         if not chosen:
-            raise ValueError(f"no supported layer ({SUPPORTED}) matches {modules!r}; "
+            raise ValueError(f"no supported layer ({', '.join(supported_layers())}) matches {modules!r}; "
                              f"supported layers: {[n for n, _ in supported]}")
     else:
         by_name = dict(named)
@@ -130,7 +86,8 @@ def select_modules(model: nn.Module, modules: ModuleSelection = None) -> list[tu
             warnings.warn(message + "; it is not tracked", stacklevel=3)
             chosen.remove((n, m))
     if not chosen:
-        raise ValueError(f"model has no trainable layer to track (supported: {SUPPORTED})")
+        raise ValueError(f"model has no trainable layer to track (supported: {', '.join(supported_layers())}; "
+                         "dvemb.register_layer adds others)")
     return chosen
 
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..update import Adam
 from .layers import rule_for
-from .selection import LayerSpec
+from ..store import LayerSpec
 
 Factors = tuple[torch.Tensor, torch.Tensor]  # log row factor [d_out], log column factor [d_in (+1)]
 

@@ -26,7 +26,7 @@ from typing import Literal
 
 import torch
 
-from ..capture.projection import derive_seed
+from ..projection import derive_seed
 from ..store import Store
 
 Blocking = Literal["auto", "layer", "global", "hierarchical"]

@@ -31,11 +31,10 @@ from functools import partial
 
 import numpy as np
 import torch
-from torch import nn
 
 from .adjoint import adjoint_estimate
 from .functions import GRADIENT_CHUNK, RunFunctions, Target, flatten, layer_projections, numpy, with_steps
-from .replay import Params, Record, Trajectory, TrainingSpec, record_weight
+from .replay import Record, Trajectory, TrainingSpec, record_weight
 
 Estimator = Callable[[Trajectory, Sequence[Record], Target], np.ndarray]
 """``estimator(trajectory, records, target) -> [n_target, n_records]`` estimated TSLOO."""

@@ -52,7 +52,7 @@ except ImportError:
     raise ImportError("dvemb.integrations.hf needs transformers: pip install 'dvemb[hf]'") from None
 
 from ..capture.recorder import Recorder, as_ids
-from ..capture.projection import DEFAULT_PROJECTION_DIM
+from ..projection import DEFAULT_PROJECTION_DIM
 
 if not hasattr(Trainer, "get_batch_samples"):
     raise ImportError("dvemb.integrations.hf needs transformers>=4.46 (Trainer.get_batch_samples)")

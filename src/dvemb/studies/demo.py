@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import Influence, Recorder, compute_embeddings, influence
-from ..data import load_digits_split
+from .data import load_digits_split
 from ..progress import ProgressBar
 from ..store import MANIFEST
-from ..capture.projection import DEFAULT_PROJECTION_DIM
+from ..projection import DEFAULT_PROJECTION_DIM
 from .common import show_image
 
 QUICK_TRAIN_SAMPLES = 320

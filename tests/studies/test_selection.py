@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dvemb.experiments import selection
-from dvemb.experiments.dynamics import make_mlp
-from dvemb.experiments.selection import (WINDOWS, alignment_scores, flip_labels, last_layer_factors, select_aligned,
+from dvemb.studies import selection
+from dvemb.studies.dynamics import make_mlp
+from dvemb.studies.selection import (WINDOWS, alignment_scores, flip_labels, last_layer_factors, select_aligned,
                                          window_mask)
 
 

@@ -31,7 +31,7 @@ from ..evaluate.baselines import exact_first_order, grad_dot, tracin_cp
 from ..evaluate.fidelity import ALL_EPOCH, SINGLE, FidelityResult, evaluate_fidelity
 from ..evaluate.replay import TrainingSpec
 from ..update import Adam
-from .common import positive_int
+from ..cli import positive_int
 from .fidelity import SETTING_LABELS, summarise
 from .lm import GPT2Size, build_gpt2
 from .text import load_corpus, train_tokenizer, windows

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from dvemb import Recorder, Store
-from dvemb.experiments import dynamics
-from dvemb.experiments.dynamics import absorbed_terms, detect_regimes
-from dvemb.experiments.schedules import WarmupCosine
+from dvemb.studies import dynamics
+from dvemb.studies.dynamics import absorbed_terms, detect_regimes
+from dvemb.studies.schedules import WarmupCosine
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

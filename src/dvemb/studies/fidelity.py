@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data import load_digits_split, load_mnist
+from .data import load_digits_split, load_mnist
 from ..evaluate.baselines import standard_baselines
 from ..evaluate.fidelity import (
     ALL_EPOCH,
@@ -42,8 +42,8 @@ from ..evaluate.fidelity import (
 from ..evaluate.metrics import pearson, spearman
 from ..evaluate.replay import Record, TrainingSpec
 from ..update import SGD, Adam, UpdateRule
-from ..capture.projection import DEFAULT_PROJECTION_DIM
-from .common import positive_int, projection_dim
+from ..projection import DEFAULT_PROJECTION_DIM
+from ..cli import positive_int, projection_dim
 
 ACTIVATIONS: Mapping[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
 """Per-layer projected size of the ``dvemb`` configuration."""
@@ -424,6 +424,6 @@ def _config(text: str) -> tuple[str, dict[str, object]]:
 
 
 if __name__ == "__main__":
-    _parser = argparse.ArgumentParser(prog="python -m dvemb.experiments.fidelity", description=__doc__.splitlines()[0])
+    _parser = argparse.ArgumentParser(prog="python -m dvemb.studies.fidelity", description=__doc__.splitlines()[0])
     add_arguments(_parser)
     raise SystemExit(main(_parser.parse_args()))

@@ -35,7 +35,7 @@ from ..evaluate.baselines import Estimator, tracin_cp
 from ..evaluate.fidelity import ALL_EPOCH, SINGLE, evaluate_fidelity
 from ..evaluate.functions import LayerProjection, RunFunctions, layer_projections
 from ..evaluate.replay import Params, Trajectory
-from .common import positive_int, projection_dim
+from ..cli import positive_int, projection_dim
 from .fidelity import SETTING_LABELS, FidelityOptions, build_run, summarise
 
 CURVATURE_NAMES = {"gradient_outer": "gradient outer product (paper)", "fisher": "Fisher, 1 sampled label",

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..progress import ProgressBar
-from .dynamics import (N_CLASSES, Split, add_common_arguments, config_from_args, load_split, make_mlp,
-                       new_figure, sample_stream, sgd_step, torch_threads, write_json)
+from .common import (N_CLASSES, Split, add_common_arguments, config_from_args, load_split, make_mlp, new_figure,
+                     sample_stream, sgd_step, torch_threads, write_json)
 from .schedules import WarmupCosine
 
 WINDOWS = ("none", "all", "early", "late", "early+late", "middle")

@@ -1,0 +1,213 @@
+"""Reading a store: its committed records, gradients, curvature and whitening rows, shards presented as one."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from .arrays import AppendableArray, read_json, release_pages
+from .schema import (_REQUIRED_KEYS, _STORAGE, MANIFEST, READABLE_VERSIONS, RECORD_DTYPE, WHITENING_DTYPE, LayerSpec,
+                     StoreConfig, StoreError, read_config, read_layers)
+
+
+SHARDS_DIR = "shards"
+
+
+def shard_path(path: str | os.PathLike, rank: int) -> Path:
+    """Directory of one rank's shard in a distributed store."""
+    return Path(path) / SHARDS_DIR / f"rank-{rank:05d}"
+
+
+class ShardedRows:
+    """Rows of one layer gathered from several shards in the store's global record order."""
+
+    def __init__(self, parts: Sequence[np.ndarray], src_shard: np.ndarray, src_row: np.ndarray) -> None:
+        self.parts, self.src_shard, self.src_row = list(parts), src_shard, src_row
+        self.shape = (len(src_row), *parts[0].shape[1:])
+        self.dtype = parts[0].dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: slice) -> np.ndarray:
+        if not isinstance(index, slice):
+            raise TypeError("ShardedRows supports slices only")
+        shard, row = self.src_shard[index], self.src_row[index]
+        out = np.empty((len(row), *self.shape[1:]), dtype=self.dtype)
+        for s, part in enumerate(self.parts):
+            sel = shard == s
+            if sel.any():
+                out[sel] = part[row[sel]]
+        return out
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = self[:]
+        return out if dtype is None else out.astype(dtype)
+
+
+class Store:
+    """Read access to a store's committed records, gradients and embeddings."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.manifest = read_json(self.path / MANIFEST)
+        version = self.manifest.get("format_version")
+        if version not in READABLE_VERSIONS:
+            raise StoreError(f"{self.path}: store format {version} is not supported (expected one of "
+                             f"{READABLE_VERSIONS})")
+        missing = [k for k in _REQUIRED_KEYS if k not in self.manifest]
+        if missing:
+            raise StoreError(f"{self.path / MANIFEST} is invalid: missing {', '.join(missing)}")
+        self.layers = read_layers(self.path, self.manifest["layers"], version)
+        self.dtype: str = self.manifest["dtype"]
+        self.n_steps: int = self.manifest["committed_steps"]
+        self.n_records: int = self.manifest["committed_records"]
+        self.world_size: int = self.manifest.get("world_size", 1)
+        self._step_starts: np.ndarray | None = None
+        self._shards: list[Store] = []
+        if self.world_size > 1:
+            self._open_shards()
+
+    def _open_shards(self) -> None:
+        """Map the global record order onto the ranks' shards (clipped to the global commit)."""
+        self._shards = [Store(shard_path(self.path, r)) for r in range(self.world_size)]
+        steps, shard_ids, rows = [], [], []
+        for r, shard in enumerate(self._shards):
+            if shard.n_steps < self.n_steps:
+                raise StoreError(f"{shard.path} has {shard.n_steps} committed steps, the store {self.n_steps}")
+            n = int(shard.step_starts[self.n_steps])
+            steps.append(np.asarray(shard.records["step"][:n]))
+            shard_ids.append(np.full(n, r, dtype=np.int32))
+            rows.append(np.arange(n))
+        order = np.argsort(np.concatenate(steps), kind="stable")  # step-major, rank-minor
+        self._src_shard, self._src_row = np.concatenate(shard_ids)[order], np.concatenate(rows)[order]
+        if len(order) != self.n_records:
+            raise StoreError(f"{self.path}: shards hold {len(order)} committed records, manifest says {self.n_records}")
+
+    def _rows(self, read: Callable[["Store"], np.ndarray]) -> np.ndarray | ShardedRows:
+        """Rows of one array: the file itself, or gathered from the shards."""
+        if not self._shards:
+            return read(self)
+        return ShardedRows([read(s) for s in self._shards], self._src_shard, self._src_row)
+    # -- layout ------------------------------------------------------------------------
+    @staticmethod
+    def records_array(path: Path) -> AppendableArray:
+        """The records table of the store at ``path``."""
+        return AppendableArray(path / "records.npy", RECORD_DTYPE, ())
+
+    @staticmethod
+    def grads_array(path: Path, spec: LayerSpec, dtype: str) -> AppendableArray:
+        """The gradient rows of one layer."""
+        return AppendableArray(path / "grads" / f"{spec.name}.npy", _STORAGE[dtype][0], (spec.dim,))
+
+    @staticmethod
+    def curvature_array(path: Path, spec: LayerSpec, dtype: str, passes: int) -> AppendableArray:
+        """The curvature rows of one layer (``passes`` pseudo-gradients per record)."""
+        return AppendableArray(path / "curv" / f"{spec.name}.npy", _STORAGE[dtype][0], (passes * spec.dim,))
+
+    @staticmethod
+    def whitening_array(path: Path, spec: LayerSpec) -> AppendableArray:
+        """One row per step: the log row and column whitening factors of one layer."""
+        return AppendableArray(path / "whitening" / f"{spec.name}.npy", WHITENING_DTYPE,
+                               (spec.d_out + spec.d_in + spec.bias,))
+
+    def whitening(self, layer: int) -> np.ndarray | None:
+        """[n_steps, d_out + d_in (+1)] log whitening factors of a layer per step, or None without whitening."""
+        if not self.config.whitening:
+            return None
+        source = self._shards[0] if self._shards else self
+        return source.whitening_array(source.path, source.layers[layer]).read(self.n_steps)
+
+    @property
+    def curvature_passes(self) -> int:
+        """Curvature rows per record (0: the gradients themselves are used)."""
+        if self._shards:
+            return self._shards[0].curvature_passes
+        return self.manifest.get("curvature_passes", 0)
+
+    def curvature(self, layer: int) -> np.ndarray | ShardedRows | None:
+        """Read-only [n_records, passes * dim] curvature rows of a layer, or None under gradient_outer."""
+        if not self.curvature_passes:
+            return None
+        return self._rows(lambda s: s.curvature_array(s.path, s.layers[layer], s.dtype, s.curvature_passes)
+                          .read(s.n_records))
+
+    @property
+    def config(self) -> StoreConfig:
+        """The creation settings."""
+        return read_config(self.manifest, self.layers)
+
+    # -- records -------------------------------------------------------------------------
+    @property
+    def records(self) -> np.ndarray:
+        """Structured array of committed records: step, sample_id, weight, lr, rank."""
+        return np.asarray(self._rows(lambda s: s.records_array(s.path).read(s.n_records)))
+
+    @property
+    def step_starts(self) -> np.ndarray:
+        """Row index where each committed step starts, plus the total at the end ([n_steps + 1])."""
+        if self._step_starts is None:
+            steps = np.asarray(self.records["step"])
+            self._step_starts = np.searchsorted(steps, np.arange(self.n_steps + 1), side="left")
+        return self._step_starts
+
+    def grads(self, layer: int) -> np.ndarray | ShardedRows:
+        """Read-only [n_records, dim] rows of one layer's stored gradients (storage dtype)."""
+        return self._rows(lambda s: s.grads_array(s.path, s.layers[layer], s.dtype).read(s.n_records))
+
+    def iter_steps_backward(
+        self, arrays: Sequence[np.ndarray], chunk_rows: int, start: int = 0, stop: int | None = None
+    ) -> Iterator[tuple[int, int, int, list[np.ndarray]]]:
+        """Yield (step, row_begin, row_end, [rows of each array]) from step stop-1 down to start.
+
+        Rows are read in chunks of whole steps of about ``chunk_rows`` rows, so memory
+        stays bounded by one chunk however long the run.
+        """
+        stop = self.n_steps if stop is None else stop
+        starts = self.step_starts
+        hi = stop
+        while hi > start:
+            lo = hi - 1
+            while lo > start and starts[hi] - starts[lo - 1] <= chunk_rows:
+                lo -= 1
+            base = starts[lo]
+            chunk = [np.array(a[base: starts[hi]]) for a in arrays]
+            for a in arrays:  # memory stays one chunk, however large the store
+                release_pages(a)
+            for t in range(hi - 1, lo - 1, -1):
+                r0, r1 = starts[t], starts[t + 1]
+                yield t, r0, r1, [c[r0 - base: r1 - base] for c in chunk]
+            hi = lo
+
+    def nbytes(self) -> int:
+        """Bytes on disk of the whole store directory."""
+        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+
+    def summary(self) -> str:
+        """Human-readable description (used by ``dvemb info``)."""
+        m = self.manifest
+        lines = [
+            f"store      {self.path}",
+            f"format     v{m['format_version']} (dvemb {m['library_version']})",
+            f"steps      {self.n_steps}" + (f"  (recorded by {self.world_size} ranks)" if self.world_size > 1 else ""),
+            f"records    {self.n_records}  ({len(np.unique(self.records['sample_id'])) if self.n_records else 0} distinct samples)",
+            f"dtype      {self.dtype}   reduction {m['reduction']}   curvature {m['curvature']}   "
+            f"projection {m['projection']} (seed {m['seed']})",
+            f"update     {self.config.update.describe()}",
+            f"layers     {len(self.layers)}, {sum(s.dim for s in self.layers)} values per record",
+        ]
+        for s in self.layers:
+            lines.append(f"  {s.name:<32} {s.describe():<24} k_in={s.proj_in.k:<6} k_out={s.proj_out.k:<6} dim={s.dim}")
+        per_record = sum(s.dim for s in self.layers) * _STORAGE[self.dtype][0].itemsize + RECORD_DTYPE.itemsize
+        emb = self.path / "embeddings" / MANIFEST
+        if emb.exists():
+            info = read_json(emb)
+            fresh = "up to date" if info["committed_steps"] == self.n_steps else f"stale: {info['committed_steps']} steps"
+            lines.append(f"embeddings {fresh} ({info['precision']} recursion)")
+        else:
+            lines.append("embeddings not computed (dvemb embed STORE)")
+        lines.append(f"bytes      {self.nbytes():,} on disk, {per_record:,} per record")
+        return "\n".join(lines)

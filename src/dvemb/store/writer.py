@@ -1,0 +1,343 @@
+"""Writing a store: appending committed steps, in the background, and a distributed store's global commits.
+
+A step is committed when its rows are written and flushed and ``manifest.json`` is atomically
+replaced (temp file + rename). Readers trust only the manifest's counts, so a store whose
+writer died opens with exactly its committed steps, and a new writer truncates what lies beyond
+them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..update import SGD
+from .arrays import AppendableArray, read_json, write_json_atomic, write_text_atomic
+from .reader import Store
+from .schema import (_VOLATILE, MANIFEST, RECORD_DTYPE, WHITENING_DTYPE, LayerSpec, StepRecord, StoreConfig, StoreError,
+                     _spec_difference, new_manifest, write_projections)
+
+
+def _check_new_dir(path: Path) -> None:
+    if path.exists() and any(path.iterdir()):
+        raise StoreError(f"{path} exists, is not empty and holds no dvemb store")
+
+
+class _Committed:
+    """Committed counts read from a writer's manifest."""
+
+    manifest: dict
+
+    @property
+    def n_steps(self) -> int:
+        """Committed steps."""
+        return self.manifest["committed_steps"]
+
+    @property
+    def n_records(self) -> int:
+        """Committed records (of all ranks, for a distributed index)."""
+        return self.manifest["committed_records"]
+
+
+class StoreWriter(_Committed):
+    """Appends committed steps to a store; creates it or resumes after its last commit.
+
+    ``rollback_to_steps`` drops steps committed beyond that count (a distributed shard
+    that ran ahead of the global commit).
+    """
+
+    def __init__(self, path: str | os.PathLike, config: StoreConfig, *, fsync: bool = False,
+                 rollback_to_steps: int | None = None) -> None:
+        self.path = Path(path)
+        self.fsync = fsync
+        manifest_path = self.path / MANIFEST
+        if manifest_path.exists():
+            store = Store(self.path)
+            self.check_resume(store.config, config)
+            self.manifest = store.manifest
+            if rollback_to_steps is not None and rollback_to_steps < store.n_steps:  # (whitening rows follow)
+                self.manifest["committed_steps"] = rollback_to_steps
+                self.manifest["committed_records"] = int(store.step_starts[rollback_to_steps])
+        else:
+            _check_new_dir(self.path)
+            (self.path / "grads").mkdir(parents=True, exist_ok=True)
+            write_projections(self.path, config.layers, fsync)
+            self.manifest = new_manifest(config)
+        self.config = config
+        self._static_json: str | None = None
+        self._records = Store.records_array(self.path)
+        self._grads = [Store.grads_array(self.path, s, config.dtype) for s in config.layers]
+        self._curv: list[AppendableArray] = []
+        if self.manifest.get("curvature_passes", 0):
+            self._open_curvature(self.manifest["curvature_passes"])
+        self._white = [Store.whitening_array(self.path, s) for s in config.layers] if config.whitening else []
+        if self._white:
+            self._white[0].path.parent.mkdir(exist_ok=True)
+        for arr in self._white:
+            arr.open_for_append(self.n_steps)
+        for arr in (self._records, *self._grads):
+            arr.open_for_append(self.n_records)
+        self._written = (self.n_steps, self.n_records)  # steps and records written, committed or not
+        self._write_manifest()
+
+    @staticmethod
+    def check_resume(found: StoreConfig, wanted: StoreConfig) -> None:
+        """Raise a StoreError naming what differs between a store's settings and the requested ones."""
+        for a, b in zip(found.layers, wanted.layers):
+            if a != b:
+                raise StoreError(f"cannot resume: layer {b.name!r} differs from the store's {a.name!r}: "
+                                 f"{_spec_difference(a, b)}")
+        if len(found.layers) != len(wanted.layers):
+            names = {s.name for s in found.layers} ^ {s.name for s in wanted.layers}
+            raise StoreError(f"cannot resume: tracked layers differ ({sorted(names)})")
+        exact = all(spec.proj_in.is_identity and spec.proj_out.is_identity for spec in found.layers)
+        for key in ("dtype", "reduction", "curvature", "projection", "seed", "whitening"):
+            if key in ("projection", "seed") and exact:  # no projection: its kind and seed do not matter
+                continue
+            if getattr(found, key) != getattr(wanted, key):
+                raise StoreError(f"cannot resume: store has {key}={getattr(found, key)!r}, "
+                                 f"recorder asks {getattr(wanted, key)!r}")
+        if not isinstance(wanted.update, SGD):
+            raise StoreError(f"cannot resume: the store follows {found.update.describe()}, and the optimizer's state "
+                             "before this run (its moments) cannot be recovered; record the run in one process")
+        if not isinstance(found.update, SGD) or (dataclasses.replace(found.update, fresh=True)
+                                                 != dataclasses.replace(wanted.update, fresh=True)):
+            raise StoreError(f"cannot resume: store was recorded with {found.update.describe()}, the optimizer has "
+                             f"{wanted.update.describe()}")
+
+    def set_layers(self, layers: Sequence[LayerSpec]) -> None:
+        """Replace the layers' projections (fitted bases) of a store that has no step yet."""
+        if self._written != (0, 0):
+            raise StoreError(f"{self.path}: the projections of a store with steps cannot change")
+        self.config = dataclasses.replace(self.config, layers=tuple(layers))
+        write_projections(self.path, layers, self.fsync)
+        self.manifest["layers"] = [spec.to_dict() for spec in layers]
+        self._static_json = None
+        self._write_manifest()
+
+    @property
+    def _arrays(self) -> list[AppendableArray]:
+        """Arrays with one row per record."""
+        return [self._records, *self._grads, *self._curv]
+
+    def _open_curvature(self, passes: int) -> None:
+        self._curv = [Store.curvature_array(self.path, s, self.config.dtype, passes) for s in self.config.layers]
+        self._curv[0].path.parent.mkdir(exist_ok=True)
+        for arr in self._curv:
+            arr.open_for_append(self.n_records)
+        self.manifest["curvature_passes"] = passes
+        self._static_json = None
+
+    def append_step(self, step: StepRecord) -> None:
+        """Write one step, then commit."""
+        self.append_steps([step])
+
+    def append_steps(self, steps: Sequence[StepRecord]) -> None:
+        """Write several steps, then commit them with one manifest replace."""
+        self.write_steps(steps)
+        self.commit()
+
+    def write_steps(self, steps: Sequence[StepRecord]) -> None:
+        """Append steps' records and rows after those already written; they count once :meth:`commit` runs.
+
+        On an error, every written but uncommitted step is dropped.
+        """
+        n_steps, n_records = self._written
+        try:
+            for step in steps:
+                if step.curvature is not None:
+                    self._check_curvature(step.curvature, n_records)
+                if bool(self._white) != (step.whitening is not None):
+                    raise StoreError("a step's whitening factors do not match the store's whitening setting")
+                records = np.zeros(len(step.sample_ids), dtype=RECORD_DTYPE)
+                records["step"], records["sample_id"], records["weight"] = n_steps, step.sample_ids, step.weights
+                records["lr"], records["rank"] = step.lr, step.rank
+                self._records.append(records)
+                for arr, rows in zip(self._grads + self._curv, [*step.grads, *(step.curvature or [])]):
+                    arr.append(rows)
+                for arr, row in zip(self._white, step.whitening or []):
+                    arr.append(np.asarray(row, dtype=WHITENING_DTYPE)[None])
+                n_steps, n_records = n_steps + 1, n_records + len(step.sample_ids)
+        except BaseException:
+            self._drop_uncommitted()
+            raise
+        self._written = (n_steps, n_records)
+
+    def commit(self) -> None:
+        """Make every written step durable: flush the rows, then atomically replace the manifest."""
+        if self._written == (self.n_steps, self.n_records):
+            return
+        try:
+            for arr in self._arrays + self._white:
+                arr.flush(self.fsync)
+        except BaseException:
+            self._drop_uncommitted()
+            raise
+        self.manifest["committed_steps"], self.manifest["committed_records"] = self._written
+        self._write_manifest()
+
+    def _drop_uncommitted(self) -> None:
+        for arr in self._arrays:
+            arr.rollback(self.n_records)
+        for arr in self._white:
+            arr.rollback(self.n_steps)
+        self._written = (self.n_steps, self.n_records)
+
+    def _check_curvature(self, curvature: Sequence[np.ndarray], rows_written: int) -> None:
+        """Open the curvature arrays on the first step that has them; refuse a change of shape."""
+        passes = curvature[0].shape[1] // self.config.layers[0].dim
+        if not self._curv and rows_written == 0:
+            self._open_curvature(passes)
+        if not self._curv or passes != self.manifest["curvature_passes"]:
+            raise StoreError(f"curvature rows changed: {passes} passes per record, store has "
+                             f"{self.manifest.get('curvature_passes', 0)}")
+
+    def _write_manifest(self) -> None:
+        """Commit: atomically replace the manifest (its static part is encoded once)."""
+        if self._static_json is None:
+            static = {k: v for k, v in self.manifest.items() if k not in _VOLATILE}
+            self._static_json = json.dumps(static, separators=(",", ":"))[:-1]
+        counts = {"committed_steps": self.n_steps, "committed_records": self.n_records, "updated": time.time()}
+        write_text_atomic(self.path / MANIFEST, self._static_json + "," + json.dumps(counts)[1:], self.fsync)
+
+    @property
+    def submitted(self) -> int:
+        """Steps handed to the writer (all committed: this writer is synchronous)."""
+        return self.n_steps
+
+    def flush(self) -> None:
+        """Nothing is pending in a synchronous writer."""
+
+    def close(self) -> None:
+        """Bring the .npy headers up to date and close all files (committed data stays, the rest is dropped)."""
+        if self._written != (self.n_steps, self.n_records):
+            self._drop_uncommitted()
+        for arr in self._arrays:
+            arr.close(self.n_records)
+        for arr in self._white:
+            arr.close(self.n_steps)
+
+
+class BackgroundWriter:
+    """Writes a StoreWriter's steps in a worker thread, in order, with at most ``depth`` waiting.
+
+    Training does not wait for the disk. Rows are written as steps arrive; commits (one
+    manifest replace each) group the steps of up to ``commit_interval`` seconds, and
+    :meth:`flush` and :meth:`close` commit at once. A crash loses only uncommitted steps:
+    at most the last ``commit_interval`` seconds of training, never a partial step. An error
+    in the thread drops the uncommitted steps and is raised at the next call.
+    """
+
+    _FLUSH = object()  # queue marker: commit now
+
+    def __init__(self, writer: StoreWriter, depth: int = 4, commit_interval: float = 0.05) -> None:
+        self.writer = writer
+        self.submitted = writer.n_steps
+        self.commit_interval = commit_interval
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="dvemb-store-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        uncommitted = 0  # queue items taken but not yet marked done: they complete at the next commit
+        last_commit = time.monotonic()
+        while True:
+            timeout = None if uncommitted == 0 else max(0.0, last_commit + self.commit_interval - time.monotonic())
+            try:
+                item = self._queue.get(timeout=timeout)
+            except queue.Empty:
+                item = self._FLUSH  # the interval is over: commit what was written
+            else:
+                uncommitted += 1
+            if item is not None and item is not self._FLUSH and self._error is None:
+                self._guarded(self.writer.write_steps, [item])
+            if item is None or item is self._FLUSH or time.monotonic() - last_commit >= self.commit_interval:
+                if self._error is None:
+                    self._guarded(self.writer.commit)
+                last_commit = time.monotonic()
+                for _ in range(uncommitted):
+                    self._queue.task_done()
+                uncommitted = 0
+            if item is None:
+                return
+
+    def _guarded(self, call, *args: object) -> None:
+        """Run a writer call, keeping its error for the training thread."""
+        try:
+            call(*args)
+        except BaseException as exc:  # handed to the training thread
+            self._error = exc
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise StoreError(f"writing to {self.writer.path} failed: {error}") from error
+
+    def set_layers(self, layers: Sequence[LayerSpec]) -> None:
+        """:meth:`StoreWriter.set_layers` once every queued step is written."""
+        self.flush()
+        self.writer.set_layers(layers)
+
+    def append_step(self, step: StepRecord) -> None:
+        """Queue a step for :meth:`StoreWriter.write_steps` (blocks while ``depth`` steps wait)."""
+        self._raise()
+        self._queue.put(step)
+        self.submitted += 1
+
+    def flush(self) -> None:
+        """Wait until every queued step is committed."""
+        self._queue.put(self._FLUSH)
+        self._queue.join()
+        self._raise()
+
+    def close(self) -> None:
+        """Commit what is queued, stop the thread and close the store."""
+        try:
+            self.flush()
+        finally:
+            self._queue.put(None)
+            self._thread.join()
+            self.writer.close()
+
+
+class DistributedIndex(_Committed):
+    """Rank 0's top-level manifest of a distributed store: the global committed counts."""
+
+    def __init__(self, path: str | os.PathLike, config: StoreConfig, world_size: int, *, fsync: bool = False) -> None:
+        self.path = Path(path)
+        self.fsync = fsync
+        manifest_path = self.path / MANIFEST
+        if manifest_path.exists():
+            self.manifest = read_json(manifest_path)
+            if self.manifest.get("world_size", 1) != world_size:
+                raise StoreError(f"cannot resume: {self.path} was recorded by {self.manifest.get('world_size', 1)} "
+                                 f"ranks, this run has {world_size}")
+            StoreWriter.check_resume(Store(self.path).config, config)
+        else:
+            _check_new_dir(self.path)
+            self.path.mkdir(parents=True, exist_ok=True)
+            write_projections(self.path, config.layers, fsync)
+            self.manifest = {**new_manifest(config), "world_size": world_size}
+            self.commit(0, 0)
+
+    def set_layers(self, layers: Sequence[LayerSpec]) -> None:
+        """Replace the layers' projections (fitted bases) before the first step."""
+        if self.n_steps:
+            raise StoreError(f"{self.path}: the projections of a store with steps cannot change")
+        write_projections(self.path, layers, self.fsync)
+        self.manifest["layers"] = [spec.to_dict() for spec in layers]
+        self.commit(0, 0)
+
+    def commit(self, steps: int, records: int) -> None:
+        """Atomically record that every rank's shard holds ``steps`` steps."""
+        self.manifest.update(committed_steps=steps, committed_records=records, updated=time.time())
+        write_json_atomic(self.path / MANIFEST, self.manifest, self.fsync)
