@@ -48,14 +48,18 @@ def test_by_sample_and_top_k():
 
 def test_stale_embeddings_are_recomputed(tmp_path):
     model = train_recorded(tmp_path / "s", steps=3, batch=4, dtype=torch.float32, projection_dim=None)
-    dvemb.compute_embeddings(tmp_path / "s", show_progress=False)
+    dvemb.compute_embeddings(tmp_path / "s", blocking="layer", show_progress=False)
     x = torch.randn(4, 10)
     with dvemb.Recorder(model, tmp_path / "s", projection_dim=None, curvature="gradient_outer") as rec, \
             rec.step([100, 101, 102, 103], lr=0.1):
         F.cross_entropy(model(x), torch.zeros(4, dtype=torch.long)).backward()
-    inf = dvemb.influence(tmp_path / "s", model, lambda: F.cross_entropy(model(x), torch.ones(4, dtype=torch.long),
-                                                                           reduction="none"))
+    with pytest.warns(UserWarning, match="cover 3 of 4 steps"):
+        inf = dvemb.influence(tmp_path / "s", model,
+                              lambda: F.cross_entropy(model(x), torch.ones(4, dtype=torch.long), reduction="none"))
     assert inf.scores.shape == (4, Store(tmp_path / "s").n_records) and inf.steps.max() == 3
+    assert dvemb.embed.layout.embedding_info(Store(tmp_path / "s"))["blocking"] == "layer"  # the same options
+    with pytest.raises(ValueError, match="other options than asked: blocking='global'"):
+        dvemb.influence(tmp_path / "s", model, lambda: model(x).sum(1), blocking="global")
 
 
 def test_loss_closure_must_be_per_example(tmp_path):

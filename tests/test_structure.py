@@ -67,6 +67,13 @@ def test_no_module_imports_from_a_layer_above_it():
     assert not offences, offences
 
 
+def test_no_function_is_over_60_lines():
+    long = [f"{path.relative_to(SRC)}:{node.name} ({node.end_lineno - node.lineno + 1})"
+            for path in SRC.rglob("*.py") for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60]
+    assert not long, long
+
+
 def test_the_store_imports_nothing_from_capture_embed_query_or_studies():
     for path in (SRC / "store").rglob("*.py"):
         assert not imported_units(path) & {"capture", "embed", "query", "studies", "evaluate"}, path

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator, Protocol, Sequence
 
@@ -16,10 +17,9 @@ from .progress import ProgressBar
 
 from .capture.ghost import GhostCapture
 from .capture.selection import match_specs
-from .embed.checkpointing import Checkpoints, segment_boundaries
+from .embed.checkpointing import Checkpoints, segment_boundaries, segment_tests
 from .embed.compute import compute_embeddings
-from .embed.layout import (embedding_info, embedding_plan, embeddings_are_current, final_arrays, propagator_arrays,
-                           segment_arrays, state_blocks)
+from .embed.layout import (LAYOUT_VERSION, embedding_plan, embedding_info, embeddings_are_current, final_arrays)
 from .embed.plan import Blocking
 from .store import AppendableArray, MappedArrays, PrefetchedRows, Store, StoreError, whitening_factors
 
@@ -131,6 +131,24 @@ class _ReadAhead:
         return PrefetchedRows(arrays, ranges, max_rows)
 
 
+class _MappedForever:
+    """Rows of the files mapped once and kept mapped: a Scorer's source (each later query reads them in place)."""
+
+    chunk_bytes = MAPPED_CHUNK_BYTES
+
+    def __init__(self) -> None:
+        self._mapped = MappedArrays()
+
+    def scan(self, arrays: Sequence[AppendableArray], ranges: Sequence[tuple[int, int]],
+             max_rows: int) -> Iterator[list[np.ndarray]]:
+        """Per range, one view per file."""
+        return self._mapped.scan(arrays, ranges, max_rows)
+
+    def close(self) -> None:
+        """Unmap the files."""
+        self._mapped.close()
+
+
 class _MappedOnce:
     """Rows of the files mapped for one query, each chunk's pages released once it is scored."""
 
@@ -173,16 +191,34 @@ class _RowSource(Protocol):
 
 def _ensure_embeddings(store: Store, checkpoints: Checkpoints, blocking: Blocking | None,
                        show_progress: bool) -> dict:
-    """The embeddings manifest, computing embeddings first if missing, stale or not the ones asked for."""
+    """The embeddings manifest: computed first when missing; recomputed with their own options when the store
+    has new steps; an error when they exist but were computed with other ``checkpoints`` or ``blocking``
+    (queries never replace embeddings the user computed: compute_embeddings does)."""
     info = embedding_info(store)
+    if info is None or not embeddings_are_current(store):
+        options = {"checkpoints": checkpoints, "blocking": blocking or "auto"}
+        if info is not None and info.get("layout_version") == LAYOUT_VERSION:
+            options = {"checkpoints": checkpoints or _interior(info, store.n_steps),
+                       "blocking": blocking or info["blocking"], "memory": info["memory"],
+                       "step_rank": embedding_plan(info).step_rank}
+            warnings.warn(f"{store.path}: the embeddings cover {info['committed_steps']} of {store.n_steps} steps; "
+                          "recomputing them with the same options", stacklevel=4)
+        compute_embeddings(store.path, show_progress=show_progress, **options)
+        return embedding_info(store)
     wanted = None if checkpoints is None else segment_boundaries(store.n_steps, checkpoints)
-    if (not embeddings_are_current(store) or (wanted is not None and wanted != info["boundaries"])
-            or (blocking is not None and blocking != info["blocking"])):
-        compute_embeddings(store.path, checkpoints=checkpoints, blocking=blocking or "auto",
-                           show_progress=show_progress)
-        info = embedding_info(store)
-    assert info is not None
+    differs = [f"{name}={asked!r} (stored: {had!r})" for name, asked, had in
+               (("checkpoints", wanted, info["boundaries"]), ("blocking", blocking, info["blocking"]))
+               if asked is not None and asked != had]
+    if differs:
+        raise ValueError(f"{store.path}: the embeddings were computed with other options than asked: "
+                         f"{', '.join(differs)}; call dvemb.compute_embeddings(path, ...) to recompute them")
     return info
+
+
+def _interior(info: dict, n_steps: int) -> list[int] | None:
+    """The checkpoint steps of earlier embeddings that still lie inside the run, or None (one segment)."""
+    inner = [b for b in info["boundaries"][1:-1] if b < n_steps]
+    return inner or None
 
 
 def _resolve(store: Store, info: dict, model: nn.Module, loss_fn: LossClosure, checkpoint: int | None) -> _Query:
@@ -216,22 +252,12 @@ def _score_chunks(q: _Query, chunk_rows: int | None, show_progress: bool,
     if chunk_rows is None:
         row_bytes = sum(s.dim for s in store.layers) * q.tests[0].element_size()
         chunk_rows = max(1, source.chunk_bytes // row_bytes)
-    boundaries, n_segments = info["boundaries"], len(info["boundaries"]) - 1
-    starts = store.step_starts
+    n_segments = len(info["boundaries"]) - 1
     bar = ProgressBar(total=q.n_rows, desc="scoring", unit="record", disable=not show_progress)
     if q.last == n_segments - 1:  # relative to T: the composed embeddings
         arrays, plan = final_arrays(store, info["precision"]), [(0, q.n_rows, q.tests)]
-    else:  # relative to checkpoint `last`: carry the test gradients back through the propagators
-        layout = embedding_plan(info)
-        arrays = segment_arrays(store, layout, info["precision"])  # theta parts, then the buffers' parts
-        stacks = [a.read(n_segments) for a in propagator_arrays(store, layout, info["precision"])]
-        blocks = state_blocks(store, layout)
-        tests = [p.sign * p.coordinates(q.tests[p.layer]) for p in layout.parts]
-        plan, tests = [], tests + [torch.zeros_like(t) for t in tests] * (len(arrays) // len(tests) - 1)
-        for j in range(q.last, -1, -1):
-            plan.append((int(starts[boundaries[j]]), int(starts[boundaries[j + 1]]), tests))
-            if j > 0:
-                tests = _propagate(tests, blocks, [k[j] for k in stacks], tests[0].dtype)
+    else:  # relative to checkpoint `last`: the test gradients carried back through the propagators
+        arrays, plan = segment_tests(store, info, q.tests, q.last)
     chunks = [(r0, min(r0 + chunk_rows, r_stop), tests)
               for r_start, r_stop, tests in plan for r0 in range(r_start, r_stop, chunk_rows)]
     rows = source.scan(arrays, [(r0, r1) for r0, r1, _ in chunks],
@@ -315,29 +341,24 @@ class Scorer:
         self.store = Store(path)
         self.info = _ensure_embeddings(self.store, checkpoints, blocking, show_progress)
         self.show_progress = show_progress
-        self._mapped = MappedArrays()
+        self._source = _MappedForever()
 
     def influence(self, model: nn.Module, loss_fn: LossClosure, *, checkpoint: int | None = None,
                   chunk_rows: int | None = None) -> Influence:
         """Like :func:`influence` on this store."""
         q = self._query(model, loss_fn, checkpoint)
-        return _influence(q, _score_chunks(q, chunk_rows, self.show_progress, self))
+        return _influence(q, _score_chunks(q, chunk_rows, self.show_progress, self._source))
 
     def top_k(self, model: nn.Module, loss_fn: LossClosure, k: int, *, checkpoint: int | None = None,
               chunk_rows: int | None = None) -> TopK:
         """Like :func:`top_k` on this store."""
         _check_k(k)
         q = self._query(model, loss_fn, checkpoint)
-        return _top_k(q, _score_chunks(q, chunk_rows, self.show_progress, self), k)
-
-    def scan(self, arrays: Sequence[AppendableArray], ranges: Sequence[tuple[int, int]],
-             max_rows: int) -> Iterator[list[np.ndarray]]:
-        """Rows for scoring: views of the mapped files (the row source of ``_score_chunks``)."""
-        return self._mapped.scan(arrays, ranges, max_rows)
+        return _top_k(q, _score_chunks(q, chunk_rows, self.show_progress, self._source), k)
 
     def close(self) -> None:
         """Release the mappings."""
-        self._mapped.close()
+        self._source.close()
 
     def __enter__(self) -> "Scorer":
         return self
@@ -385,17 +406,6 @@ def _top_k(q: _Query, chunks: Iterator[tuple[int, int, torch.Tensor]], k: int) -
         return Ranking(idx, steps[idx], ids[idx], (scores * sign).numpy())
 
     return TopK(ranking(1.0), ranking(-1.0))
-
-
-def _propagate(tests: list[torch.Tensor], blocks: list[list[int]], propagators: list[np.ndarray],
-               dtype: torch.dtype) -> list[torch.Tensor]:
-    """Per-part test gradients times each block's propagator (V_j = V_{j+1} K_{j+1}; blocks index ``tests``)."""
-    out = list(tests)
-    for block, k in zip(blocks, propagators):
-        moved = torch.cat([tests[i] for i in block], 1) @ torch.from_numpy(np.array(k)).to(dtype)
-        for i, part in zip(block, moved.split([tests[i].shape[1] for i in block], dim=1)):
-            out[i] = part
-    return out
 
 
 def _checkpoint_index(checkpoint: int, boundaries: list[int]) -> int:

@@ -50,7 +50,7 @@ class _Step:
     ids: np.ndarray
     local: float | np.ndarray  # each sample's weight in this rank's loss
     lr: float
-    rows: tuple | DeferredStep
+    rows: tuple | DeferredStep | None
     factors: list | None  # whitening factors the rows were (or will be) whitened with
     n_total: int = 0  # the step's records over all ranks
 
@@ -115,7 +115,9 @@ class Recorder:
         self._open()
         self._steps = self._sink.committed_steps()
         self._capture.attach()
-        self._in_step = self._closed = False
+        self._open: _Step | None = None
+        self._open_lr: float | None = None
+        self._closed = False
 
     @property
     def path(self) -> Path:
@@ -145,11 +147,24 @@ class Recorder:
         ``weights`` gives each sample's weight w_i in this step's loss sum_i w_i loss_i when it is not
         the ``reduction``'s 1/B or 1: e.g. n_i / N for a token-mean loss over padded sequences (n_i
         label tokens of sample i, N in the batch), so that the stored g_i is the gradient of the
-        sample's own mean token loss. A sample of weight 0 is stored with a zero gradient.
+        sample's own mean token loss. A sample of weight 0 is stored with a zero gradient. An error
+        inside the block records nothing of the step.
         """
+        self.begin_step(ids, lr, weights)
+        try:
+            yield
+        except BaseException:
+            self.abort_step()
+            raise
+        self.commit_step()
+
+    def begin_step(self, ids: Sequence[int] | np.ndarray | torch.Tensor, lr: float | None = None,
+                   weights: Sequence[float] | np.ndarray | torch.Tensor | None = None) -> None:
+        """Start capturing a step (as :meth:`step` does on entry); end it with :meth:`commit_step` or
+        :meth:`abort_step`. For training loops that cannot wrap a step in a ``with`` block."""
         if self._closed:
             raise RuntimeError("Recorder is closed")
-        if self._in_step:
+        if self._open is not None:
             raise RuntimeError("Recorder.step blocks cannot be nested")
         sample_ids = as_ids(ids)
         if len(sample_ids) == 0:
@@ -161,23 +176,36 @@ class Recorder:
         defer = self._fit is not None
         factors = None if defer or self._whitening is None else self._whitening.lagged(t)
         self._capture.set_specs(self._specs, None if factors is None else whiten.scales(factors))
-        self._in_step = True
         # hooks see this rank's loss gradient w_local * g: scaling by 1/w_local stores the sample's own g
         self._capture.begin(scale=1.0 / local if isinstance(local, float) else 1.0, defer=defer)
+        self._open = _Step(t, sample_ids, local, 0.0 if lr is None else float(lr), None, factors)
+        self._open_lr = lr
+
+    def commit_step(self) -> None:
+        """End the step begun by :meth:`begin_step`: collect its rows and hand them to the store."""
+        step = self._take_open()
         try:
-            yield
-            rows = self._capture.collect(n_rows=len(sample_ids))
+            step.rows = self._capture.collect(n_rows=len(step.ids))
         except BaseException:
             self._capture.abort()
             raise
-        finally:
-            self._in_step = False
-        step = _Step(t, sample_ids, local, self._resolve_lr(lr), rows, factors)
-        if defer:
+        step.lr = self._resolve_lr(self._open_lr)
+        if isinstance(step.rows, DeferredStep):
             self._defer(step)
         else:
             self._write(step, check=True)
         self._steps += 1
+
+    def abort_step(self) -> None:
+        """Drop the step begun by :meth:`begin_step`: nothing of it is recorded."""
+        self._take_open()
+        self._capture.abort()
+
+    def _take_open(self) -> _Step:
+        if self._open is None:
+            raise RuntimeError("no recorded step is open: call begin_step first")
+        step, self._open = self._open, None
+        return step
 
     def _defer(self, step: _Step) -> None:
         """Hold a step captured before the bases exist; fit them once enough steps are held."""
@@ -281,9 +309,12 @@ class Recorder:
         return step % every == 0 if isinstance(every, int) else step in every
 
     def close(self) -> None:
-        """Remove all hooks and close the store (saving theta_T if checkpoints are saved)."""
+        """Remove all hooks and close the store (saving theta_T if checkpoints are saved); a step still open is
+        dropped."""
         if self._closed:
             return
+        if self._open is not None:
+            self.abort_step()
         try:
             if self._saves_checkpoints and self.steps > 0:
                 save_checkpoint(self.path, self.model, self.steps)

@@ -16,7 +16,11 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
+
+from ..store import AppendableArray, Store
+from .layout import embedding_plan, propagator_arrays, segment_arrays, state_blocks
 
 Checkpoints = int | Sequence[int] | None
 
@@ -44,3 +48,34 @@ def compose(propagators: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     for k in reversed(propagators[1:]):
         out.append(out[-1] @ k)
     return out[::-1]
+
+
+def segment_tests(store: Store, info: dict, tests: list[torch.Tensor], last: int
+                  ) -> tuple[list[AppendableArray], list[tuple[int, int, list[torch.Tensor]]]]:
+    """What scores the records before checkpoint ``last`` against per-layer test gradients taken there: the segment
+    embedding arrays, and per segment (first row, end row, test gradients per array), the gradients carried back
+    through the later segments' propagators (V_j = V_{j+1} K_{j+1}), per part of the embeddings' plan."""
+    plan, precision = embedding_plan(info), info["precision"]
+    boundaries, n_segments, starts = info["boundaries"], len(info["boundaries"]) - 1, store.step_starts
+    arrays = segment_arrays(store, plan, precision)  # theta parts, then the buffers' parts
+    stacks = [a.read(n_segments) for a in propagator_arrays(store, plan, precision)]
+    blocks = state_blocks(store, plan)
+    moved = [p.sign * p.coordinates(tests[p.layer]) for p in plan.parts]
+    moved = moved + [torch.zeros_like(t) for t in moved] * (len(arrays) // len(moved) - 1)
+    out = []
+    for j in range(last, -1, -1):
+        out.append((int(starts[boundaries[j]]), int(starts[boundaries[j + 1]]), moved))
+        if j > 0:
+            moved = _propagate(moved, blocks, [k[j] for k in stacks], moved[0].dtype)
+    return arrays, out
+
+
+def _propagate(tests: list[torch.Tensor], blocks: list[list[int]], propagators: list[np.ndarray],
+               dtype: torch.dtype) -> list[torch.Tensor]:
+    """Per-part test gradients times each block's propagator (blocks index ``tests``)."""
+    out = list(tests)
+    for block, k in zip(blocks, propagators):
+        moved = torch.cat([tests[i] for i in block], 1) @ torch.from_numpy(np.array(k)).to(dtype)
+        for i, part in zip(block, moved.split([tests[i].shape[1] for i in block], dim=1)):
+            out[i] = part
+    return out

@@ -77,11 +77,7 @@ def compute_embeddings(
     """
     store = Store(path)
     boundaries = segment_boundaries(store.n_steps, checkpoints)
-    precision = precision or default_precision(store)
-    if precision not in TORCH_DTYPES:
-        raise ValueError(f"precision must be 'float32' or 'float64', got {precision!r}")
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
+    precision = _checked(store, precision, workers)
     plan = make_plan(store, blocking, memory, linearised_rule(store).parts, TORCH_DTYPES[precision].itemsize,
                      step_rank)
     n_segments = len(boundaries) - 1
@@ -107,10 +103,21 @@ def compute_embeddings(
     write_json_atomic(out_dir / MANIFEST, {
         "committed_steps": store.n_steps, "committed_records": store.n_records, "boundaries": boundaries,
         "precision": precision, "curvature": store.manifest["curvature"], "blocking": plan.kind,
-        "plan": plan.to_dict(), "workers": workers, "seconds": seconds, "layout_version": LAYOUT_VERSION,
+        "plan": plan.to_dict(), "memory": memory, "workers": workers, "seconds": seconds,
+        "layout_version": LAYOUT_VERSION,
     })
     return EmbeddingInfo(out_dir, store.n_steps, store.n_records, tuple(boundaries), precision, plan.kind, workers,
                          seconds)
+
+
+def _checked(store: Store, precision: str | None, workers: int) -> str:
+    """The recursion's precision (the store's default when None), once the options are checked."""
+    precision = precision or default_precision(store)
+    if precision not in TORCH_DTYPES:
+        raise ValueError(f"precision must be 'float32' or 'float64', got {precision!r}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    return precision
 
 
 def _allocate(store: Store, plan: Plan, precision: str, n_segments: int) -> None:

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import os
 import warnings
-from contextlib import AbstractContextManager
 from typing import Any, MutableMapping, Sequence
 
 import numpy as np
@@ -57,10 +56,6 @@ from ..projection import DEFAULT_PROJECTION_DIM
 if not hasattr(Trainer, "get_batch_samples"):
     raise ImportError("dvemb.integrations.hf needs transformers>=4.46 (Trainer.get_batch_samples)")
 
-
-
-class _Interrupted(RuntimeError):
-    """Thrown into a Recorder step left open by a failed run, so that nothing of it is committed."""
 
 
 class DVEmbCallback(TrainerCallback):
@@ -79,7 +74,7 @@ class DVEmbCallback(TrainerCallback):
         self.recorder: Recorder | None = None
         self._next_ids: np.ndarray | None = None
         self._next_weights: np.ndarray | None = None
-        self._open_step: AbstractContextManager | None = None
+        self._open_step = False  # a step begun on the recorder and not yet committed
 
     def take_ids(self, batches: Sequence[MutableMapping[str, Any]], weights: np.ndarray | None = None) -> None:
         """Remove the id column from one optimizer step's micro-batches; their ids, in order, make the step.
@@ -111,15 +106,14 @@ class DVEmbCallback(TrainerCallback):
         if self._next_ids is None:
             raise RuntimeError("DVEmbCallback received no sample ids for this step: train with DVEmbTrainer, or "
                                "mix DVEmbTrainerMixin into your Trainer class")
-        step = self.recorder.step(self._next_ids, weights=self._next_weights)
-        step.__enter__()
-        self._open_step, self._next_ids, self._next_weights = step, None, None
+        self.recorder.begin_step(self._next_ids, weights=self._next_weights)
+        self._open_step, self._next_ids, self._next_weights = True, None, None
 
     def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                               **kwargs: Any) -> None:
         """Commit the step: every micro-batch has run backward and the optimizer has not yet stepped."""
-        step, self._open_step = self._open_step, None
-        step.__exit__(None, None, None)
+        self._open_step = False
+        self.recorder.commit_step()
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      **kwargs: Any) -> None:
@@ -128,10 +122,9 @@ class DVEmbCallback(TrainerCallback):
 
     def close(self) -> None:
         """Drop a step left open by an interrupted run (nothing of it is committed), then close the recorder."""
-        if self._open_step is not None:
-            error = _Interrupted("training stopped inside a recorded step")
-            step, self._open_step = self._open_step, None
-            step.__exit__(type(error), error, None)
+        if self._open_step:
+            self._open_step = False
+            self.recorder.abort_step()
         self._next_ids = None
         if self.recorder is not None:
             self.recorder.close()

@@ -112,6 +112,21 @@ def run_demo(
     info = compute_embeddings(store_path, show_progress=show_progress)
     print(f"data value embeddings computed in {info.seconds:.1f} s")
 
+    accuracy, predictions, picked, inf, tests = _attribute(store_path, model, x_test, y_test, y_train, n_test,
+                                                           steps_per_epoch)
+    print(f"test accuracy {accuracy:.1%}\n")
+    print(format_table(tests))
+    png_path = out / "demo.png"
+    plot_demo(png_path, tests, inf, x_train, x_test, steps_per_epoch)
+    wall = time.perf_counter() - start
+    print(f"\nstore  {store_path}  (inspect with: dvemb info {store_path})\nfigure {png_path}")
+    print(f"total wall time {wall:.1f} s")
+    return DemoResult(store_path, png_path, wall, accuracy, tests)
+
+
+def _attribute(store_path: Path, model: nn.Module, x_test: torch.Tensor, y_test: torch.Tensor,
+               y_train: torch.Tensor, n_test: int, steps_per_epoch: int):
+    """Test accuracy, predictions, the picked test points, their influence and top records."""
     model.eval()
     with torch.no_grad():
         predictions = model(x_test).argmax(1)
@@ -122,15 +137,7 @@ def run_demo(
     with torch.no_grad():
         losses = F.cross_entropy(model(x_q), y_q, reduction="none").tolist()
     tests = _attributions(inf, picked, y_test, predictions, losses, y_train, steps_per_epoch)
-
-    print(f"test accuracy {accuracy:.1%}\n")
-    print(format_table(tests))
-    png_path = out / "demo.png"
-    plot_demo(png_path, tests, inf, x_train, x_test, steps_per_epoch)
-    wall = time.perf_counter() - start
-    print(f"\nstore  {store_path}  (inspect with: dvemb info {store_path})\nfigure {png_path}")
-    print(f"total wall time {wall:.1f} s")
-    return DemoResult(store_path, png_path, wall, accuracy, tests)
+    return accuracy, predictions, picked, inf, tests
 
 
 def _train(model: nn.Module, store_path: Path, x: torch.Tensor, y: torch.Tensor, *, epochs: int, batch_size: int,
