@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
-from common import (BATCH, MLP_SIZES, Batch, Elapsed, alternate, base_parser, configure, elapsed, median,
+from common import (BATCH, MLP_SIZES, PAPER, Batch, Elapsed, alternate, base_parser, configure, elapsed, median,
                     mnist_mlp, print_table, random_batches, ratios, sgd_step, write_results)
 
 import torch
@@ -85,7 +85,7 @@ def plain_block(model: nn.Module, batches: list[Batch]) -> Elapsed:
 def recorded_block(model: nn.Module, batches: list[Batch], dim: int | None, root: str) -> Elapsed:
     """Time per recorded step, with a fresh Recorder and store under ``root`` made outside the timing."""
     with tempfile.TemporaryDirectory(dir=root) as tmp:
-        rec = dvemb.Recorder(model, Path(tmp) / "store", projection_dim=dim)
+        rec = dvemb.Recorder(model, Path(tmp) / "store", projection_dim=dim, **PAPER)
         try:
             return elapsed(lambda: train(model, batches, rec)).per(len(batches))
         finally:

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 import dvemb
+from common import PAPER
 from dvemb.studies.lm import GPT2Size, LMSelfConfig, build_gpt2, sequence_losses
 
 DEFAULTS = LMSelfConfig()
@@ -55,7 +56,7 @@ def measure(tie: bool, projection_dim: int | None, args: argparse.Namespace) -> 
     plain, recorded = [], []
     with tempfile.TemporaryDirectory() as tmp:
         rec = dvemb.Recorder(model, Path(tmp) / "store", projection_dim=projection_dim,
-                             modules="transformer.h.*" if tie else None)
+                             modules="transformer.h.*" if tie else None, **PAPER)
         try:
             timed(model, batches[:args.warmup], None)
             timed(model, batches[:args.warmup], rec)

@@ -38,7 +38,7 @@ def record(path: Path, min_bytes: int) -> int:
     per_step = BATCH * DEPTH * DIM * 4
     steps = -(-min_bytes // per_step)
     gen = torch.Generator().manual_seed(0)
-    with dvemb.Recorder(model, path, projection_dim=DIM) as rec:
+    with dvemb.Recorder(model, path, projection_dim=DIM, **common.PAPER) as rec:
         for t in range(steps):
             x, y = torch.randn(BATCH, WIDTH, generator=gen), torch.randint(0, WIDTH, (BATCH,), generator=gen)
             with rec.step(range(t * BATCH, (t + 1) * BATCH), lr=0.01):
@@ -69,7 +69,7 @@ def main() -> None:
                 torch.set_num_threads(threads)
                 try:
                     return common.seconds(lambda: dvemb.compute_embeddings(
-                        path, checkpoints=checkpoints, workers=workers, show_progress=False))
+                        path, checkpoints=checkpoints, workers=workers, show_progress=False, **common.EMBED_PAPER))
                 finally:
                     torch.set_num_threads(args.threads)
             return call

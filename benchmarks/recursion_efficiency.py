@@ -9,7 +9,7 @@ uses it where available); the faster is the machine's GEMM throughput. All count
 FLOPs per layer per step (G M^T and E^T G). A last timing, one G M^T and the rank-B update
 M += E^T G ([p, B] x [B, p]) per layer with dvemb's kernels, is reported for context, and
 so is ``compute_embeddings`` on the same store read as recorded with SGD momentum 0.9 (the
-U, V recursion: ``dvemb/sgd.py``). The ratios are medians over runs of the same run's ratios.
+U, V recursion: ``dvemb/update/sgd.py``). The ratios are medians over runs of the same run's ratios.
 
     python benchmarks/recursion_efficiency.py [--runs 7] [--steps 200] [--dim 1024]
 """
@@ -20,14 +20,14 @@ import json
 import tempfile
 from pathlib import Path
 
-from common import (BATCH, MLP_SIZES, alternate, base_parser, configure, median, print_table, ratios, record_store,
+from common import (BATCH, EMBED_PAPER, MLP_SIZES, alternate, base_parser, configure, median, print_table, ratios, record_store,
                     seconds, write_results)
 
 import torch
 
 import dvemb
 from dvemb import gemm
-from dvemb.sgd import SGDSettings
+from dvemb.update import SGD
 
 
 def step_flops(dims: list[int], batch: int) -> int:
@@ -75,10 +75,10 @@ def momentum_seconds(path: Path, momentum: float = 0.9) -> float:
     manifest = path / "manifest.json"
     plain = manifest.read_text()
     data = json.loads(plain)
-    data["sgd"] = SGDSettings(momentum=momentum).to_dict()
+    data["update"] = SGD(momentum=momentum).to_dict()
     manifest.write_text(json.dumps(data))
     try:
-        return seconds(lambda: dvemb.compute_embeddings(path, show_progress=False))
+        return seconds(lambda: dvemb.compute_embeddings(path, show_progress=False, **EMBED_PAPER))
     finally:
         manifest.write_text(plain)
 
@@ -97,7 +97,7 @@ def main() -> None:
         dims = [spec.dim for spec in store.layers]
         flops = step_flops(dims, BATCH) * store.n_steps
         timed = {
-            "compute_embeddings": lambda: seconds(lambda: dvemb.compute_embeddings(path, show_progress=False)),
+            "compute_embeddings": lambda: seconds(lambda: dvemb.compute_embeddings(path, show_progress=False, **EMBED_PAPER)),
             "matmul_mkl": lambda: matmul_seconds(dims, BATCH, store.n_steps, onednn=False),
             "matmul_onednn": lambda: matmul_seconds(dims, BATCH, store.n_steps, onednn=True),
             "rank_update": lambda: rank_update_seconds(dims, BATCH, store.n_steps),

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from common import (BATCH, MLP_SIZES, alternate, base_parser, configure, median, peak_rss_mib, print_table,
+from common import (BATCH, EMBED_PAPER, MLP_SIZES, alternate, base_parser, configure, median, peak_rss_mib, print_table,
                     query_loss, record_store, write_results)
 
 import dvemb
@@ -90,7 +90,7 @@ def worker(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "store"
         model = phase(out, "record", lambda: record_store(path, args.worker, args.dim), sampler)
-        phase(out, "embed", lambda: dvemb.compute_embeddings(path, show_progress=False), sampler)
+        phase(out, "embed", lambda: dvemb.compute_embeddings(path, show_progress=False, **EMBED_PAPER), sampler)
         scores = phase(out, "influence", lambda: dvemb.influence(path, model, query_loss(model, args.n_test)).scores,
                        sampler)
         out["store_mib"] = dvemb.Store(path).nbytes() / 2 ** 20

@@ -133,7 +133,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "store"
         model = record_store(path, args.steps, args.dim)
-        dvemb.compute_embeddings(path, show_progress=False)
+        dvemb.compute_embeddings(path, show_progress=False, blocking="layer")
         store = dvemb.Store(path)
         # an in-memory copy for the references; reading the memmaps also puts them in the page cache
         in_memory = np.concatenate([a.read(store.n_records) for a in final_arrays(store, "float32")], axis=1)
