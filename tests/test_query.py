@@ -50,7 +50,7 @@ def test_stale_embeddings_are_recomputed(tmp_path):
     model = train_recorded(tmp_path / "s", steps=3, batch=4, dtype=torch.float32, projection_dim=None)
     dvemb.compute_embeddings(tmp_path / "s", blocking="layer", show_progress=False)
     x = torch.randn(4, 10)
-    with dvemb.Recorder(model, tmp_path / "s", projection_dim=None, curvature="gradient_outer") as rec, \
+    with dvemb.Recorder(model, tmp_path / "s", projection_dim=None, curvature="gradient_outer", mode="resume") as rec, \
             rec.step([100, 101, 102, 103], lr=0.1):
         F.cross_entropy(model(x), torch.zeros(4, dtype=torch.long)).backward()
     with pytest.warns(UserWarning, match="cover 3 of 4 steps"):

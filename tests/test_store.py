@@ -90,7 +90,8 @@ def test_killed_at_random_moment_then_resumed(tmp_path):
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(20, 16), nn.Tanh(), nn.Linear(16, 4))
-    with dvemb.Recorder(model, tmp_path / "s", projection_dim=64, projection="gaussian") as rec:
+    with pytest.warns(UserWarning, match="cannot check that the model continues"), \
+            dvemb.Recorder(model, tmp_path / "s", projection_dim=64, projection="gaussian", mode="resume") as rec:
         assert rec.steps == committed
         with rec.step(range(8 * committed, 8 * committed + 8), lr=0.1):
             F.cross_entropy(model(torch.randn(8, 20)), torch.randint(0, 4, (8,))).backward()
@@ -159,10 +160,10 @@ def test_mismatched_model_is_a_clear_error_naming_the_layer(tmp_path):
     with pytest.raises(ValueError, match="store tracks layer '2'"):
         dvemb.influence(tmp_path / "s", missing, lambda: missing(x).sum(1))
     with pytest.raises(StoreError, match="cannot resume: layer '2'"):
-        dvemb.Recorder(other, tmp_path / "s")
+        dvemb.Recorder(other, tmp_path / "s", mode="resume")
     tiny_run(tmp_path / "p", projection_dim=8, projection="gaussian")
     with pytest.raises(StoreError, match="projection"):
-        tiny_run(tmp_path / "p", projection_dim=8, projection="rademacher")
+        tiny_run(tmp_path / "p", projection_dim=8, projection="rademacher", mode="resume")
 
 
 def test_non_finite_gradients_commit_nothing(tmp_path):
@@ -231,7 +232,7 @@ def test_shard_rolls_back_to_the_global_commit(tmp_path):
 
     model, x, y = tiny_run(tmp_path / "s", steps=3)
     config = Store(tmp_path / "s").config
-    writer = StoreWriter(tmp_path / "s", config, rollback_to_steps=2)
+    writer = StoreWriter(tmp_path / "s", config, rollback_to_steps=2, mode="resume")
     writer.close()
     store = Store(tmp_path / "s")
     assert store.n_steps == 2 and store.n_records == 8

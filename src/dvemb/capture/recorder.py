@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import hashlib
+import math
 import os
 import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -13,7 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..store import MANIFEST, StepRecord, Store, StoreConfig, all_finite, to_numpy
+from ..store import MANIFEST, LayerSpec, StepRecord, Store, StoreConfig, StoreError, all_finite, to_numpy
+from ..store.writer import Mode
 from ..update import Adam, rule_of
 from . import whitening as whiten
 from .checkpoints import save_checkpoint
@@ -23,7 +28,6 @@ from .fitting import BasisFit, needs_fit
 from .ghost import DeferredStep, GhostCapture
 from .options import DEFAULT_GGN_RANK, RecorderOptions, Reduction
 from ..projection import DEFAULT_PROJECTION_DIM, ProjectionKind
-from ..store import LayerSpec
 from .selection import ModuleSelection, layer_spec, select_modules
 from .sink import sink_for
 
@@ -71,6 +75,10 @@ class Recorder:
     Adam / AdamW (``optimizer=``) projected rows are whitened by the optimizer's factored preconditioner.
     ``save_checkpoints`` (every N steps, or a list of steps) saves theta_t before those steps, and
     theta_T on close, as safetensors files for checkpoint queries.
+
+    ``mode``: ``"new"`` (default) refuses a path that already holds recorded steps; ``"resume"``
+    continues that run (the model must hold the parameters it ended with, checked when the previous
+    Recorder was closed); ``"overwrite"`` deletes it first. One Recorder writes a path at a time.
     """
 
     def __init__(
@@ -90,6 +98,7 @@ class Recorder:
         curvature_samples: int | None = DEFAULT_GGN_RANK,
         fit_steps: int | None = None,
         fsync: bool = False,
+        mode: Mode = "new",
     ) -> None:
         self.options = RecorderOptions.of(dtype, modules, save_checkpoints, projection_dim=projection_dim, seed=seed,
                                           reduction=reduction, projection=projection, curvature=curvature,
@@ -112,12 +121,16 @@ class Recorder:
         self._fit = BasisFit(self._specs) if any(needs_fit(s) for s in self._specs) else None
         self._fit_steps = o.fit_steps
         self._pending: list[_Step] = []
-        self._open()
+        _refuse_oversized(self._specs)
+        self._open(mode)
         self._steps = self._sink.committed_steps()
         self._capture.attach()
-        self._open: _Step | None = None
+        self._current: _Step | None = None
         self._open_lr: float | None = None
         self._closed = False
+        self._given_lr: float | None = None  # an explicit lr, to compare with the optimizer's at its next step()
+        self._lr_hook = None if optimizer is None else optimizer.register_step_pre_hook(self._compare_lr)
+        _OPEN.add(self)
 
     @property
     def path(self) -> Path:
@@ -164,11 +177,11 @@ class Recorder:
         :meth:`abort_step`. For training loops that cannot wrap a step in a ``with`` block."""
         if self._closed:
             raise RuntimeError("Recorder is closed")
-        if self._open is not None:
+        if self._current is not None:
             raise RuntimeError("Recorder.step blocks cannot be nested")
-        sample_ids = as_ids(ids)
-        if len(sample_ids) == 0:
-            raise ValueError("a step needs at least one sample id")
+        sample_ids = check_ids(ids)
+        if lr is not None:
+            lr = check_lr(lr)
         t = self._steps
         if self._wants_checkpoint(t):
             save_checkpoint(self.path, self.model, t)  # theta_t, before this step's update
@@ -178,7 +191,7 @@ class Recorder:
         self._capture.set_specs(self._specs, None if factors is None else whiten.scales(factors))
         # hooks see this rank's loss gradient w_local * g: scaling by 1/w_local stores the sample's own g
         self._capture.begin(scale=1.0 / local if isinstance(local, float) else 1.0, defer=defer)
-        self._open = _Step(t, sample_ids, local, 0.0 if lr is None else float(lr), None, factors)
+        self._current = _Step(t, sample_ids, local, 0.0, None, factors)
         self._open_lr = lr
 
     def commit_step(self) -> None:
@@ -202,9 +215,9 @@ class Recorder:
         self._capture.abort()
 
     def _take_open(self) -> _Step:
-        if self._open is None:
+        if self._current is None:
             raise RuntimeError("no recorded step is open: call begin_step first")
-        step, self._open = self._open, None
+        step, self._current = self._current, None
         return step
 
     def _defer(self, step: _Step) -> None:
@@ -244,12 +257,29 @@ class Recorder:
             step.rows = self._capture.realize(step.rows)
             self._write(step, check=False)
 
-    def _open(self) -> None:
+    def _open(self, mode: Mode) -> None:
         """Create (or resume) the store; fitted bases are stored when they are known (before the first step)."""
         config = StoreConfig(tuple(self._specs), self.options.dtype, self.options.reduction, self.options.curvature,
                              self.options.projection, self.options.seed, self._rule, self._whitening is not None)
-        self._sink.open(config)
+        self._sink.open(config, mode)
         self._capture.set_specs(self._specs)
+        if self._sink.committed_steps():
+            try:
+                self._check_continues(self._sink.committed_steps())
+            except BaseException:
+                self._sink.close()
+                raise
+
+    def _check_continues(self, steps: int) -> None:
+        """On resume: the model must hold the parameters the recorded run ended with, where they were recorded."""
+        stored = Store(self._path).manifest.get("parameters")
+        if not stored or stored.get("step") != steps:
+            warnings.warn(f"{self._path}: cannot check that the model continues the recorded run (the process that "
+                          f"recorded its {steps} steps did not close the Recorder)", stacklevel=4)
+        elif stored["sha256"] != parameters_digest(self._modules):
+            raise StoreError(f"{self._path}: the model's tracked parameters are not those the recorded run ended with "
+                             f"after step {steps}: load that state (e.g. dvemb.load_checkpoint) before resuming, or "
+                             "record into another path")
 
     def _write(self, step: _Step, check: bool) -> None:
         """Scale the step's rows to each sample's own loss, check them and hand them to the store."""
@@ -284,9 +314,25 @@ class Recorder:
 
     def _resolve_lr(self, lr: float | None) -> float:
         if lr is not None:
-            return float(lr)
+            self._given_lr = lr
+            return lr
         if self.optimizer is None:
             raise ValueError("give lr= to Recorder.step, or pass optimizer= to the Recorder")
+        return self._optimizer_lr()
+
+    def _compare_lr(self, optimizer: torch.optim.Optimizer, *_: object) -> None:
+        """At optimizer.step(): warn (once) when the lr given to the step just recorded is not the one applied."""
+        lr, self._given_lr = self._given_lr, None
+        if lr is None:
+            return
+        found = self._optimizer_lr()
+        if not math.isclose(found, lr, rel_tol=1e-6, abs_tol=0.0):  # float32 schedules round at ~1e-7
+            self._lr_hook.remove()
+            warnings.warn(f"step {self._steps - 1}: lr={lr} was given to Recorder.step but the optimizer applies "
+                          f"lr={found}; the embeddings follow lr={lr} (warned once)", stacklevel=3)
+
+    def _optimizer_lr(self) -> float:
+        """The lr of the optimizer groups that hold the tracked layers (one value)."""
         lrs = set()
         for module in self._modules:
             for group in self.optimizer.param_groups:
@@ -313,16 +359,28 @@ class Recorder:
         dropped."""
         if self._closed:
             return
-        if self._open is not None:
+        if self._current is not None:
             self.abort_step()
         try:
             if self._saves_checkpoints and self.steps > 0:
                 save_checkpoint(self.path, self.model, self.steps)
             self._fit_bases()
+            self._sink.flush()
+            self._sink.set_metadata("parameters", {"step": self.steps, "sha256": parameters_digest(self._modules)})
         finally:
+            if self._lr_hook is not None:
+                self._lr_hook.remove()
             self._capture.detach()
             self._sink.close()
             self._closed = True
+            _OPEN.discard(self)
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True) and getattr(self, "_sink", None) is not None \
+                and self._sink.world_size == 1:
+            warnings.warn(f"a Recorder writing {self.path} was garbage-collected while open: closing it "
+                          "(use `with` or close())", ResourceWarning)
+            self.close()
 
     def __enter__(self) -> "Recorder":
         return self
@@ -349,6 +407,63 @@ def _resumed_specs(path: Path, specs: list[LayerSpec]) -> list[LayerSpec]:
             spec.kind, spec.d_in, spec.d_out, spec.bias)
         out.append(found if same and needs_fit(spec) and not needs_fit(found) else spec)
     return out
+
+
+def parameters_digest(modules: Sequence[nn.Module]) -> str:
+    """SHA-256 of the tracked layers' parameters (their bytes, in order): what a resumed run must continue from."""
+    digest = hashlib.sha256()
+    for module in modules:
+        for p in module.parameters(recurse=False):
+            digest.update(p.detach().to("cpu").contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _refuse_oversized(specs: Sequence[LayerSpec]) -> None:
+    """Refuse layers whose propagator (dim^2 float32 values) alone exceeds this machine's memory."""
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
+    for spec in specs:
+        need = 4 * spec.dim ** 2
+        if memory is not None and need > memory:
+            raise ValueError(f"layer {spec.name!r} keeps {spec.dim:,} values per record ({spec.describe()}): its "
+                             f"propagator needs {need / 2**30:,.0f} GiB and this machine has {memory / 2**30:,.0f} GiB; "
+                             "project it (projection_dim=1024, the default) or leave it out (modules=...)")
+
+
+def check_ids(ids: object) -> np.ndarray:
+    """Sample ids as int64: non-negative, distinct within the step, and below 2^63."""
+    raw = ids.detach().cpu().numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids)
+    if raw.ndim == 1 and raw.dtype == np.uint64 and raw.size and raw.max() >= 2 ** 63:
+        raise ValueError(f"sample ids must be below 2^63, got {int(raw.max())}")
+    arr = as_ids(raw)
+    if len(arr) == 0:
+        raise ValueError("a step needs at least one sample id")
+    if (arr < 0).any():
+        raise ValueError(f"sample ids must be non-negative integers, got {int(arr.min())}")
+    unique, counts = np.unique(arr, return_counts=True)
+    if (counts > 1).any():
+        raise ValueError(f"sample ids must be distinct within a step: {unique[counts > 1][:5].tolist()} repeat "
+                         "(a sample used twice in one batch needs two ids)")
+    return arr
+
+
+def check_lr(lr: float) -> float:
+    """A learning rate: finite and non-negative."""
+    lr = float(lr)
+    if not math.isfinite(lr) or lr < 0:
+        raise ValueError(f"lr must be a finite number >= 0, got {lr}")
+    return lr
+
+
+_OPEN: "weakref.WeakSet[Recorder]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    """Commit the steps of Recorders a script never closed (one process; ranks close their own)."""
+    for rec in list(_OPEN):
+        if rec._sink.world_size == 1:
+            warnings.warn(f"a Recorder writing {rec.path} was never closed: closed at exit (use `with` or close())")
+            rec.close()
 
 
 def _local_weights(n: int, reduction: Reduction, weights: object) -> float | np.ndarray:

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import torch
 
-from ..store import (MANIFEST, BackgroundWriter, DistributedIndex, StepRecord, StoreConfig, StoreWriter, read_json,
-                     shard_path)
+from ..store import (MANIFEST, BackgroundWriter, DistributedIndex, StepRecord, StoreConfig, StoreError, StoreWriter,
+                     read_json, shard_path)
+from ..store.writer import Mode
 from .distributed import DistributedContext
 
 
@@ -21,9 +22,9 @@ class LocalSink:
         self.path, self.fsync = Path(path), fsync
         self._writer: BackgroundWriter | None = None
 
-    def open(self, config: StoreConfig) -> None:
+    def open(self, config: StoreConfig, mode: Mode = "new") -> None:
         """Create the store, or resume it after its last commit (at most 4 steps in flight)."""
-        self._writer = BackgroundWriter(StoreWriter(self.path, config, fsync=self.fsync))
+        self._writer = BackgroundWriter(StoreWriter(self.path, config, fsync=self.fsync, mode=mode))
 
     def committed_steps(self) -> int:
         """Steps of the store before this recorder's (0 before it was opened)."""
@@ -33,6 +34,12 @@ class LocalSink:
         """Store fitted bases before the first step."""
         assert self._writer is not None
         self._writer.set_layers(layers)
+
+    def set_metadata(self, key: str, value: object) -> None:
+        """Record a value in the store's manifest (once every step is written)."""
+        if self._writer is not None:
+            self._writer.flush()
+            self._writer.writer.set_metadata(key, value)
 
     def check(self, bad: bool, n: int) -> tuple[bool, int]:
         """(any rank's step non-finite, the step's records over all ranks)."""
@@ -70,14 +77,38 @@ class DistributedSink:
         self._index: DistributedIndex | None = None
         self._writer: StoreWriter | None = None
 
-    def open(self, config: StoreConfig) -> None:
-        """Rank 0 creates or resumes the top manifest; every rank its shard, rolled back to the global commit."""
+    def open(self, config: StoreConfig, mode: Mode = "new") -> None:
+        """Rank 0 creates or resumes the top manifest; every rank its shard, rolled back to the global commit.
+
+        A rank that cannot open makes every rank fail (no rank waits for the others forever)."""
+        error = None
         if self.rank == 0:
-            self._index = DistributedIndex(self.path, config, self.world_size, fsync=self.fsync)
-        self.context.barrier()
+            error = self._together(lambda: setattr(self, "_index", DistributedIndex(
+                self.path, config, self.world_size, fsync=self.fsync, mode=mode)), None)
+        self._raise_together(error, "rank 0 could not open the store")
         committed = read_json(self.path / MANIFEST)["committed_steps"]
-        self._writer = StoreWriter(shard_path(self.path, self.rank), config, fsync=self.fsync,
-                                   rollback_to_steps=committed)
+        shard_mode = "resume" if committed or mode == "resume" else "overwrite"  # rank 0 decided for the store
+        error = self._together(lambda: setattr(self, "_writer", StoreWriter(
+            shard_path(self.path, self.rank), config, fsync=self.fsync, rollback_to_steps=committed,
+            mode=shard_mode)), None)
+        self._raise_together(error, "another rank could not open its shard")
+
+    @staticmethod
+    def _together(call, error: BaseException | None) -> BaseException | None:
+        """Run ``call``, returning its error instead of raising it (to be raised on every rank together)."""
+        try:
+            call()
+        except BaseException as exc:  # re-raised by _raise_together after the ranks agree
+            return exc
+        return error
+
+    def _raise_together(self, error: BaseException | None, others: str) -> None:
+        """Raise on every rank when any rank failed: its own error, or a StoreError saying another failed."""
+        failed, _ = self.context.sum(error is not None, 0)
+        if error is not None:
+            raise error
+        if failed:
+            raise StoreError(f"{self.path}: {others}")
 
     def committed_steps(self) -> int:
         """Steps of the store before this recorder's."""
@@ -123,10 +154,20 @@ class DistributedSink:
     def flush(self) -> None:
         """Steps are committed as they come."""
 
+    def set_metadata(self, key: str, value: object) -> None:
+        """Record a value in every shard's manifest and rank 0's top manifest."""
+        if self._writer is not None:
+            self._writer.set_metadata(key, value)
+        if self._index is not None:
+            self._index.manifest[key] = value
+            self._index.commit(self._index.n_steps, self._index.n_records)
+
     def close(self) -> None:
-        """Close the shard."""
+        """Close the shard (and rank 0's top manifest)."""
         if self._writer is not None:
             self._writer.close()
+        if self._index is not None:
+            self._index.close()
 
 
 def sink_for(path: str | os.PathLike, fsync: bool) -> LocalSink | DistributedSink:

@@ -91,9 +91,10 @@ class DVEmbCallback(TrainerCallback):
                        model: Any = None, optimizer: Any = None, **kwargs: Any) -> None:
         """Open the store; the lr is read from the optimizer the Trainer built."""
         _check_arguments(args)
+        mode = "resume" if state.global_step else "new"  # resume_from_checkpoint continues the store
         self.recorder = Recorder(model, self.path, self.projection_dim,
                                  optimizer=getattr(optimizer, "optimizer", optimizer),  # Accelerate's wrapper
-                                 **self.recorder_kwargs)
+                                 **{"mode": mode, **self.recorder_kwargs})
         if self.recorder.steps != state.global_step:
             steps = self.recorder.steps
             self.close()

@@ -9,26 +9,74 @@ them.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import queue
+import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 
 from ..update import SGD
+from .lock import LOCK_FILE, StoreLock
 from .arrays import AppendableArray, read_json, write_json_atomic, write_text_atomic
 from .reader import Store
-from .schema import (_VOLATILE, MANIFEST, RECORD_DTYPE, WHITENING_DTYPE, LayerSpec, StepRecord, StoreConfig, StoreError,
+from .schema import (_VOLATILE, MANIFEST, PROJECTIONS, RECORD_DTYPE, WHITENING_DTYPE, LayerSpec, StepRecord, StoreConfig, StoreError,
                      _spec_difference, new_manifest, write_projections)
 
 
 def _check_new_dir(path: Path) -> None:
-    if path.exists() and any(path.iterdir()):
+    if path.exists() and any(p.name != LOCK_FILE for p in path.iterdir()):
         raise StoreError(f"{path} exists, is not empty and holds no dvemb store")
+
+
+Mode = Literal["new", "resume", "overwrite"]
+MODES = ("new", "resume", "overwrite")
+_ENTRIES = (MANIFEST, PROJECTIONS, "records.npy", "grads", "curv", "whitening", "embeddings", "checkpoints", "shards")
+
+
+def prepare(path: Path, mode: Mode) -> bool:
+    """Make ``path`` ready for a writer in ``mode``; True when an existing store is to be resumed.
+
+    ``"new"`` refuses a store that already holds steps (a re-run would append a second run to the
+    first); ``"resume"`` continues it (or starts one where there is none); ``"overwrite"`` deletes the
+    store's files first. A non-empty directory that holds no store is never touched.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    exists = (path / MANIFEST).exists()
+    if not exists:
+        _check_new_dir(path)
+        return False
+    steps = 0 if mode == "overwrite" else Store(path).n_steps
+    if mode == "new" and steps:
+        raise StoreError(f"{path} already holds a recorded run of {steps} steps: pass mode='resume' to continue it, "
+                         "mode='overwrite' to replace it, or record into another path")
+    if mode == "resume" and steps:
+        return True
+    _clear(path)  # overwritten, or a store that never committed a step
+    return False
+
+
+def _clear(path: Path) -> None:
+    """Delete a store's own files (nothing else in the directory)."""
+    for name in _ENTRIES:
+        entry = path / name
+        if entry.is_dir():
+            shutil.rmtree(entry)
+        elif entry.exists():
+            entry.unlink()
+
+
+def _write_failure(path: Path, exc: OSError, steps: int) -> str:
+    """One line for a failed write: the store, the cause (a full disk said so) and what is kept."""
+    cause = "the disk is full" if exc.errno == errno.ENOSPC else f"{exc.strerror or exc}"
+    return (f"{path}: writing failed: {cause}; the store keeps its committed steps ({steps} or more) and "
+            "recording can resume once the cause is fixed (mode='resume')")
 
 
 class _Committed:
@@ -55,11 +103,19 @@ class StoreWriter(_Committed):
     """
 
     def __init__(self, path: str | os.PathLike, config: StoreConfig, *, fsync: bool = False,
-                 rollback_to_steps: int | None = None) -> None:
+                 rollback_to_steps: int | None = None, mode: Mode = "new") -> None:
         self.path = Path(path)
         self.fsync = fsync
-        manifest_path = self.path / MANIFEST
-        if manifest_path.exists():
+        self._lock = StoreLock(self.path)
+        try:
+            self._open(config, rollback_to_steps, mode)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _open(self, config: StoreConfig, rollback_to_steps: int | None, mode: Mode) -> None:
+        """Resume the store at ``path`` (its settings must match) or create it, as ``mode`` allows."""
+        if prepare(self.path, mode):
             store = Store(self.path)
             self.check_resume(store.config, config)
             self.manifest = store.manifest
@@ -67,9 +123,8 @@ class StoreWriter(_Committed):
                 self.manifest["committed_steps"] = rollback_to_steps
                 self.manifest["committed_records"] = int(store.step_starts[rollback_to_steps])
         else:
-            _check_new_dir(self.path)
             (self.path / "grads").mkdir(parents=True, exist_ok=True)
-            write_projections(self.path, config.layers, fsync)
+            write_projections(self.path, config.layers, self.fsync)
             self.manifest = new_manifest(config)
         self.config = config
         self._static_json: str | None = None
@@ -123,6 +178,12 @@ class StoreWriter(_Committed):
         self._static_json = None
         self._write_manifest()
 
+    def set_metadata(self, key: str, value: object) -> None:
+        """Record a JSON value in the manifest (with the next commit's counts, now)."""
+        self.manifest[key] = value
+        self._static_json = None
+        self._write_manifest()
+
     @property
     def _arrays(self) -> list[AppendableArray]:
         """Arrays with one row per record."""
@@ -150,26 +211,31 @@ class StoreWriter(_Committed):
 
         On an error, every written but uncommitted step is dropped.
         """
-        n_steps, n_records = self._written
-        try:
-            for step in steps:
-                if step.curvature is not None:
-                    self._check_curvature(step.curvature, n_records)
-                if bool(self._white) != (step.whitening is not None):
-                    raise StoreError("a step's whitening factors do not match the store's whitening setting")
-                records = np.zeros(len(step.sample_ids), dtype=RECORD_DTYPE)
-                records["step"], records["sample_id"], records["weight"] = n_steps, step.sample_ids, step.weights
-                records["lr"], records["rank"] = step.lr, step.rank
-                self._records.append(records)
-                for arr, rows in zip(self._grads + self._curv, [*step.grads, *(step.curvature or [])]):
-                    arr.append(rows)
-                for arr, row in zip(self._white, step.whitening or []):
-                    arr.append(np.asarray(row, dtype=WHITENING_DTYPE)[None])
-                n_steps, n_records = n_steps + 1, n_records + len(step.sample_ids)
-        except BaseException:
-            self._drop_uncommitted()
-            raise
-        self._written = (n_steps, n_records)
+        for step in steps:
+            n_steps, n_records = self._written
+            try:
+                self._write_step(step, n_steps, n_records)
+            except BaseException as exc:
+                self._drop_partial()  # the steps written before this one stay, to be committed
+                if isinstance(exc, OSError):
+                    raise StoreError(_write_failure(self.path, exc, n_steps)) from None
+                raise
+            self._written = (n_steps + 1, n_records + len(step.sample_ids))
+
+    def _write_step(self, step: StepRecord, n_steps: int, n_records: int) -> None:
+        """Append one step's records and rows."""
+        if step.curvature is not None:
+            self._check_curvature(step.curvature, n_records)
+        if bool(self._white) != (step.whitening is not None):
+            raise StoreError("a step's whitening factors do not match the store's whitening setting")
+        records = np.zeros(len(step.sample_ids), dtype=RECORD_DTYPE)
+        records["step"], records["sample_id"], records["weight"] = n_steps, step.sample_ids, step.weights
+        records["lr"], records["rank"] = step.lr, step.rank
+        self._records.append(records)
+        for arr, rows in zip(self._grads + self._curv, [*step.grads, *(step.curvature or [])]):
+            arr.append(rows)
+        for arr, row in zip(self._white, step.whitening or []):
+            arr.append(np.asarray(row, dtype=WHITENING_DTYPE)[None])
 
     def commit(self) -> None:
         """Make every written step durable: flush the rows, then atomically replace the manifest."""
@@ -178,8 +244,10 @@ class StoreWriter(_Committed):
         try:
             for arr in self._arrays + self._white:
                 arr.flush(self.fsync)
-        except BaseException:
+        except BaseException as exc:
             self._drop_uncommitted()
+            if isinstance(exc, OSError):
+                raise StoreError(_write_failure(self.path, exc, self.n_steps)) from None
             raise
         self.manifest["committed_steps"], self.manifest["committed_records"] = self._written
         self._write_manifest()
@@ -190,6 +258,14 @@ class StoreWriter(_Committed):
         for arr in self._white:
             arr.rollback(self.n_steps)
         self._written = (self.n_steps, self.n_records)
+
+    def _drop_partial(self) -> None:
+        """Truncate the files to the whole steps written so far (committed or not)."""
+        n_steps, n_records = self._written
+        for arr in self._arrays:
+            arr.rollback(n_records)
+        for arr in self._white:
+            arr.rollback(n_steps)
 
     def _check_curvature(self, curvature: Sequence[np.ndarray], rows_written: int) -> None:
         """Open the curvature arrays on the first step that has them; refuse a change of shape."""
@@ -218,12 +294,15 @@ class StoreWriter(_Committed):
 
     def close(self) -> None:
         """Bring the .npy headers up to date and close all files (committed data stays, the rest is dropped)."""
-        if self._written != (self.n_steps, self.n_records):
-            self._drop_uncommitted()
-        for arr in self._arrays:
-            arr.close(self.n_records)
-        for arr in self._white:
-            arr.close(self.n_steps)
+        try:
+            if self._written != (self.n_steps, self.n_records):
+                self._drop_uncommitted()
+            for arr in self._arrays:
+                arr.close(self.n_records)
+            for arr in self._white:
+                arr.close(self.n_steps)
+        finally:
+            self._lock.release()
 
 
 class BackgroundWriter:
@@ -312,22 +391,33 @@ class BackgroundWriter:
 class DistributedIndex(_Committed):
     """Rank 0's top-level manifest of a distributed store: the global committed counts."""
 
-    def __init__(self, path: str | os.PathLike, config: StoreConfig, world_size: int, *, fsync: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike, config: StoreConfig, world_size: int, *, fsync: bool = False,
+                 mode: Mode = "new") -> None:
         self.path = Path(path)
         self.fsync = fsync
-        manifest_path = self.path / MANIFEST
-        if manifest_path.exists():
-            self.manifest = read_json(manifest_path)
+        self._lock = StoreLock(self.path)
+        try:
+            self._open(config, world_size, mode)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _open(self, config: StoreConfig, world_size: int, mode: Mode) -> None:
+        if prepare(self.path, mode):
+            self.manifest = read_json(self.path / MANIFEST)
             if self.manifest.get("world_size", 1) != world_size:
                 raise StoreError(f"cannot resume: {self.path} was recorded by {self.manifest.get('world_size', 1)} "
                                  f"ranks, this run has {world_size}")
             StoreWriter.check_resume(Store(self.path).config, config)
         else:
-            _check_new_dir(self.path)
             self.path.mkdir(parents=True, exist_ok=True)
-            write_projections(self.path, config.layers, fsync)
+            write_projections(self.path, config.layers, self.fsync)
             self.manifest = {**new_manifest(config), "world_size": world_size}
             self.commit(0, 0)
+
+    def close(self) -> None:
+        """Release the store's lock."""
+        self._lock.release()
 
     def set_layers(self, layers: Sequence[LayerSpec]) -> None:
         """Replace the layers' projections (fitted bases) before the first step."""
