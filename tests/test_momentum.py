@@ -146,3 +146,19 @@ def test_scores_follow_retraining_and_beat_ignoring_momentum(tmp_path, sgd):
     # gradient's effect up to 1 / (1 - mu) = 10x; records of the last 10 steps get part of it)
     assert got.spearman >= 0.95 and got.spearman > got.ignored_spearman
     assert 0.8 < got.scale < 1.25 and got.ignored_scale > 3
+
+
+def test_a_no_decay_group_for_biases_takes_the_weights_decay_with_a_warning(tmp_path):
+    """The HF Trainer's layout: weights decay, biases and norms do not. The layer's weights hold most
+    elements, so their decay is applied (the biases' error is at most 1 - prod(1 - lr * decay))."""
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    weights = [m.weight for m in (model[0], model[2])]
+    biases = [m.bias for m in (model[0], model[2])]
+    opt = torch.optim.AdamW([{"params": weights, "weight_decay": 0.1}, {"params": biases, "weight_decay": 0.0}],
+                            lr=1e-3)
+    with pytest.warns(UserWarning, match=r"weight decays \[0.0, 0.1\]; the embeddings apply weight_decay=0.1"), \
+            dvemb.Recorder(model, tmp_path / "a", optimizer=opt) as rec:
+        pass
+    assert rec.path.joinpath("manifest.json").exists()
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert manifest["update"]["weight_decay"] == 0.1

@@ -51,7 +51,7 @@ def rule_of(optimizer: torch.optim.Optimizer | None, modules: Sequence[nn.Module
     if isinstance(optimizer, torch.optim.Adam):  # AdamW is a subclass
         rule, why = _adam(optimizer, groups, params)
     elif isinstance(optimizer, torch.optim.SGD):
-        rule, why = _sgd(optimizer, groups, modules)
+        rule, why = _sgd(optimizer, groups, params)
     else:
         rule, why = None, ("is not SGD, Adam or AdamW; data value embeddings linearise theta <- theta - lr * grad "
                            "instead")
@@ -70,6 +70,22 @@ def _one_setting(groups: list[dict], keys: Sequence[str]) -> tuple | None:
     return found.pop() if found else None
 
 
+def _weight_decay(groups: list[dict], params: set[int]) -> float:
+    """The tracked layers' weight decay. Where groups differ (the usual no-decay group for biases and norm
+    weights), the value of the group holding most of the tracked elements, with a warning: the embeddings
+    then decay the other parameters too, a relative error of at most 1 - prod(1 - lr * decay) over the run."""
+    elements: dict[float, int] = {}
+    for g in groups:
+        decay = float(_plain(g.get("weight_decay", 0.0)))  # type: ignore[arg-type]
+        elements[decay] = elements.get(decay, 0) + sum(p.numel() for p in g["params"] if id(p) in params)
+    chosen = max(elements, key=lambda d: elements[d])
+    if len(elements) > 1:
+        warnings.warn(f"tracked layers are in optimizer groups with weight decays {sorted(elements)}; the embeddings "
+                      f"apply weight_decay={chosen} (the group holding most of their elements) to all of them",
+                      stacklevel=4)
+    return chosen
+
+
 def _plain(value: object) -> object:
     """Group values as hashable Python numbers (betas tuples, tensor lrs)."""
     if isinstance(value, torch.Tensor):
@@ -79,23 +95,25 @@ def _plain(value: object) -> object:
     return value
 
 
-def _sgd(optimizer: torch.optim.SGD, groups: list[dict], modules: Sequence[nn.Module]) -> tuple[SGD | None, str]:
-    found = _one_setting(groups, ("momentum", "dampening", "nesterov", "weight_decay", "maximize"))
+def _sgd(optimizer: torch.optim.SGD, groups: list[dict], params: set[int]) -> tuple[SGD | None, str]:
+    found = _one_setting(groups, ("momentum", "dampening", "nesterov", "maximize"))
     if found is None:
         return SGD(), ""
-    momentum, dampening, nesterov, weight_decay, maximize = found
+    momentum, dampening, nesterov, maximize = found
     if maximize:
         raise ValueError("SGD(maximize=True) is not supported: the embeddings assume descent")
     fresh = not any(optimizer.state.get(p, {}).get("momentum_buffer") is not None
-                    for m in modules for p in m.parameters(recurse=False))
-    return SGD(float(momentum), float(dampening) if momentum else 0.0, bool(nesterov), float(weight_decay), fresh), ""
+                    for g in groups for p in g["params"] if id(p) in params)
+    return SGD(float(momentum), float(dampening) if momentum else 0.0, bool(nesterov), _weight_decay(groups, params),
+               fresh), ""
 
 
 def _adam(optimizer: torch.optim.Adam, groups: list[dict], params: set[int]) -> tuple[Adam | None, str]:
-    found = _one_setting(groups, ("betas", "eps", "weight_decay", "decoupled_weight_decay", "amsgrad", "maximize"))
+    found = _one_setting(groups, ("betas", "eps", "decoupled_weight_decay", "amsgrad", "maximize"))
     if found is None:
         return None, "holds none of the tracked layers"
-    (beta1, beta2), eps, weight_decay, decoupled, amsgrad, maximize = found
+    (beta1, beta2), eps, decoupled, amsgrad, maximize = found
+    weight_decay = _weight_decay(groups, params)
     if amsgrad or maximize:
         return None, "with amsgrad or maximize is not modelled"
     if any(optimizer.state.get(p) for g in groups for p in g["params"] if id(p) in params):
