@@ -105,6 +105,24 @@ def test_adam_settings_that_cannot_be_followed_fall_back_with_a_warning(tmp_path
     assert Store(tmp_path / "ok").config.update == Adam(0.8, 0.9, 1e-8, 0.01, decoupled=True)
 
 
+def test_auto_blocking_keeps_exact_gradient_adam_out_of_sketches(tmp_path):
+    """Per-parameter preconditioners cannot pass through a hierarchical plan's sketches: where 'auto' would
+    sketch (many layers beyond the global budget), an exact-gradient Adam store gets one block per layer."""
+    from dvemb.embed.plan import make_plan
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(6)], nn.Linear(8, 3))
+    with dvemb.Recorder(model, tmp_path / "s", projection_dim=None, curvature="gradient_outer",
+                        optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3)) as rec, rec.step(range(4)):
+        F.cross_entropy(model(torch.randn(4, 8)), torch.tensor([0, 1, 2, 0])).backward()
+    store = Store(tmp_path / "s")
+    # 6 x 72 + 27 coordinates: global costs (sum d)^2 / sum d^2 = 6.6 > TIME_BUDGET times the per-layer plan
+    assert make_plan(store, "auto").kind == "layer"
+    with pytest.raises(ValueError, match="sketches cannot carry"):
+        make_plan(store, "hierarchical")
+    dvemb.compute_embeddings(tmp_path / "s", show_progress=False)  # the default 'auto' runs
+
+
 def _adamw_run(path, steps=4, **recorder):
     """A small float64 MLP trained with AdamW under a Recorder that projects (so rows are whitened); returns the
     model at the start of each step, the optimizer's second moments before it, and the data."""

@@ -47,15 +47,8 @@ def step_coefficients(store: Store, rule: UpdateRule, parts: Sequence[Part], sta
         return lambda t: rule.coefficients(step_lr[t], t)
     layers = sorted({p.layer for p in parts})
     tables = dict(zip(layers, (_adam_table(store, rule, [i], start, stop, step_lr, dtype) for i in layers)))
-    table = {k: torch.cat([_coordinates(tables[p.layer][k], p) for p in parts], 1) for k in tables[layers[0]]}
+    table = {k: torch.cat([tables[p.layer][k] for p in parts], 1) for k in tables[layers[0]]}  # unsketched parts
     return lambda t: StepCoefficients(step_lr[t], t, {k: v[t - start] for k, v in table.items()})
-
-
-def _coordinates(values: torch.Tensor, part: Part) -> torch.Tensor:
-    if part.sketch is not None:  # a sketch mixes coordinates: elementwise scalings do not survive it
-        raise ValueError("Adam with exact gradients follows per-parameter preconditioners, which a hierarchical "
-                         "plan's sketches cannot carry: use blocking='global' or 'layer', or projected gradients")
-    return values
 
 
 def _adam_table(store: Store, rule: Adam, block: Sequence[int], start: int, stop: int, step_lr: list[float],

@@ -28,6 +28,7 @@ import torch
 
 from ..projection import derive_seed
 from ..store import Store
+from ..update import Adam
 
 Blocking = Literal["auto", "layer", "global", "hierarchical"]
 BLOCKINGS = ("auto", "layer", "global", "hierarchical")
@@ -128,10 +129,20 @@ def make_plan(store: Store, blocking: Blocking = "auto", memory: int = DEFAULT_M
     fits = matrices * itemsize * (sum(dims) ** 2 - squares) <= memory and sum(dims) ** 2 <= TIME_BUDGET * squares
     if blocking == "global" or (blocking == "auto" and fits):
         return Plan("global", whole, (tuple(range(len(dims))),), step_rank)
+    if _elementwise(store):
+        if blocking == "auto":
+            return per_layer
+        raise ValueError("Adam with exact gradients follows per-parameter preconditioners, which a hierarchical "
+                         "plan's sketches cannot carry: use blocking='global' or 'layer', or projected gradients")
     q = coarse_size(dims, min(memory // (matrices * itemsize), int((TIME_BUDGET - 1) * squares)))
     if blocking == "auto" and q < MIN_COARSE:
         return per_layer
     return hierarchical(store, max(1, q), step_rank)
+
+
+def _elementwise(store: Store) -> bool:
+    """Whether the recursion scales coordinates one by one (Adam on unwhitened rows): no sketch may mix them."""
+    return isinstance(store.config.update, Adam) and not store.config.whitening
 
 
 def coarse_size(dims: list[int], values: int) -> int:
