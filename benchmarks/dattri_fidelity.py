@@ -17,8 +17,9 @@ the process's peak resident set while the method runs (Linux VmHWM, reset when i
 its increase over the resident set at the start; the largest over the repeats. Store size:
 dvemb's store directory on disk; dattri keeps everything in memory, so its size is the cached
 gradients plus the embeddings (in the model's dtype, float64 here; dvemb stores float32 by
-default). Configurations:
-with ``--projection-dim K`` dvemb projects each layer to about K values (per-layer curvature)
+default). Both run the paper's method: dvemb with its paper configuration (common.PAPER: gradient
+outer-product curvature, Gaussian projections, one block per layer), not its faithful defaults.
+Configurations: with ``--projection-dim K`` dvemb projects each layer to about K values (per-layer curvature)
 and dattri uses its Kronecker factorisation with ``proj_dim = K * layers`` (its own split: one
 k x k block per layer, a global M); with ``--projection-dim none`` both are unprojected (dattri:
 full per-sample gradients, a global M over all parameters; only small models fit).
@@ -38,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common import EMBED_PAPER, PAPER
 from dvemb import influence
 from dvemb.evaluate import all_epoch_removal, pearson, record_run, single_records, spearman, tsloo
 from dvemb.evaluate.fidelity import bootstrap_interval
@@ -84,8 +86,8 @@ def run_dvemb(options: FidelityOptions) -> dict[str, object]:
     with tempfile.TemporaryDirectory(prefix="dvemb-bench-") as directory:
         path = Path(directory) / "store"
         start = time.perf_counter()
-        model = record_run(spec, path, projection_dim=options.projection_dim)
-        result = influence(path, model, lambda: spec.loss(model(x_val), y_val))
+        model = record_run(spec, path, projection_dim=options.projection_dim, **PAPER)
+        result = influence(path, model, lambda: spec.loss(model(x_val), y_val), **EMBED_PAPER)
         seconds = time.perf_counter() - start
         store_bytes = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     scores = result.scores.mean(axis=0)
@@ -95,7 +97,7 @@ def run_dvemb(options: FidelityOptions) -> dict[str, object]:
     return {"single_epoch": [float(scores[column[r]]) for r in run.records],
             "all_epoch": [float(by_id[i]) for i in run.samples],
             "seconds": seconds, "store_bytes": store_bytes, "rss_before_mib": before, "peak_rss_mib": _peak_rss_mib(),
-            "config": {"projection_dim": options.projection_dim}}
+            "config": {"projection_dim": options.projection_dim, **PAPER, **EMBED_PAPER}}
 
 
 def run_dattri(options: FidelityOptions) -> dict[str, object]:

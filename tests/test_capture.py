@@ -106,6 +106,24 @@ def test_gradient_accumulation_matches_single_pass(tmp_path):
     check_against_reference(store, model, x, y, TOL32)
 
 
+def test_fitted_bases_are_fitted_early_when_held_factors_reach_the_byte_cap(tmp_path, monkeypatch):
+    """Steps wait for the fitted bases; once their raw factors reach MAX_FIT_BYTES the fit happens at once
+    (here after the first step, instead of the several that 12-dimensional bases on 7 samples would want)."""
+    from dvemb.capture import fitting
+
+    model = mlp()
+    x, y = torch.randn(7, 12), torch.randint(0, 5, (7,))
+    for cap, held in [(fitting.MAX_FIT_BYTES, 1), (1, 0)]:
+        monkeypatch.setattr(fitting, "MAX_FIT_BYTES", cap)
+        monkeypatch.setattr("dvemb.capture.recorder.MAX_FIT_BYTES", cap)
+        with dvemb.Recorder(model, tmp_path / f"cap{cap}", projection_dim=24) as rec:
+            with rec.step(range(7), lr=0.1):
+                token_ce(model(x), y, "mean").backward()
+            model.zero_grad()
+            assert len(rec._pending) == held  # held for the fit, or fitted and handed to the store
+    check_against_reference(Store(tmp_path / "cap1"), model, x, y, TOL32)  # rows on the bases fitted early
+
+
 @pytest.mark.parametrize("kind", ["gaussian", "rademacher", "orthogonal"])
 def test_float64_is_exact(tmp_path, kind):
     model = mlp().double()

@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 
 DEFAULT_PROJECTION_DIM = 1024
-"""Projected size per layer used by the demo, studies and integrations (``Recorder`` itself defaults to exact)."""
+"""Projected size per layer: the Recorder's default (``projection_dim=None`` keeps gradients exact)."""
 
 ProjectionKind = Literal["fitted", "gaussian", "rademacher", "orthogonal", "identity"]
 PROJECTIONS = ("fitted", "gaussian", "rademacher", "orthogonal")

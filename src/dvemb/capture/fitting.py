@@ -33,7 +33,7 @@ MAX_FIT_STEPS = 8
 TOKENS_PER_DIRECTION = 4
 """Fit on at least this many tokens per fitted direction (per side), when MAX_FIT_STEPS allow."""
 MAX_FIT_BYTES = 1 << 30
-"""Fit early once the held raw factors reach this size."""
+"""Fit early once the held raw factors (inputs and output gradients of the held steps) reach this size."""
 
 
 def needs_fit(spec: LayerSpec) -> bool:

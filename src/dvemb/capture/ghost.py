@@ -418,6 +418,17 @@ class DeferredStep:
                 for idx, a_rows, ds, *_ in calls:
                     yield idx, a_rows.module, a_rows.a, ds[0]
 
+    def nbytes(self) -> int:
+        """Bytes of the distinct tensors held (a layer's gradient and curvature blocks share its inputs)."""
+        sizes = {}
+        for layer in [*self.parts, *(self.curvature_parts or [])]:
+            for calls in layer.values():
+                for _, a_rows, *rest in calls:
+                    for t in (a_rows.a, *rest):
+                        if isinstance(t, torch.Tensor):
+                            sizes[id(t)] = t.numel() * t.element_size()
+        return sum(sizes.values())
+
 
 def _output_gradients(logits: torch.Tensor, outputs: list[torch.Tensor],
                       vectors: torch.Tensor) -> Sequence[torch.Tensor | None]:

@@ -24,7 +24,7 @@ from . import whitening as whiten
 from .checkpoints import save_checkpoint
 from .curvature import Curvature
 from .distributed import refuse_fsdp
-from .fitting import BasisFit, needs_fit
+from .fitting import MAX_FIT_BYTES, BasisFit, needs_fit
 from .ghost import DeferredStep, GhostCapture
 from .options import DEFAULT_GGN_RANK, RecorderOptions, Reduction
 from ..projection import DEFAULT_PROJECTION_DIM, ProjectionKind
@@ -234,7 +234,9 @@ class Recorder:
                                        for idx, _, _, ds in step.rows.gradient_factors())], dtype=torch.float64)
             self._sink.all_reduce(tokens)
             self._fit_steps = self._sink.agree(self._fit.steps_wanted(int(tokens.item())))
-        if len(self._pending) >= self._fit_steps:
+        held = sum(s.rows.nbytes() for s in self._pending)  # type: ignore[union-attr]
+        early = self._sink.agree(int(held >= MAX_FIT_BYTES))  # any rank's memory: all ranks fit together
+        if len(self._pending) >= self._fit_steps or early:
             self._fit_bases()
 
     def _fit_bases(self) -> None:

@@ -8,7 +8,7 @@ removing the window's last-epoch record (single-epoch removal) and all its recor
 removal) on the mean validation loss is compared with the exact TSLOO obtained by replaying
 training with torch's AdamW (float64), as in ``dvemb evaluate fidelity``.
 
-Methods: DVEmb with the Recorder's defaults (fitted projections, Gauss-Newton rank-2 with
+Methods: DVEmb with the Recorder's defaults (fitted projections, Gauss-Newton rank-3 with
 per-token factors, AdamW whitening) and ``compute_embeddings``'s default blocking; DVEmb with
 the paper's configuration (gradient outer product, seeded Gaussian projections, one K per
 layer); TracIn-CP; the gradient dot product; the exact first-order ceiling.
