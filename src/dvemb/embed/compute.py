@@ -17,6 +17,7 @@ import torch
 from .. import gemm
 from ..progress import ProgressBar
 from ..store import MANIFEST, Store, release_pages, write_json_atomic
+from ..store.schema import store_fingerprint
 from .checkpointing import Checkpoints, compose, segment_boundaries
 from .coefficients import linearised_rule
 from .layout import (LAYOUT_VERSION, PARTS_DIR, SEGMENTS_DIR, embeddings_dir, final_arrays, part_final_arrays,
@@ -104,7 +105,8 @@ def compute_embeddings(
         "committed_steps": store.n_steps, "committed_records": store.n_records, "boundaries": boundaries,
         "precision": precision, "curvature": store.manifest["curvature"], "blocking": plan.kind,
         "plan": plan.to_dict(), "memory": memory, "workers": workers, "seconds": seconds,
-        "layout_version": LAYOUT_VERSION,
+        "layout_version": LAYOUT_VERSION, "store_fingerprint": store_fingerprint(store.manifest),
+        "store_created": store.manifest.get("created"),
     })
     return EmbeddingInfo(out_dir, store.n_steps, store.n_records, tuple(boundaries), precision, plan.kind, workers,
                          seconds)

@@ -1,6 +1,7 @@
 """Where a store keeps its embeddings (see plan.py for parts and blocks).
 
-    embeddings/manifest.json              steps covered, segment boundaries, precision, the plan
+    embeddings/manifest.json              steps and records covered, the store's fingerprint (which recording
+                                          they come from), segment boundaries, precision, the plan
     embeddings/<layer>.npy                DVEmb relative to the final step T  [n_records, dim]
     embeddings/parts/<part>.npy           hierarchical plans: each part's DVEmb relative to T (a layer's
                                           embedding is the signed sum of its parts')
@@ -20,14 +21,16 @@ from pathlib import Path
 
 import numpy as np
 
-from ..store import MANIFEST, AppendableArray, Store, read_json
+from ..store import MANIFEST, AppendableArray, Store, StoreError, read_json
+from ..store.arrays import check_array
+from ..store.schema import (EMBEDDINGS_DIR, EMBEDDINGS_LAYOUT, MAX_PART_NAME, check_embeddings_manifest,
+                            check_name)
 from .coefficients import linearised_rule
 from .plan import Plan
 
-EMBEDDINGS_DIR = "embeddings"
 SEGMENTS_DIR = "segments"
 PARTS_DIR = "parts"
-LAYOUT_VERSION = 3  # 3: plans of parts and blocks
+LAYOUT_VERSION = EMBEDDINGS_LAYOUT  # 3: plans of parts and blocks
 
 
 def _float(precision: str) -> np.dtype:
@@ -79,18 +82,48 @@ def propagator_arrays(store: Store, plan: Plan, precision: str) -> list[Appendab
 
 
 def embedding_info(store: Store) -> dict | None:
-    """The embeddings manifest, or None when none were computed."""
+    """The embeddings manifest, checked (types, ranges, part names: a StoreError names the problem), or None
+    when none were computed."""
     path = embeddings_dir(store) / MANIFEST
-    return read_json(path) if path.exists() else None
+    if not path.exists():
+        return None
+    return check_embeddings_manifest(read_json(path), path, LAYOUT_VERSION)
 
 
 def embedding_plan(info: dict) -> Plan:
-    """The plan the embeddings were computed with."""
-    return Plan.from_dict(info["plan"])
+    """The plan the embeddings were computed with (its part names checked: they become file names)."""
+    try:
+        plan = Plan.from_dict(info["plan"])
+    except (KeyError, TypeError, ValueError) as exc:  # a manifest not checked by embedding_info
+        raise StoreError(f"{EMBEDDINGS_DIR}/{MANIFEST}: invalid plan ({exc!r})") from None
+    for part in plan.parts:
+        check_name(part.name, f"{EMBEDDINGS_DIR}/{MANIFEST} (plan)", MAX_PART_NAME)
+    return plan
 
 
 def embeddings_are_current(store: Store) -> bool:
-    """Whether embeddings exist in this layout and cover every committed step."""
+    """Whether embeddings exist in this layout, were computed from this store as it is now (its fingerprint)
+    and cover every committed step."""
     info = embedding_info(store)
-    return (info is not None and info["committed_steps"] == store.n_steps
-            and info.get("layout_version", 1) == LAYOUT_VERSION)
+    return info is not None and store.embeddings_staleness(info) is None
+
+
+def check_embeddings(store: Store, info: dict) -> None:
+    """That current embeddings fit the store and their files are whole (headers and sizes; nothing is read):
+    the plan's parts name the store's layers, and each file a query reads holds its rows. A StoreError names
+    the file and the problem (``dvemb embed STORE`` recomputes them)."""
+    source = embeddings_dir(store) / MANIFEST
+    plan = embedding_plan(info)
+    for i, part in enumerate(plan.parts):
+        if part.layer >= len(store.layers) or (part.sketch is not None and part.sketch > store.layers[part.layer].dim):
+            raise StoreError(f"{source} is invalid: plan part {i} ({part.name}) does not fit the store's layers")
+    n_segments = len(info["boundaries"]) - 1
+    try:
+        arrays = [(a, store.n_records) for a in final_arrays(store, info["precision"])]
+        if n_segments > 1:
+            arrays += [(a, store.n_records) for a in segment_arrays(store, plan, info["precision"])]
+            arrays += [(a, n_segments) for a in propagator_arrays(store, plan, info["precision"])]
+        for array, rows in arrays:
+            check_array(array, rows)
+    except StoreError as exc:
+        raise StoreError(f"{exc} (the embeddings are damaged: dvemb embed {store.path} recomputes them)") from None

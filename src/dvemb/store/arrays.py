@@ -7,6 +7,7 @@ store is written, readers trust the manifest's committed counts, not the headers
 
 from __future__ import annotations
 
+import ast
 import json
 import mmap
 import os
@@ -284,10 +285,71 @@ def write_json_atomic(path: Path, data: dict, fsync: bool = False) -> None:
 
 
 def read_json(path: Path) -> dict:
-    """Load a JSON file, as a clear StoreError when missing or corrupt."""
+    """Load a JSON object from a file, as a clear StoreError when missing, unreadable or not a JSON object."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise StoreError(f"{path} not found: not a dvemb store (or not yet written)") from None
+    except UnicodeDecodeError as exc:
+        raise StoreError(f"{path} is corrupt: not UTF-8 text (byte {exc.start})") from None
     except json.JSONDecodeError as exc:
         raise StoreError(f"{path} is corrupt: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # e.g. an integer of thousands of digits, nesting too deep
+        raise StoreError(f"{path} is corrupt: {' '.join(str(exc).split()) or type(exc).__name__}") from None
+    except OSError as exc:
+        raise StoreError(f"{path} cannot be read: {exc.strerror or exc}") from None
+    if not isinstance(data, dict):
+        raise StoreError(f"{path} is invalid: a JSON object was expected, got a JSON {type(data).__name__}")
+    return data
+
+
+def npy_header(path: Path) -> tuple[np.dtype, tuple[int, ...], int]:
+    """(dtype, shape, data offset) of a .npy file, read from its header alone (no data, no pickle); a
+    StoreError says what is wrong with a file that is not a plain C-ordered .npy array."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(HEADER_BYTES)
+    except FileNotFoundError:
+        raise StoreError(f"{path} is missing") from None
+    except OSError as exc:
+        raise StoreError(f"{path} cannot be read: {exc.strerror or exc}") from None
+    if len(head) < 10 or head[:6] != b"\x93NUMPY" or head[6] not in (1, 2, 3):
+        raise StoreError(f"{path} is not a .npy array (bad header magic)")
+    size_bytes = 2 if head[6] == 1 else 4
+    start = 8 + size_bytes
+    offset = start + int.from_bytes(head[8:start], "little")
+    if offset > HEADER_BYTES:
+        raise StoreError(f"{path}: its .npy header is {offset} bytes, the store writes {HEADER_BYTES}")
+    if offset > len(head):
+        raise StoreError(f"{path} is truncated inside its .npy header")
+    try:
+        text = head[start:offset].decode("utf-8" if head[6] == 3 else "latin1")
+        header = ast.literal_eval(text)  # literals only: never runs code
+        if not isinstance(header, dict) or set(header) != {"descr", "fortran_order", "shape"}:
+            raise ValueError("not a .npy header")
+        dtype = np.lib.format.descr_to_dtype(header["descr"])
+        shape = header["shape"]
+        if header["fortran_order"] is not False or not isinstance(shape, tuple) or not all(
+                isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
+            raise ValueError("not a C-ordered array")
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError, UnicodeDecodeError) as exc:
+        raise StoreError(f"{path}: unreadable .npy header ({' '.join(str(exc).split())[:80]})") from None
+    return dtype, shape, offset
+
+
+def check_array(array: "AppendableArray", rows: int) -> None:
+    """That ``array``'s file holds at least ``rows`` rows of its dtype and row shape after the store's fixed
+    header (its header's row count is not trusted: the manifest's committed counts are). Reads the header only."""
+    if rows == 0 and not array.path.exists():  # nothing committed: the file may not be written yet
+        return
+    dtype, shape, offset = npy_header(array.path)
+    if dtype.hasobject or dtype != array.dtype:
+        raise StoreError(f"{array.path} holds {dtype} values, the store expects {array.dtype}")
+    if tuple(shape[1:]) != array.row_shape:
+        raise StoreError(f"{array.path} has rows of shape {tuple(shape[1:])}, the store expects {array.row_shape}")
+    if offset != HEADER_BYTES:
+        raise StoreError(f"{array.path}: its .npy header is {offset} bytes, the store writes {HEADER_BYTES}")
+    size = os.path.getsize(array.path)
+    if size < HEADER_BYTES + rows * array.row_bytes:
+        raise StoreError(f"{array.path} is truncated: {(size - HEADER_BYTES) // max(1, array.row_bytes)} complete "
+                         f"rows, the store has committed {rows}")

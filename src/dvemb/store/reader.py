@@ -8,9 +8,10 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from .arrays import AppendableArray, read_json, release_pages
-from .schema import (_REQUIRED_KEYS, _STORAGE, MANIFEST, READABLE_VERSIONS, RECORD_DTYPE, WHITENING_DTYPE, LayerSpec,
-                     StoreConfig, StoreError, read_config, read_layers)
+from .arrays import AppendableArray, check_array, read_json, release_pages
+from .schema import (_STORAGE, EMBEDDINGS_DIR, EMBEDDINGS_LAYOUT, MANIFEST, READABLE_VERSIONS, RECORD_DTYPE,
+                     WHITENING_DTYPE, LayerSpec, StoreConfig, StoreError, _show, check_embeddings_manifest,
+                     read_config, read_layers, store_fingerprint, validate_manifest)
 
 
 SHARDS_DIR = "shards"
@@ -53,15 +54,23 @@ class Store:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
-        self.manifest = read_json(self.path / MANIFEST)
+        source = self.path / MANIFEST
+        self.manifest = read_json(source)
         version = self.manifest.get("format_version")
-        if version not in READABLE_VERSIONS:
-            raise StoreError(f"{self.path}: store format {version} is not supported (expected one of "
+        if not isinstance(version, int) or isinstance(version, bool) or version not in READABLE_VERSIONS:
+            raise StoreError(f"{source}: store format {_show(version)} is not supported (expected one of "
                              f"{READABLE_VERSIONS})")
-        missing = [k for k in _REQUIRED_KEYS if k not in self.manifest]
-        if missing:
-            raise StoreError(f"{self.path / MANIFEST} is invalid: missing {', '.join(missing)}")
+        validate_manifest(self.manifest, source)
         self.layers = read_layers(self.path, self.manifest["layers"], version)
+        unfitted = [s.name for s in self.layers for p in (s.proj_in, s.proj_out) if p.unfitted and not p.is_identity]
+        if unfitted and self.manifest["committed_records"]:
+            raise StoreError(f"{source} is invalid: layer {unfitted[0]!r} has rows but its fitted projection has no "
+                             "fingerprint")
+        try:
+            self._config = read_config(self.manifest, self.layers)
+        except (KeyError, TypeError, ValueError) as exc:
+            rule = self.manifest.get("update", self.manifest.get("sgd"))
+            raise StoreError(f"{source} is invalid: its update rule {_show(rule)} cannot be read ({exc})") from None
         self.dtype: str = self.manifest["dtype"]
         self.n_steps: int = self.manifest["committed_steps"]
         self.n_records: int = self.manifest["committed_records"]
@@ -70,10 +79,41 @@ class Store:
         self._shards: list[Store] = []
         if self.world_size > 1:
             self._open_shards()
+        else:
+            self._check_files()
+
+    def _check_files(self) -> None:
+        """Each array file against the committed counts (headers and sizes only), and the records' steps.
+
+        Cheap: one read of the records table (its step column gives :attr:`step_starts`), nothing else scanned.
+        """
+        records = self.records_array(self.path)
+        arrays = [records] + [self.grads_array(self.path, s, self.dtype) for s in self.layers]
+        if self.curvature_passes:
+            arrays += [self.curvature_array(self.path, s, self.dtype, self.curvature_passes) for s in self.layers]
+        for array in arrays:
+            check_array(array, self.n_records)
+        if self._config.whitening:
+            for spec in self.layers:
+                check_array(self.whitening_array(self.path, spec), self.n_steps)
+        table = records.read(self.n_records)
+        steps = np.asarray(table["step"])
+        if self.n_records and ((np.diff(steps) < 0).any() or steps[0] != 0 or steps[-1] != self.n_steps - 1):
+            raise StoreError(f"{records.path}: the records' steps do not rise from 0 to committed_steps - 1 = "
+                             f"{self.n_steps - 1} (found steps {int(steps.min())}..{int(steps.max())}, "
+                             f"{'not ' if (np.diff(steps) < 0).any() else ''}in order)")
+        bad = ~(np.isfinite(table["weight"]) & np.isfinite(table["lr"]))
+        if bad.any():
+            raise StoreError(f"{records.path}: record {int(np.argmax(bad))} has a non-finite weight or learning rate")
+        self._step_starts = np.searchsorted(steps, np.arange(self.n_steps + 1), side="left")
+        release_pages(table)
 
     def _open_shards(self) -> None:
         """Map the global record order onto the ranks' shards (clipped to the global commit)."""
         self._shards = [Store(shard_path(self.path, r)) for r in range(self.world_size)]
+        for shard in self._shards:
+            if shard.layers != self.layers or shard.dtype != self.dtype:
+                raise StoreError(f"{shard.path}: the shard's layers or dtype differ from the store's ({self.path})")
         steps, shard_ids, rows = [], [], []
         for r, shard in enumerate(self._shards):
             if shard.n_steps < self.n_steps:
@@ -138,7 +178,7 @@ class Store:
     @property
     def config(self) -> StoreConfig:
         """The creation settings."""
-        return read_config(self.manifest, self.layers)
+        return self._config
 
     # -- records -------------------------------------------------------------------------
     @property
@@ -186,8 +226,9 @@ class Store:
         """Bytes on disk of the whole store directory."""
         return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
 
-    def summary(self) -> str:
-        """Human-readable description (used by ``dvemb info``)."""
+    def summary(self, check_embeddings: Callable[["Store", dict], None] | None = None) -> str:
+        """Human-readable description (used by ``dvemb info``); ``check_embeddings(store, info)`` (see
+        ``embed/layout.py``) checks the files of current embeddings, raising a StoreError when they are damaged."""
         m = self.manifest
         lines = [
             f"store      {self.path}",
@@ -202,12 +243,35 @@ class Store:
         for s in self.layers:
             lines.append(f"  {s.name:<32} {s.describe():<24} k_in={s.proj_in.k:<6} k_out={s.proj_out.k:<6} dim={s.dim}")
         per_record = sum(s.dim for s in self.layers) * _STORAGE[self.dtype][0].itemsize + RECORD_DTYPE.itemsize
-        emb = self.path / "embeddings" / MANIFEST
-        if emb.exists():
-            info = read_json(emb)
-            fresh = "up to date" if info["committed_steps"] == self.n_steps else f"stale: {info['committed_steps']} steps"
-            lines.append(f"embeddings {fresh} ({info['precision']} recursion)")
-        else:
-            lines.append("embeddings not computed (dvemb embed STORE)")
+        lines.append(f"embeddings {self._embeddings_summary(check_embeddings)}")
         lines.append(f"bytes      {self.nbytes():,} on disk, {per_record:,} per record")
         return "\n".join(lines)
+
+    def _embeddings_summary(self, check: Callable[["Store", dict], None] | None) -> str:
+        """The embeddings line of :meth:`summary`: up to date, stale (why), unusable (why) or not computed."""
+        source = self.path / EMBEDDINGS_DIR / MANIFEST
+        if not source.exists():
+            return "not computed (dvemb embed STORE)"
+        try:
+            info = check_embeddings_manifest(read_json(source), source, EMBEDDINGS_LAYOUT)
+            stale = self.embeddings_staleness(info)
+            if stale is None and check is not None:
+                check(self, info)
+        except StoreError as exc:
+            return f"unusable: {exc}" + ("" if "dvemb embed" in str(exc) else " (dvemb embed STORE recomputes them)")
+        return f"stale: {stale}" if stale else f"up to date ({info['precision']} recursion)"
+
+    def embeddings_staleness(self, info: dict) -> str | None:
+        """Why embeddings described by ``info`` (a checked embeddings manifest) do not fit this store as it is
+        now, or None when they do: an older layout, another store (or this one before it was overwritten),
+        other committed counts."""
+        if info.get("layout_version", 1) != EMBEDDINGS_LAYOUT:
+            return f"computed by an older dvemb (layout {info.get('layout_version', 1)}, now {EMBEDDINGS_LAYOUT})"
+        if "store_fingerprint" not in info:
+            return "computed by an older dvemb, which did not note the store they came from"
+        if info["store_fingerprint"] != store_fingerprint(self.manifest):
+            return "computed from another store, or from this path before the store was replaced"
+        if (info["committed_steps"], info["committed_records"]) != (self.n_steps, self.n_records):
+            return (f"they cover {info['committed_steps']} of {self.n_steps} steps "
+                    f"({info['committed_records']} of {self.n_records} records)")
+        return None
