@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import time
 from typing import Sequence
@@ -12,6 +13,7 @@ from . import Store, StoreError, __version__, compute_embeddings
 from .projection import DEFAULT_PROJECTION_DIM
 
 EXIT_ERROR = 2
+STORE_COMMANDS = ("info", "embed")  # commands that read a store given on the command line: one line for any failure
 
 
 def positive_int(text: str) -> int:
@@ -68,11 +70,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args)
     except (StoreError, ValueError, ImportError, OSError) as exc:
-        print(f"dvemb {args.command}: error: {exc}", file=sys.stderr)
+        print(f"dvemb {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print(f"dvemb {args.command}: interrupted", file=sys.stderr)
         return 130
+    except (RecursionError, MemoryError, ArithmeticError, LookupError, TypeError, RuntimeError) as exc:
+        if args.command not in STORE_COMMANDS or os.environ.get("DVEMB_DEBUG"):
+            raise
+        print(f"dvemb {args.command}: internal error: {type(exc).__name__}: {_one_line(exc)} (a bug, or a damaged "
+              "store that dvemb failed to recognise; set DVEMB_DEBUG=1 for the traceback)", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _one_line(exc: BaseException) -> str:
+    """An error's message on one line (at most 2,000 characters)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 2000 else text[:1997] + "..."
 
 
 def _parser(argv: Sequence[str]) -> argparse.ArgumentParser:
@@ -154,7 +168,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    print(Store(args.store).summary())
+    from .embed.layout import check_embeddings
+
+    print(Store(args.store).summary(check_embeddings))
     return 0
 
 
@@ -166,3 +182,7 @@ def _embed(args: argparse.Namespace) -> int:
     print(f"embeddings of {info.committed_records} records over {info.committed_steps} steps "
           f"({info.precision}) written to {info.path} in {time.perf_counter() - start:.2f} s")
     return 0
+
+
+if __name__ == "__main__":  # python -m dvemb.cli
+    raise SystemExit(main())

@@ -19,7 +19,8 @@ from .capture.ghost import GhostCapture
 from .capture.selection import match_specs
 from .embed.checkpointing import Checkpoints, segment_boundaries, segment_tests
 from .embed.compute import compute_embeddings
-from .embed.layout import (LAYOUT_VERSION, embedding_plan, embedding_info, embeddings_are_current, final_arrays)
+from .embed.layout import (LAYOUT_VERSION, check_embeddings, embedding_info, embedding_plan, final_arrays,
+                           propagator_arrays)
 from .embed.plan import Blocking
 from .store import AppendableArray, MappedArrays, PrefetchedRows, Store, StoreError, whitening_factors
 
@@ -93,12 +94,41 @@ def query_gradients(store: Store, model: nn.Module, loss_fn: LossClosure,
             if not isinstance(losses, torch.Tensor) or losses.dim() != 1:
                 raise ValueError("the loss closure must return a 1-D tensor of per-example losses "
                                  "(use reduction='none')")
+            if not losses.requires_grad:
+                raise ValueError(_NO_LAYER + " (the closure's losses do not depend on the model's parameters: "
+                                 "compute them from model(...) with gradients enabled)")
             # autograd.grad leaves the parameters' .grad untouched
             torch.autograd.grad(losses.sum(), [m.weight for m in modules], allow_unused=True)
-        grads, _ = capture.collect(n_rows=losses.shape[0])
+        try:
+            grads, _ = capture.collect(n_rows=losses.shape[0])
+        except (RuntimeError, ValueError) as exc:  # the capture speaks of recording steps: say it of the query
+            raise ValueError(_query_capture_error(exc, losses.shape[0])) from None
     finally:
         capture.detach()
+    bad = [s.name for s, g in zip(store.layers, grads) if not bool(torch.isfinite(g).all())]
+    if bad:
+        raise ValueError(f"the test loss has non-finite gradients at layer {bad[0]!r}: check the test inputs and the "
+                         "model (a NaN or infinite loss?)")
     return grads, losses.shape[0]
+
+
+_NO_LAYER = "the test loss reaches no tracked layer of the store"
+
+
+def _query_capture_error(exc: Exception, n_losses: int) -> str:
+    """A query's wording of the capture's error about its test losses."""
+    text = str(exc)
+    if "no gradients were captured" in text:
+        return (f"{_NO_LAYER}: no tracked layer took part in the closure's forward pass with gradients enabled "
+                "(call the model inside the closure, outside torch.no_grad())")
+    if "received no gradient" in text:
+        layer = text.split("'")[1] if text.count("'") >= 2 else "?"
+        return (f"the test loss does not reach the tracked layer {layer!r}: every layer the store tracks must lie "
+                "on the path from the model's inputs to the loss returned by the closure")
+    if "samples but" in text:
+        return (f"the loss closure returned {n_losses} losses but the model's forward passes inside it covered "
+                f"another number of examples ({text}); return one loss per test example")
+    return f"the test gradients cannot be taken: {text}"
 
 
 def checkpoint_steps(path: str | os.PathLike) -> list[int]:
@@ -195,16 +225,20 @@ def _ensure_embeddings(store: Store, checkpoints: Checkpoints, blocking: Blockin
     has new steps; an error when they exist but were computed with other ``checkpoints`` or ``blocking``
     (queries never replace embeddings the user computed: compute_embeddings does)."""
     info = embedding_info(store)
-    if info is None or not embeddings_are_current(store):
+    stale = None if info is None else store.embeddings_staleness(info)
+    if info is None or stale is not None:
         options = {"checkpoints": checkpoints, "blocking": blocking or "auto"}
         if info is not None and info.get("layout_version") == LAYOUT_VERSION:
             options = {"checkpoints": checkpoints or _interior(info, store.n_steps),
                        "blocking": blocking or info["blocking"], "memory": info["memory"],
                        "step_rank": embedding_plan(info).step_rank}
-            warnings.warn(f"{store.path}: the embeddings cover {info['committed_steps']} of {store.n_steps} steps; "
-                          "recomputing them with the same options", stacklevel=4)
+            warnings.warn(f"{store.path}: the embeddings are stale ({stale}); recomputing them with the same "
+                          "options", stacklevel=4)
         compute_embeddings(store.path, show_progress=show_progress, **options)
-        return embedding_info(store)
+        info = embedding_info(store)
+        check_embeddings(store, info)
+        return info
+    check_embeddings(store, info)
     wanted = None if checkpoints is None else segment_boundaries(store.n_steps, checkpoints)
     differs = [f"{name}={asked!r} (stored: {had!r})" for name, asked, had in
                (("checkpoints", wanted, info["boundaries"]), ("blocking", blocking, info["blocking"]))
@@ -228,6 +262,8 @@ def _resolve(store: Store, info: dict, model: nn.Module, loss_fn: LossClosure, c
     grads, _ = query_gradients(store, model, loss_fn, boundaries[last + 1])
     dtype = torch.float64 if info["precision"] == "float64" else torch.float32
     tests = [g.detach().to(device="cpu", dtype=dtype) for g in grads]
+    if not all(bool(torch.isfinite(t).all()) for t in tests):  # finite in the capture's dtype, not in this one
+        raise ValueError(f"the test loss's gradients overflow the embeddings' {info['precision']} arithmetic")
     return _Query(store, info, last, int(store.step_starts[boundaries[last + 1]]), tests)
 
 
@@ -258,6 +294,9 @@ def _score_chunks(q: _Query, chunk_rows: int | None, show_progress: bool,
         arrays, plan = final_arrays(store, info["precision"]), [(0, q.n_rows, q.tests)]
     else:  # relative to checkpoint `last`: the test gradients carried back through the propagators
         arrays, plan = segment_tests(store, info, q.tests, q.last)
+        if not all(bool(torch.isfinite(t).all()) for _, _, tests in plan for t in tests):
+            raise StoreError(f"{propagator_arrays(store, embedding_plan(info), info['precision'])[0].path.parent}: "
+                             "the segment propagators hold non-finite values (dvemb embed STORE recomputes them)")
     chunks = [(r0, min(r0 + chunk_rows, r_stop), tests)
               for r_start, r_stop, tests in plan for r0 in range(r_start, r_stop, chunk_rows)]
     rows = source.scan(arrays, [(r0, r1) for r0, r1, _ in chunks],
@@ -265,11 +304,24 @@ def _score_chunks(q: _Query, chunk_rows: int | None, show_progress: bool,
     try:
         for (r0, r1, tests), embeddings in zip(chunks, rows):
             acc = gemm.scores(tests, [torch.from_numpy(e) for e in embeddings])
+            if not bool(torch.isfinite(acc).all()):
+                _non_finite(arrays, embeddings, r0)
             bar.update(r1 - r0)
             yield r0, r1, acc
     finally:
         rows.close()
         bar.close()
+
+
+def _non_finite(arrays: Sequence[AppendableArray], chunk: Sequence[np.ndarray], r0: int) -> None:
+    """Raise for non-finite scores: a StoreError naming the embeddings file with a non-finite row, else a
+    ValueError (finite inputs whose products overflow)."""
+    for array, rows in zip(arrays, chunk):
+        bad = ~np.isfinite(rows).all(axis=1)
+        if bad.any():
+            raise StoreError(f"{array.path}: row {r0 + int(np.argmax(bad))} of the embeddings is not finite (NaN or "
+                             "infinite: a diverged run, or a damaged file; dvemb embed STORE recomputes them)")
+    raise ValueError("the scores overflow: the test gradients times the embeddings exceed the float range")
 
 
 def influence(
@@ -370,6 +422,7 @@ class Scorer:
         if embedding_info(self.store) != self.info:
             raise StoreError(f"{self.store.path}: the embeddings were recomputed since this Scorer was opened; "
                              "open a new Scorer")
+        check_embeddings(self.store, self.info)  # whole files: a mapped row past the end would kill the process
         return _resolve(self.store, self.info, model, loss_fn, checkpoint)
 
 
