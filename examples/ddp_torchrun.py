@@ -14,7 +14,6 @@ The data are random tensors (a fixed teacher labels them): nothing is downloaded
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import tempfile
 from pathlib import Path

@@ -110,7 +110,8 @@ def test_scorer_refuses_embeddings_recomputed_after_opening(tmp_path):
     xt, yt = torch.randn(2, 10), torch.tensor([0, 1])
     loss = lambda: F.cross_entropy(model(xt), yt, reduction="none")  # noqa: E731
     scorer = dvemb.Scorer(tmp_path / "s")
-    before = scorer.influence(model, loss).scores
+    before_inf = scorer.influence(model, loss)
+    before = before_inf.scores
     dvemb.compute_embeddings(tmp_path / "s", checkpoints=2, show_progress=False)
     with pytest.raises(dvemb.StoreError, match="recomputed since this Scorer was opened"):
         scorer.influence(model, loss)
@@ -119,6 +120,14 @@ def test_scorer_refuses_embeddings_recomputed_after_opening(tmp_path):
         np.testing.assert_allclose(fresh.influence(model, loss).scores, before, rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="k must be >= 1"):
         fresh.top_k(model, loss, 0)
+    for bad in (2.5, True, "3"):
+        with pytest.raises(TypeError, match="k must be an integer"):
+            fresh.top_k(model, loss, bad)
+        with pytest.raises(TypeError, match="k must be an integer"):
+            dvemb.top_k(tmp_path / "s", model, loss, bad)
+        with pytest.raises(TypeError, match="k must be an integer"):
+            before_inf.top_k(bad)
+    assert before_inf.top_k(np.int64(1000)).helpful.score.shape == before.shape  # every record when k exceeds them
 
 
 @pytest.mark.parametrize("spare_cpu", [True, False])  # read-ahead thread / one mapping per query

@@ -64,8 +64,8 @@ class Influence:
         return ids, summed.numpy()
 
     def top_k(self, k: int) -> TopK:
-        """The k most helpful and k most harmful records for each test point."""
-        k = min(k, self.scores.shape[1])
+        """The k most helpful and k most harmful records for each test point (all of them when fewer)."""
+        k = min(_check_k(k), self.scores.shape[1])
         order = np.argsort(-self.scores, axis=1, kind="stable")
         return TopK(self._ranking(order[:, :k]), self._ranking(order[:, ::-1][:, :k]))
 
@@ -367,7 +367,7 @@ def top_k(
     read-ahead chunks of embeddings (6 MiB each by default) or, when torch's threads use
     every CPU, one mapped chunk (64 MiB), so stores far larger than RAM can be searched.
     """
-    _check_k(k)
+    k = _check_k(k)
     q = _prepare(path, model, loss_fn, checkpoint, checkpoints, blocking, show_progress)
     return _top_k(q, _score_chunks(q, chunk_rows, show_progress), k)
 
@@ -404,7 +404,7 @@ class Scorer:
     def top_k(self, model: nn.Module, loss_fn: LossClosure, k: int, *, checkpoint: int | None = None,
               chunk_rows: int | None = None) -> TopK:
         """Like :func:`top_k` on this store."""
-        _check_k(k)
+        k = _check_k(k)
         q = self._query(model, loss_fn, checkpoint)
         return _top_k(q, _score_chunks(q, chunk_rows, self.show_progress, self._source), k)
 
@@ -426,9 +426,13 @@ class Scorer:
         return _resolve(self.store, self.info, model, loss_fn, checkpoint)
 
 
-def _check_k(k: int) -> None:
+def _check_k(k: int) -> int:
+    """k as an int >= 1 (bools, floats and numpy floats refused: a k of 2.5 records means nothing)."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise TypeError(f"k must be an integer, got {type(k).__name__} {k!r}")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
+    return int(k)
 
 
 def _influence(q: _Query, chunks: Iterator[tuple[int, int, torch.Tensor]]) -> Influence:

@@ -28,6 +28,7 @@ from .fitting import MAX_FIT_BYTES, BasisFit, needs_fit
 from .ghost import DeferredStep, GhostCapture
 from .options import DEFAULT_GGN_RANK, RecorderOptions, Reduction
 from ..projection import DEFAULT_PROJECTION_DIM, ProjectionKind
+from ..resources import check_memory
 from .selection import ModuleSelection, layer_spec, select_modules
 from .sink import sink_for
 
@@ -366,16 +367,18 @@ class Recorder:
         try:
             if self._saves_checkpoints and self.steps > 0:
                 save_checkpoint(self.path, self.model, self.steps)
+            if self._sink.stopped:  # writing failed and said so: the store keeps what it committed
+                return
             self._fit_bases()
             self._sink.flush()
             self._sink.set_metadata("parameters", {"step": self.steps, "sha256": parameters_digest(self._modules)})
         finally:
+            self._closed = True  # even when closing the store fails below: a second close must not wait on it
+            _OPEN.discard(self)
             if self._lr_hook is not None:
                 self._lr_hook.remove()
             self._capture.detach()
             self._sink.close()
-            self._closed = True
-            _OPEN.discard(self)
 
     def __del__(self) -> None:
         if not getattr(self, "_closed", True) and getattr(self, "_sink", None) is not None \
@@ -422,13 +425,10 @@ def parameters_digest(modules: Sequence[nn.Module]) -> str:
 
 def _refuse_oversized(specs: Sequence[LayerSpec]) -> None:
     """Refuse layers whose propagator (dim^2 float32 values) alone exceeds this machine's memory."""
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
     for spec in specs:
-        need = 4 * spec.dim ** 2
-        if memory is not None and need > memory:
-            raise ValueError(f"layer {spec.name!r} keeps {spec.dim:,} values per record ({spec.describe()}): its "
-                             f"propagator needs {need / 2**30:,.0f} GiB and this machine has {memory / 2**30:,.0f} GiB; "
-                             "project it (projection_dim=1024, the default) or leave it out (modules=...)")
+        check_memory(4 * spec.dim ** 2, f"layer {spec.name!r} keeps {spec.dim:,} values per record "
+                     f"({spec.describe()}): its propagator", "project it (projection_dim=1024, the default) or "
+                     "leave it out (modules=...)")
 
 
 def check_ids(ids: object) -> np.ndarray:

@@ -9,7 +9,7 @@ from typing import Sequence
 from torch import nn
 
 from ..projection import ProjectionKind, layer_projections
-from ..store import LayerSpec
+from ..store import LayerSpec, safe_name
 from .layers import has_bias, rule_for, supported_layers
 
 ModuleSelection = None | str | Sequence[str]
@@ -107,18 +107,23 @@ def _tied_weights(model: nn.Module) -> dict[int, list[str]]:
 
 
 def layer_spec(name: str, module: nn.Module, budget: int | None, seed: int, kind: ProjectionKind) -> LayerSpec:
-    """Describe one tracked module, with projections seeded per layer and side."""
+    """Describe one tracked module, with projections seeded per layer and side. Its name in the store is
+    ``safe_name(name)``: the module's name unless that holds characters a file name should not."""
     rule = rule_for(module)
     assert rule is not None
     d_in, d_out = rule.sizes(module)
     bias = has_bias(module)
-    proj_in, proj_out = layer_projections(name, d_in + int(bias), d_out, budget, seed, kind)
-    return LayerSpec(name, rule.kind, d_in, d_out, bias, proj_in, proj_out)
+    stem = safe_name(name)
+    proj_in, proj_out = layer_projections(stem, d_in + int(bias), d_out, budget, seed, kind)
+    return LayerSpec(stem, rule.kind, d_in, d_out, bias, proj_in, proj_out)
 
 
 def match_specs(model: nn.Module, specs: Sequence[LayerSpec]) -> list[nn.Module]:
     """Modules of ``model`` for recorded layer specs; a clear error names any mismatch."""
-    named = dict(named_modules(model))
+    modules = named_modules(model)
+    named = dict(modules)  # a store names a layer by its module name, or by safe_name of it
+    for name, module in modules:
+        named.setdefault(safe_name(name), module)
     found = []
     for spec in specs:
         module = named.get(spec.name)

@@ -35,6 +35,11 @@ class LocalSink:
         assert self._writer is not None
         self._writer.set_layers(layers)
 
+    @property
+    def stopped(self) -> bool:
+        """Whether writing failed (and said so): the store keeps its committed steps and takes no more."""
+        return self._writer is not None and self._writer.stopped
+
     def set_metadata(self, key: str, value: object) -> None:
         """Record a value in the store's manifest (once every step is written)."""
         if self._writer is not None:
@@ -109,6 +114,8 @@ class DistributedSink:
             raise error
         if failed:
             raise StoreError(f"{self.path}: {others}")
+
+    stopped = False  # writes are synchronous: their errors reach the caller at once
 
     def committed_steps(self) -> int:
         """Steps of the store before this recorder's."""

@@ -16,14 +16,16 @@ import torch
 
 from .. import gemm
 from ..progress import ProgressBar
-from ..store import MANIFEST, Store, release_pages, write_json_atomic
+from ..resources import check_disk, check_memory
+from ..store import MANIFEST, AppendableArray, Store, release_pages, write_json_atomic
+from ..store.lock import StoreLock
 from ..store.schema import store_fingerprint
 from .checkpointing import Checkpoints, compose, segment_boundaries
 from .coefficients import linearised_rule
 from .layout import (LAYOUT_VERSION, PARTS_DIR, SEGMENTS_DIR, embeddings_dir, final_arrays, part_final_arrays,
                      propagator_arrays, segment_arrays, state_blocks)
 from .plan import DEFAULT_MEMORY, STEP_RANK, Blocking, Plan, make_plan
-from .recursion import TORCH_DTYPES, Precision, default_precision, rows_per_chunk, run_recursion
+from .recursion import CHUNK_BYTES, TORCH_DTYPES, Precision, default_precision, rows_per_chunk, run_recursion
 
 
 @dataclass(frozen=True)
@@ -81,10 +83,29 @@ def compute_embeddings(
     precision = _checked(store, precision, workers)
     plan = make_plan(store, blocking, memory, linearised_rule(store).parts, TORCH_DTYPES[precision].itemsize,
                      step_rank)
-    n_segments = len(boundaries) - 1
+    _check_resources(store, plan, precision, len(boundaries) - 1, workers)
     out_dir = embeddings_dir(store)
-    out_dir.mkdir(exist_ok=True)
-    (out_dir / MANIFEST).unlink(missing_ok=True)  # invalidate before overwriting
+    lock = StoreLock(out_dir, "computed")  # one computation at a time; recording may go on beside it
+    try:
+        seconds = _compute(store, plan, boundaries, precision, workers, chunk_rows, show_progress)
+        write_json_atomic(out_dir / MANIFEST, {
+            "committed_steps": store.n_steps, "committed_records": store.n_records, "boundaries": boundaries,
+            "precision": precision, "curvature": store.manifest["curvature"], "blocking": plan.kind,
+            "plan": plan.to_dict(), "memory": memory, "workers": workers, "seconds": seconds,
+            "layout_version": LAYOUT_VERSION, "store_fingerprint": store_fingerprint(store.manifest),
+            "store_created": store.manifest.get("created"),
+        })
+    finally:
+        lock.release()
+    return EmbeddingInfo(out_dir, store.n_steps, store.n_records, tuple(boundaries), precision, plan.kind, workers,
+                         seconds)
+
+
+def _compute(store: Store, plan: Plan, boundaries: Sequence[int], precision: str, workers: int,
+             chunk_rows: int | None, show_progress: bool) -> float:
+    """Write the embeddings' files (the manifest, which makes them current, is written by the caller); seconds."""
+    n_segments = len(boundaries) - 1
+    (embeddings_dir(store) / MANIFEST).unlink(missing_ok=True)  # invalidate before overwriting
     start = time.perf_counter()
     _allocate(store, plan, precision, n_segments)
     tasks = _plan_tasks(store, plan, boundaries, workers)
@@ -100,16 +121,21 @@ def compute_embeddings(
         _compose_final(store, plan, boundaries, precision, chunk_rows)
     if not plan.trivial:
         _sum_parts(store, plan, precision, chunk_rows)
-    seconds = time.perf_counter() - start
-    write_json_atomic(out_dir / MANIFEST, {
-        "committed_steps": store.n_steps, "committed_records": store.n_records, "boundaries": boundaries,
-        "precision": precision, "curvature": store.manifest["curvature"], "blocking": plan.kind,
-        "plan": plan.to_dict(), "memory": memory, "workers": workers, "seconds": seconds,
-        "layout_version": LAYOUT_VERSION, "store_fingerprint": store_fingerprint(store.manifest),
-        "store_created": store.manifest.get("created"),
-    })
-    return EmbeddingInfo(out_dir, store.n_steps, store.n_records, tuple(boundaries), precision, plan.kind, workers,
-                         seconds)
+    return time.perf_counter() - start
+
+
+def _check_resources(store: Store, plan: Plan, precision: str, n_segments: int, workers: int) -> None:
+    """Refuse up front a computation whose propagators exceed memory or whose files exceed the free disk."""
+    itemsize = TORCH_DTYPES[precision].itemsize
+    matrices = linearised_rule(store).parts
+    widths = [sum(plan.parts[i].width(store) for i in block) for block in plan.blocks]
+    held = matrices * itemsize * sum(w * w for w in widths) * max(1, min(workers, n_segments))
+    check_memory(held + 2 * CHUNK_BYTES, f"compute_embeddings ({plan.kind} plan, {len(widths)} blocks, "
+                 f"{precision}, {workers} worker(s))", "use blocking='layer', fewer workers, or project the "
+                 "gradients (projection_dim)")
+    grow = sum(max(0, arr.row_bytes * rows - (arr.path.stat().st_size if arr.path.exists() else 0))
+               for arr, rows in _files(store, plan, precision, n_segments))  # earlier files are overwritten
+    check_disk(embeddings_dir(store), grow, "compute_embeddings")
 
 
 def _checked(store: Store, precision: str | None, workers: int) -> str:
@@ -122,19 +148,25 @@ def _checked(store: Store, precision: str | None, workers: int) -> str:
     return precision
 
 
+def _files(store: Store, plan: Plan, precision: str, n_segments: int) -> list[tuple[AppendableArray, int]]:
+    """The embedding files with their rows: final (per layer, and per part), segment rows and propagators."""
+    rows = final_arrays(store, precision) + ([] if plan.trivial else part_final_arrays(store, plan, precision))
+    if n_segments > 1:
+        rows += segment_arrays(store, plan, precision)
+    files = [(arr, store.n_records) for arr in rows]
+    if n_segments > 1:
+        files += [(arr, n_segments) for arr in propagator_arrays(store, plan, precision)]
+    return files
+
+
 def _allocate(store: Store, plan: Plan, precision: str, n_segments: int) -> None:
     """Create the embedding files at their full sizes."""
-    arrays = final_arrays(store, precision) + ([] if plan.trivial else part_final_arrays(store, plan, precision))
     if not plan.trivial:
         (embeddings_dir(store) / PARTS_DIR).mkdir(exist_ok=True)
-    for arr in arrays:
-        arr.allocate(store.n_records)
     if n_segments > 1:
         (embeddings_dir(store) / SEGMENTS_DIR).mkdir(exist_ok=True)
-        for arr in segment_arrays(store, plan, precision):
-            arr.allocate(store.n_records)
-        for arr in propagator_arrays(store, plan, precision):
-            arr.allocate(n_segments)
+    for arr, rows in _files(store, plan, precision, n_segments):
+        arr.allocate(rows)
 
 
 def _plan_tasks(store: Store, plan: Plan, boundaries: Sequence[int], workers: int) -> list[_Task]:

@@ -8,6 +8,7 @@ store is written, readers trust the manifest's committed counts, not the headers
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import mmap
 import os
@@ -77,8 +78,14 @@ class AppendableArray:
         self._file.write(memoryview(rows).cast("B"))  # no intermediate copy
 
     def rollback(self, committed_rows: int) -> None:
-        """Drop uncommitted rows."""
+        """Drop uncommitted rows (also after a failed write, whose buffered bytes cannot be flushed)."""
         assert self._file is not None
+        try:
+            self._file.flush()
+        except OSError:  # e.g. the disk is full: drop the buffer with the file object
+            with contextlib.suppress(OSError):
+                self._file.close()  # closes the descriptor even when its final flush fails
+            self._file = open(self.path, "r+b")
         self._file.truncate(HEADER_BYTES + committed_rows * self.row_bytes)
         self._file.seek(0, os.SEEK_END)
 

@@ -71,21 +71,24 @@ class StoreError(RuntimeError):
 
 
 # -- names that become file paths --------------------------------------------------------------
-NAME_CHARS = re.compile(r"[A-Za-z0-9._-]+")
+NAME_CHARS = re.compile(r"[A-Za-z0-9._-]+")  # what safe_name writes
+UNSAFE_CHARS = re.compile(r"[/\\\x00-\x1f\x7f]")  # what no name may hold: separators, NUL, control characters
 MAX_NAME = 200  # characters of a layer's file stem: room for suffixes (".coarse-global.exp_avg_sq.npy") under 255
 MAX_PART_NAME = MAX_NAME + 20  # an embeddings part: a layer's name and a suffix (".coarse-global")
 
 
 def _name_problem(name: object, max_length: int = MAX_NAME) -> str | None:
-    """Why ``name`` cannot be a file stem inside the store, or None when it can."""
+    """Why ``name`` cannot be a file stem inside the store, or None when it can: one path component, not
+    hidden. Any other character is read (stores written before :func:`safe_name` kept module names as they
+    were, spaces and non-ASCII letters included); new names are written in :data:`NAME_CHARS`."""
     if not isinstance(name, str):
         return f"a name must be a string, got {type(name).__name__}"
     if not name:
         return "a name cannot be empty"
     if len(name) > max_length:
         return f"a name is at most {max_length} characters, got {len(name)}"
-    if NAME_CHARS.fullmatch(name) is None:
-        return "a name may hold only letters, digits, '.', '_' and '-' (no path separator)"
+    if UNSAFE_CHARS.search(name) is not None:
+        return "a name cannot hold a path separator or a control character"
     if name.startswith("."):
         return "a name cannot start with '.' (no '.', '..' or hidden file)"
     return None
@@ -95,8 +98,8 @@ def check_name(name: object, source: str | os.PathLike | None = None, max_length
     """``name`` when it can be a file stem inside the store (a layer, a part of an embeddings plan); else a
     StoreError naming ``source`` (the file it was read from) and the name.
 
-    Accepted: ASCII letters, digits, '.', '_' and '-', not starting with '.', at most ``max_length``
-    characters; so no separator, no absolute path, no '..', nothing hidden.
+    Accepted: one path component of at most ``max_length`` characters, not starting with '.'; so no
+    separator, no absolute path, no '..', nothing hidden.
     """
     problem = _name_problem(name, max_length)
     if problem is not None:
@@ -106,10 +109,10 @@ def check_name(name: object, source: str | os.PathLike | None = None, max_length
 
 
 def safe_name(module_name: str) -> str:
-    """A file stem that :func:`check_name` accepts for any module name: the name itself when it is accepted
+    """A portable file stem for any module name: the name itself when it is in :data:`NAME_CHARS`
     (``transformer.h.0.mlp.c_fc``), else its characters outside the set replaced by '_', leading dots dropped,
     cut to length, and a hash of the whole name appended (distinct names stay distinct). Deterministic."""
-    if _name_problem(module_name) is None:
+    if NAME_CHARS.fullmatch(module_name) and _name_problem(module_name) is None:
         return module_name
     digest = hashlib.sha256(str(module_name).encode("utf-8", "surrogatepass")).hexdigest()[:12]
     stem = re.sub(r"[^A-Za-z0-9._-]", "_", str(module_name)).lstrip(".")[: MAX_NAME - len(digest) - 1]

@@ -25,8 +25,8 @@ from ..update import SGD
 from .lock import LOCK_FILE, StoreLock
 from .arrays import AppendableArray, read_json, write_json_atomic, write_text_atomic
 from .reader import Store
-from .schema import (_VOLATILE, MANIFEST, PROJECTIONS, RECORD_DTYPE, WHITENING_DTYPE, LayerSpec, StepRecord, StoreConfig, StoreError,
-                     _spec_difference, new_manifest, write_projections)
+from .schema import (_VOLATILE, MANIFEST, PROJECTIONS, RECORD_DTYPE, WHITENING_DTYPE, LayerSpec, StepRecord,
+                     StoreConfig, StoreError, _spec_difference, check_name, new_manifest, write_projections)
 
 
 def _check_new_dir(path: Path) -> None:
@@ -60,6 +60,13 @@ def prepare(path: Path, mode: Mode) -> bool:
         return True
     _clear(path)  # overwritten, or a store that never committed a step
     return False
+
+
+def check_names(config: StoreConfig) -> None:
+    """Refuse, before anything is written, layer names that cannot be file stems or that repeat."""
+    names = [check_name(spec.name) for spec in config.layers]
+    if len(set(names)) != len(names):
+        raise StoreError(f"layer names repeat: {sorted(n for n in set(names) if names.count(n) > 1)}")
 
 
 def _clear(path: Path) -> None:
@@ -106,6 +113,7 @@ class StoreWriter(_Committed):
                  rollback_to_steps: int | None = None, mode: Mode = "new") -> None:
         self.path = Path(path)
         self.fsync = fsync
+        check_names(config)
         self._lock = StoreLock(self.path)
         try:
             self._open(config, rollback_to_steps, mode)
@@ -312,7 +320,8 @@ class BackgroundWriter:
     manifest replace each) group the steps of up to ``commit_interval`` seconds, and
     :meth:`flush` and :meth:`close` commit at once. A crash loses only uncommitted steps:
     at most the last ``commit_interval`` seconds of training, never a partial step. An error
-    in the thread drops the uncommitted steps and is raised at the next call.
+    in the thread drops the uncommitted steps, stops all further writing (later steps would leave
+    a gap) and is raised at every later call; the committed steps stay, for a resumed run.
     """
 
     _FLUSH = object()  # queue marker: commit now
@@ -323,6 +332,7 @@ class BackgroundWriter:
         self.commit_interval = commit_interval
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
+        self.stopped = False  # the thread's error was raised to the caller: nothing more is written
         self._thread = threading.Thread(target=self._run, name="dvemb-store-writer", daemon=True)
         self._thread.start()
 
@@ -356,10 +366,18 @@ class BackgroundWriter:
         except BaseException as exc:  # handed to the training thread
             self._error = exc
 
+    def _check_open(self) -> None:
+        """Raise the thread's error, or that the writer was closed (nothing would take the queue)."""
+        self._raise()
+        if not self._thread.is_alive():
+            raise StoreError(f"{self.writer.path}: the store writer was closed")
+
     def _raise(self) -> None:
         if self._error is not None:
-            error, self._error = self._error, None
-            raise StoreError(f"writing to {self.writer.path} failed: {error}") from error
+            error, self.stopped = self._error, True
+            if isinstance(error, StoreError):
+                raise StoreError(str(error))
+            raise StoreError(f"{self.writer.path}: writing failed: {error}") from error
 
     def set_layers(self, layers: Sequence[LayerSpec]) -> None:
         """:meth:`StoreWriter.set_layers` once every queued step is written."""
@@ -368,20 +386,24 @@ class BackgroundWriter:
 
     def append_step(self, step: StepRecord) -> None:
         """Queue a step for :meth:`StoreWriter.write_steps` (blocks while ``depth`` steps wait)."""
-        self._raise()
+        self._check_open()
         self._queue.put(step)
         self.submitted += 1
 
     def flush(self) -> None:
         """Wait until every queued step is committed."""
+        self._check_open()
         self._queue.put(self._FLUSH)
         self._queue.join()
         self._raise()
 
     def close(self) -> None:
-        """Commit what is queued, stop the thread and close the store."""
+        """Commit what is queued, stop the thread and close the store (idempotent)."""
+        if not self._thread.is_alive():
+            return
         try:
-            self.flush()
+            if not self.stopped:  # an error already raised is not raised again
+                self.flush()
         finally:
             self._queue.put(None)
             self._thread.join()
@@ -395,6 +417,7 @@ class DistributedIndex(_Committed):
                  mode: Mode = "new") -> None:
         self.path = Path(path)
         self.fsync = fsync
+        check_names(config)
         self._lock = StoreLock(self.path)
         try:
             self._open(config, world_size, mode)
