@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..embed.compute import compute_embeddings
 from ..query import influence
 from .baselines import Estimator, Target, standard_baselines
 from .metrics import pearson, spearman
@@ -154,8 +155,8 @@ def evaluate_fidelity(
 
     The target is the mean validation loss ``spec.loss(model(x_val), y_val).mean()``.
     ``dvemb_configs`` maps names to Recorder keyword arguments (``projection_dim``, ``dtype``,
-    ``curvature``, ...) plus optionally ``blocking`` for the embeddings; each records the run into ``workdir/NAME`` (a temporary directory when
-    omitted) and is scored on the mean of the per-example validation losses. ``baselines`` maps
+    ``curvature``, ...) plus optionally ``compute_embeddings`` options (:data:`EMBEDDING_OPTIONS`); each
+    records the run into ``workdir/NAME`` (a temporary directory when omitted) and is scored on the mean of the per-example validation losses. ``baselines`` maps
     names to estimators (default: :func:`~dvemb.evaluate.baselines.standard_baselines`).
     Intervals resample removals ``resamples`` times with generator seed ``seed``.
     """
@@ -224,6 +225,10 @@ def jsonable_config(config: Mapping[str, object]) -> dict[str, object]:
     return {k: str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else v for k, v in config.items()}
 
 
+EMBEDDING_OPTIONS = ("blocking", "step_rank", "memory", "precision")
+"""Keys of a DVEmb configuration that go to ``compute_embeddings``; the others go to the Recorder."""
+
+
 def _dvemb_estimates(
     spec: TrainingSpec,
     validation: tuple[torch.Tensor, torch.Tensor],
@@ -234,10 +239,12 @@ def _dvemb_estimates(
     """DVEmb's estimate of each pooled record on the mean validation loss, under one configuration."""
     if path.exists():
         raise FileExistsError(f"{path} already exists: give evaluate_fidelity an empty workdir")
-    recorder_kwargs = {k: v for k, v in config.items() if k != "blocking"}
-    model = record_run(spec, path, **recorder_kwargs)
+    model = record_run(spec, path, **{k: v for k, v in config.items() if k not in EMBEDDING_OPTIONS})
+    embedding = {k: v for k, v in config.items() if k in EMBEDDING_OPTIONS}
+    if embedding:
+        compute_embeddings(path, show_progress=False, **embedding)  # type: ignore[arg-type]
     x_val, y_val = validation
-    result = influence(path, model, lambda: spec.loss(model(x_val), y_val), blocking=config.get("blocking"))
+    result = influence(path, model, lambda: spec.loss(model(x_val), y_val))
     scores = result.scores.mean(axis=0)
     position = {record: k for k, record in enumerate(pool)}
     estimates = np.zeros(len(pool))

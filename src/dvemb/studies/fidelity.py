@@ -331,9 +331,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="per-layer projected size of DVEmb and the influence function "
                              f"(default: {DEFAULT_PROJECTION_DIM})")
     parser.add_argument("--config", action="append", default=[], metavar="NAME=JSON", type=_config,
-                        help="an extra DVEmb configuration: Recorder keyword arguments as a JSON object, "
-                             "e.g. 'ggn={\"curvature\": \"ggn\"}', with --projection-dim unless it sets "
-                             "projection_dim; dtypes by name (repeatable)")
+                        help="an extra DVEmb configuration: Recorder keyword arguments (and compute_embeddings' "
+                             "blocking, step_rank, memory, precision) as a JSON object, e.g. "
+                             "'full={\"step_rank\": null}', with --projection-dim unless it sets projection_dim; "
+                             "dtypes by name (repeatable)")
     parser.add_argument("--resamples", type=positive_int, default=1000, metavar="N",
                         help="bootstrap resamples of the intervals (default: 1000)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
