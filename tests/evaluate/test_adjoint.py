@@ -3,6 +3,8 @@ approximation against what data value embeddings compute with the same options."
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +17,7 @@ from dvemb.evaluate import TrainingSpec, record_run, records_of, train
 from dvemb.capture.layers import rule_for
 from dvemb.evaluate.adjoint import AdjointOptions, adjoint_estimate
 from dvemb.evaluate.functions import LayerProjection
+from dvemb.embed.plan import STEP_RANK
 from dvemb.store import Store
 from dvemb.evaluate.replay import record_weight
 from dvemb.update import SGD, Adam
@@ -85,18 +88,19 @@ def test_frozen_second_moment_differs_from_full(tmp_path):
 
 
 PAPER = dict(curvature="gradient_outer", projection="gaussian")
+TRUNCATE = math.ceil(STEP_RANK * 6)  # compute_embeddings' default cut of each step's curvature (batch 6)
 
 
 @pytest.mark.parametrize("options, recorder", [
     (AdjointOptions("gradient_outer", "layer", 12), dict(projection_dim=12, **PAPER)),
     (AdjointOptions("gradient_outer", "global", 12), dict(projection_dim=12, blocking="global", **PAPER)),
-    (AdjointOptions("ggn", "global", 12, truncate=3), dict(projection_dim=12, curvature="ggn", curvature_samples=None,
+    (AdjointOptions("ggn", "global", 12, truncate=TRUNCATE), dict(projection_dim=12, curvature="ggn", curvature_samples=None,
                                                             projection="gaussian", blocking="global")),
-    (AdjointOptions("ggn", "layer", None, truncate=3), dict(projection_dim=None, curvature="ggn",
+    (AdjointOptions("ggn", "layer", None, truncate=TRUNCATE), dict(projection_dim=None, curvature="ggn",
                                                             curvature_samples=None)),
-    (AdjointOptions("ggn", "global", 12, ggn_rank=1, truncate=3), dict(projection_dim=12, curvature_samples=1,
+    (AdjointOptions("ggn", "global", 12, ggn_rank=1, truncate=TRUNCATE), dict(projection_dim=12, curvature_samples=1,
                                                                        blocking="global")),
-    (AdjointOptions("ggn", "global", 12, ggn_rank=3, truncate=3), dict(projection_dim=12)),  # the defaults
+    (AdjointOptions("ggn", "global", 12, ggn_rank=3, truncate=TRUNCATE), dict(projection_dim=12)),  # the defaults
 ])
 @pytest.mark.parametrize("rule", [SGD(), SGD(momentum=0.9, nesterov=True)])
 def test_approximations_equal_data_value_embeddings_with_the_same_options(tmp_path, options, recorder, rule):
@@ -124,7 +128,7 @@ def test_whitened_adam_equals_the_adjoint_in_whitened_coordinates(tmp_path, bloc
                           blocking=blocking)
     records = list(zip(inf.steps.tolist(), inf.sample_ids.tolist()))
     options = AdjointOptions("ggn", blocking, 12, ggn_rank=3, second_moment="frozen", preconditioner="whitened-lagged",
-                             truncate=3)  # 6 records per step: cut to 3
+                             truncate=TRUNCATE)  # 6 records per step: cut to 3
     estimate = adjoint_estimate(train(spec), records, mean_loss(validation), options,
                                 projections=store_projections(tmp_path / "s", model))[0]
     np.testing.assert_allclose(inf.scores.mean(axis=0), estimate, **TOL)
