@@ -19,7 +19,7 @@ from reference import per_sample_gradients, project
 SRC = Path(dvemb.__file__).parent
 # Each package or module may import only from its own level or below.
 LEVELS = {
-    "_version": 0, "projection": 0, "update": 0, "gemm": 0, "cpus": 0, "progress": 0, "resources": 0,
+    "_version": 0, "projection": 0, "update": 0, "gemm": 0, "cpus": 0, "progress": 0, "resources": 0, "devices": 0,
     "store": 1,
     "capture": 2, "embed": 2,
     "query": 3,

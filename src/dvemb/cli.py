@@ -139,6 +139,9 @@ def _parser(argv: Sequence[str]) -> argparse.ArgumentParser:
                        help="budget for the propagators beyond one per layer (default: 768)")
     embed.add_argument("--workers", type=positive_int, default=1, metavar="N",
                        help="processes sharing the segments and layers (default: 1)")
+    embed.add_argument("--device", default=None, metavar="DEVICE",
+                       help="where the recursion runs: cpu (default), cuda, cuda:N (cuda with --workers N: one GPU each)")
+    embed.add_argument("--allow-tf32", action="store_true", help="let float32 products on CUDA use TF32 (faster)")
     embed.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     embed.set_defaults(run=_embed)
     _add_studies(sub, argv)
@@ -178,7 +181,7 @@ def _embed(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     info = compute_embeddings(args.store, checkpoints=args.checkpoints, workers=args.workers,
                               precision=args.precision, blocking=args.blocking, memory=args.memory << 20,
-                              show_progress=not args.no_progress)
+                              show_progress=not args.no_progress, device=args.device, allow_tf32=args.allow_tf32)
     print(f"embeddings of {info.committed_records} records over {info.committed_steps} steps "
           f"({info.precision}) written to {info.path} in {time.perf_counter() - start:.2f} s")
     return 0

@@ -13,6 +13,7 @@ from torch import nn
 
 from . import gemm
 from .cpus import spare_cpu
+from .devices import Device, resolve_device, to_device
 from .progress import ProgressBar
 
 from .capture.ghost import GhostCapture
@@ -147,7 +148,7 @@ class _Query:
     info: dict
     last: int          # index of the checkpoint segment scored against
     n_rows: int        # records before that checkpoint
-    tests: list[torch.Tensor]
+    tests: list[torch.Tensor]  # on the device the scores are computed on
 
 
 class _ReadAhead:
@@ -191,6 +192,49 @@ class _MappedOnce:
         return MappedArrays(release_scanned=True).scan(arrays, ranges, max_rows)
 
 
+class _OnDevice:
+    """A Scorer's rows on a device: each chunk is copied there at its first query and kept while ``budget``
+    bytes last; the chunks beyond it are copied from the mapped files at every query."""
+
+    chunk_bytes = MAPPED_CHUNK_BYTES
+
+    def __init__(self, device: torch.device, budget: int) -> None:
+        self.device = device
+        self._left = budget
+        self._mapped = MappedArrays()
+        self._held: dict[tuple[str, int, int], torch.Tensor] = {}
+
+    def scan(self, arrays: Sequence[AppendableArray], ranges: Sequence[tuple[int, int]],
+             max_rows: int) -> Iterator[list[torch.Tensor]]:
+        """Per range, one tensor per file, on the device."""
+        return ([self._rows(a, r0, r1) for a in arrays] for r0, r1 in ranges)
+
+    def _rows(self, array: AppendableArray, r0: int, r1: int) -> torch.Tensor:
+        key = (str(array.path), r0, r1)
+        rows = self._held.get(key)
+        if rows is None:
+            rows = to_device(self._mapped.array(array)[r0:r1], self.device)
+            if rows.numel() * rows.element_size() <= self._left:
+                self._held[key] = rows
+                self._left -= rows.numel() * rows.element_size()
+        return rows
+
+    def close(self) -> None:
+        """Free the device copies and unmap the files."""
+        self._held.clear()
+        self._mapped.close()
+
+
+def _device_budget(device: torch.device, device_memory: int | None) -> int:
+    """Bytes of embeddings a Scorer keeps on ``device``: ``device_memory``, else half the free memory of a
+    GPU (none on the CPU, where the mapped files are the page cache already)."""
+    if device_memory is not None:
+        if device_memory < 0:
+            raise ValueError(f"device_memory must be >= 0 bytes, got {device_memory}")
+        return int(device_memory)
+    return torch.cuda.mem_get_info(device)[0] // 2 if device.type == "cuda" else 0
+
+
 def _streamed() -> "_RowSource":
     """How a one-off query reads the embeddings.
 
@@ -216,7 +260,7 @@ class _RowSource(Protocol):
     chunk_bytes: int
 
     def scan(self, arrays: Sequence[AppendableArray], ranges: Sequence[tuple[int, int]], max_rows: int) -> _RowScan:
-        """Per range, one array of rows per file."""
+        """Per range, one array (or tensor on the scoring device) of rows per file."""
 
 
 def _ensure_embeddings(store: Store, checkpoints: Checkpoints, blocking: Blocking | None,
@@ -255,24 +299,27 @@ def _interior(info: dict, n_steps: int) -> list[int] | None:
     return inner or None
 
 
-def _resolve(store: Store, info: dict, model: nn.Module, loss_fn: LossClosure, checkpoint: int | None) -> _Query:
-    """Take the test gradients at the model, for the embeddings of ``checkpoint`` (None: the last step)."""
+def _resolve(store: Store, info: dict, model: nn.Module, loss_fn: LossClosure, checkpoint: int | None,
+             device: torch.device) -> _Query:
+    """Take the test gradients at the model, for the embeddings of ``checkpoint`` (None: the last step), and
+    put them on the ``device`` that scores."""
     boundaries = info["boundaries"]
     last = len(boundaries) - 2 if checkpoint is None else _checkpoint_index(checkpoint, boundaries)
     grads, _ = query_gradients(store, model, loss_fn, boundaries[last + 1])
     dtype = torch.float64 if info["precision"] == "float64" else torch.float32
-    tests = [g.detach().to(device="cpu", dtype=dtype) for g in grads]
+    tests = [g.detach().to(device=device, dtype=dtype) for g in grads]
     if not all(bool(torch.isfinite(t).all()) for t in tests):  # finite in the capture's dtype, not in this one
         raise ValueError(f"the test loss's gradients overflow the embeddings' {info['precision']} arithmetic")
     return _Query(store, info, last, int(store.step_starts[boundaries[last + 1]]), tests)
 
 
 def _prepare(path: str | os.PathLike, model: nn.Module, loss_fn: LossClosure, checkpoint: int | None,
-             checkpoints: Checkpoints, blocking: Blocking | None, show_progress: bool) -> _Query:
+             checkpoints: Checkpoints, blocking: Blocking | None, show_progress: bool, device: Device) -> _Query:
     """Make sure fitting embeddings exist, then take the test gradients at the model."""
+    device = resolve_device(device)
     store = Store(path)
     return _resolve(store, _ensure_embeddings(store, checkpoints, blocking, show_progress), model, loss_fn,
-                    checkpoint)
+                    checkpoint, device)
 
 
 def _score_chunks(q: _Query, chunk_rows: int | None, show_progress: bool,
@@ -303,9 +350,9 @@ def _score_chunks(q: _Query, chunk_rows: int | None, show_progress: bool,
                        max((r1 - r0 for r0, r1, _ in chunks), default=1))
     try:
         for (r0, r1, tests), embeddings in zip(chunks, rows):
-            acc = gemm.scores(tests, [torch.from_numpy(e) for e in embeddings])
+            acc = gemm.scores(tests, [to_device(e, tests[0].device) for e in embeddings])
             if not bool(torch.isfinite(acc).all()):
-                _non_finite(arrays, embeddings, r0)
+                _non_finite(arrays, [e.cpu().numpy() if isinstance(e, torch.Tensor) else e for e in embeddings], r0)
             bar.update(r1 - r0)
             yield r0, r1, acc
     finally:
@@ -334,6 +381,7 @@ def influence(
     blocking: Blocking | None = None,
     chunk_rows: int | None = None,
     show_progress: bool = False,
+    device: Device = None,
 ) -> Influence:
     """Score stored records against the closure's per-example test losses.
 
@@ -343,9 +391,10 @@ def influence(
     ``checkpoint_steps(path)[l]`` and the records before that step are scored by their
     influence on that checkpoint. Embeddings are computed first if missing or stale, or
     when ``checkpoints`` or ``blocking`` ask for other ones than those stored.
-    The embeddings are streamed from disk; for repeated queries a :class:`Scorer` is faster.
+    The embeddings are streamed from disk; for repeated queries a :class:`Scorer` is faster. ``device``
+    scores there (``"cuda"``; default the CPU): the test gradients go to it and the embeddings stream in.
     """
-    q = _prepare(path, model, loss_fn, checkpoint, checkpoints, blocking, show_progress)
+    q = _prepare(path, model, loss_fn, checkpoint, checkpoints, blocking, show_progress, device)
     return _influence(q, _score_chunks(q, chunk_rows, show_progress))
 
 
@@ -360,6 +409,7 @@ def top_k(
     blocking: Blocking | None = None,
     chunk_rows: int | None = None,
     show_progress: bool = False,
+    device: Device = None,
 ) -> TopK:
     """The k most helpful and most harmful records per test point, without the full score matrix.
 
@@ -368,7 +418,7 @@ def top_k(
     every CPU, one mapped chunk (64 MiB), so stores far larger than RAM can be searched.
     """
     k = _check_k(k)
-    q = _prepare(path, model, loss_fn, checkpoint, checkpoints, blocking, show_progress)
+    q = _prepare(path, model, loss_fn, checkpoint, checkpoints, blocking, show_progress, device)
     return _top_k(q, _score_chunks(q, chunk_rows, show_progress), k)
 
 
@@ -383,17 +433,24 @@ class Scorer:
     memory is the score matrix, or n_test x (k + chunk_rows) values for ``top_k``.
     Embeddings are computed at opening when missing, stale, or not the ones asked for
     (``checkpoints``, ``blocking``: as in :func:`influence`). Use as a context manager or
-    call :meth:`close`.
+    call :meth:`close`. With a ``device`` (``"cuda"``) the scores are computed there, and the Scorer keeps
+    up to ``device_memory`` bytes of embeddings on it (default: half its free memory) and copies the rest
+    in at each query; ``top_k`` runs there too.
     """
 
     chunk_bytes = MAPPED_CHUNK_BYTES
 
     def __init__(self, path: str | os.PathLike, *, checkpoints: Checkpoints = None, blocking: Blocking | None = None,
-                 show_progress: bool = False) -> None:
+                 show_progress: bool = False, device: Device = None, device_memory: int | None = None) -> None:
+        if device_memory is not None and device is None:
+            raise ValueError("device_memory applies to a Scorer with a device (Scorer(path, device=...))")
+        self.device = resolve_device(device)
+        budget = _device_budget(self.device, device_memory) if device is not None else 0
         self.store = Store(path)
         self.info = _ensure_embeddings(self.store, checkpoints, blocking, show_progress)
         self.show_progress = show_progress
-        self._source = _MappedForever()
+        self._source: _MappedForever | _OnDevice = _OnDevice(self.device, budget) if device is not None \
+            else _MappedForever()
 
     def influence(self, model: nn.Module, loss_fn: LossClosure, *, checkpoint: int | None = None,
                   chunk_rows: int | None = None) -> Influence:
@@ -423,7 +480,7 @@ class Scorer:
             raise StoreError(f"{self.store.path}: the embeddings were recomputed since this Scorer was opened; "
                              "open a new Scorer")
         check_embeddings(self.store, self.info)  # whole files: a mapped row past the end would kill the process
-        return _resolve(self.store, self.info, model, loss_fn, checkpoint)
+        return _resolve(self.store, self.info, model, loss_fn, checkpoint, self.device)
 
 
 def _check_k(k: int) -> int:
@@ -437,9 +494,9 @@ def _check_k(k: int) -> int:
 
 def _influence(q: _Query, chunks: Iterator[tuple[int, int, torch.Tensor]]) -> Influence:
     """Every record's score, gathered from the scored chunks."""
-    scores = np.empty((q.tests[0].shape[0], q.n_rows), dtype=q.tests[0].numpy().dtype)
+    scores = np.empty((q.tests[0].shape[0], q.n_rows), dtype=torch.empty(0, dtype=q.tests[0].dtype).numpy().dtype)
     for r0, r1, chunk in chunks:
-        scores[:, r0:r1] = chunk.numpy()
+        scores[:, r0:r1] = chunk.cpu().numpy()
     records = q.store.records[:q.n_rows]
     return Influence(scores, np.asarray(records["step"]).copy(), np.asarray(records["sample_id"]).copy())
 
@@ -448,7 +505,7 @@ def _top_k(q: _Query, chunks: Iterator[tuple[int, int, torch.Tensor]], k: int) -
     """The k highest and k lowest scores per test point, kept as the chunks go by."""
     best = {sign: (None, None) for sign in (1.0, -1.0)}  # sign -> (scores [n_test, <=k], record index)
     for r0, _, chunk in chunks:
-        index = torch.arange(r0, r0 + chunk.shape[1]).expand_as(chunk)
+        index = torch.arange(r0, r0 + chunk.shape[1], device=chunk.device).expand_as(chunk)
         for sign, (scores, idx) in best.items():
             cand = chunk * sign if scores is None else torch.cat([scores, chunk * sign], 1)
             cand_idx = index if idx is None else torch.cat([idx, index], 1)
@@ -459,8 +516,8 @@ def _top_k(q: _Query, chunks: Iterator[tuple[int, int, torch.Tensor]], k: int) -
 
     def ranking(sign: float) -> Ranking:
         scores, idx = best[sign]
-        idx = idx.numpy()
-        return Ranking(idx, steps[idx], ids[idx], (scores * sign).numpy())
+        idx = idx.cpu().numpy()
+        return Ranking(idx, steps[idx], ids[idx], (scores * sign).cpu().numpy())
 
     return TopK(ranking(1.0), ranking(-1.0))
 

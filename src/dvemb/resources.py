@@ -22,11 +22,12 @@ def physical_memory() -> int | None:
         return None
 
 
-def check_memory(need: int, what: str, advice: str) -> None:
-    """Raise MemoryError when ``need`` bytes exceed physical memory."""
-    memory = physical_memory()
+def check_memory(need: int, what: str, advice: str, memory: int | None = None,
+                 holder: str = "this machine") -> None:
+    """Raise MemoryError when ``need`` bytes exceed ``memory`` (default: the physical memory) of ``holder``."""
+    memory = physical_memory() if memory is None else memory
     if memory is not None and need > memory:
-        raise MemoryError(f"{what} needs {need / GIB:,.1f} GiB and this machine has {memory / GIB:,.1f} GiB: "
+        raise MemoryError(f"{what} needs {need / GIB:,.1f} GiB and {holder} has {memory / GIB:,.1f} GiB: "
                           f"{advice}")
 
 

@@ -19,6 +19,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..devices import to_device
 from ..store import AppendableArray, Store
 from .layout import embedding_plan, propagator_arrays, segment_arrays, state_blocks
 
@@ -43,7 +44,7 @@ def segment_boundaries(n_steps: int, checkpoints: Checkpoints) -> list[int]:
 
 def compose(propagators: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """C_j = K_{K-1} ... K_{j+1} for each segment j (C_{K-1} = I): maps segment-end embeddings to T."""
-    eye = torch.eye(propagators[0].shape[0], dtype=propagators[0].dtype)
+    eye = torch.eye(propagators[0].shape[0], dtype=propagators[0].dtype, device=propagators[0].device)
     out = [eye]
     for k in reversed(propagators[1:]):
         out.append(out[-1] @ k)
@@ -75,7 +76,7 @@ def _propagate(tests: list[torch.Tensor], blocks: list[list[int]], propagators: 
     """Per-part test gradients times each block's propagator (blocks index ``tests``)."""
     out = list(tests)
     for block, k in zip(blocks, propagators):
-        moved = torch.cat([tests[i] for i in block], 1) @ torch.from_numpy(np.array(k)).to(dtype)
+        moved = torch.cat([tests[i] for i in block], 1) @ to_device(np.array(k), tests[block[0]].device, dtype)
         for i, part in zip(block, moved.split([tests[i].shape[1] for i in block], dim=1)):
             out[i] = part
     return out

@@ -6,7 +6,7 @@ import math
 import os
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Sequence
@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .. import gemm
+from ..devices import Device, device_memory, resolve_device, tf32, to_device, worker_devices
 from ..progress import ProgressBar
 from ..resources import check_disk, check_memory
 from ..store import MANIFEST, AppendableArray, Store, release_pages, write_json_atomic
@@ -43,6 +44,19 @@ class EmbeddingInfo:
 
 
 @dataclass(frozen=True)
+class _Run:
+    """How a computation runs: its arithmetic, the rows read per chunk (None: CHUNK_BYTES' worth), the device."""
+
+    precision: str
+    chunk_rows: int | None
+    device: torch.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return TORCH_DTYPES[self.precision]
+
+
+@dataclass(frozen=True)
 class _Task:
     """One segment of steps for a group of the plan's blocks."""
 
@@ -63,6 +77,8 @@ def compute_embeddings(
     step_rank: float | None = STEP_RANK,
     chunk_rows: int | None = None,
     show_progress: bool = True,
+    device: Device = None,
+    allow_tf32: bool = False,
 ) -> EmbeddingInfo:
     """Compute data value embeddings for the store at ``path`` and write them into it.
 
@@ -77,17 +93,24 @@ def compute_embeddings(
     for ``influence(..., checkpoint=l)``. ``workers`` processes share the segments and, when
     there are more workers than segments, the blocks. Records are read in chunks of
     ``chunk_rows`` rows, by default as many as fit in ``recursion.CHUNK_BYTES`` (96 MiB).
+    ``device`` runs the recursion there (``"cuda"``, ``"cuda:1"``; default the CPU): the propagators stay
+    on the device and the records stream in through pinned memory; with ``workers`` > 1 an unnumbered
+    ``"cuda"`` gives each worker a visible GPU in turn. ``allow_tf32`` lets float32 products on CUDA use
+    TF32 (faster, about 1e-3 relative error per product; off by default).
     """
     store = Store(path)
     boundaries = segment_boundaries(store.n_steps, checkpoints)
     precision = _checked(store, precision, workers)
+    device = resolve_device(device)
     plan = make_plan(store, blocking, memory, linearised_rule(store).parts, TORCH_DTYPES[precision].itemsize,
                      step_rank)
-    _check_resources(store, plan, precision, len(boundaries) - 1, workers)
+    _check_resources(store, plan, precision, len(boundaries) - 1, workers, device)
     out_dir = embeddings_dir(store)
     lock = StoreLock(out_dir, "computed")  # one computation at a time; recording may go on beside it
     try:
-        seconds = _compute(store, plan, boundaries, precision, workers, chunk_rows, show_progress)
+        with tf32(allow_tf32):
+            seconds = _compute(store, plan, boundaries, _Run(precision, chunk_rows, device), workers,
+                               show_progress)
         write_json_atomic(out_dir / MANIFEST, {
             "committed_steps": store.n_steps, "committed_records": store.n_records, "boundaries": boundaries,
             "precision": precision, "curvature": store.manifest["curvature"], "blocking": plan.kind,
@@ -101,38 +124,41 @@ def compute_embeddings(
                          seconds)
 
 
-def _compute(store: Store, plan: Plan, boundaries: Sequence[int], precision: str, workers: int,
-             chunk_rows: int | None, show_progress: bool) -> float:
+def _compute(store: Store, plan: Plan, boundaries: Sequence[int], run: _Run, workers: int,
+             show_progress: bool) -> float:
     """Write the embeddings' files (the manifest, which makes them current, is written by the caller); seconds."""
     n_segments = len(boundaries) - 1
     (embeddings_dir(store) / MANIFEST).unlink(missing_ok=True)  # invalidate before overwriting
     start = time.perf_counter()
-    _allocate(store, plan, precision, n_segments)
+    _allocate(store, plan, run.precision, n_segments)
     tasks = _plan_tasks(store, plan, boundaries, workers)
     bar = ProgressBar(total=sum(t.stop - t.start for t in tasks), desc="embeddings", unit="step",
                       disable=not show_progress)
     if workers == 1:
         for task in tasks:
-            _run_task(store, plan, task, precision, chunk_rows, n_segments, lambda: bar.update(1))
+            _run_task(store, plan, task, run, n_segments, lambda: bar.update(1))
     else:
-        _run_parallel(store, plan, tasks, precision, chunk_rows, n_segments, workers, bar)
+        _run_parallel(store, plan, tasks, run, n_segments, workers, bar)
     bar.close()
     if n_segments > 1:
-        _compose_final(store, plan, boundaries, precision, chunk_rows)
+        _compose_final(store, plan, boundaries, run)
     if not plan.trivial:
-        _sum_parts(store, plan, precision, chunk_rows)
+        _sum_parts(store, plan, run)
     return time.perf_counter() - start
 
 
-def _check_resources(store: Store, plan: Plan, precision: str, n_segments: int, workers: int) -> None:
+def _check_resources(store: Store, plan: Plan, precision: str, n_segments: int, workers: int,
+                     device: torch.device) -> None:
     """Refuse up front a computation whose propagators exceed memory or whose files exceed the free disk."""
     itemsize = TORCH_DTYPES[precision].itemsize
     matrices = linearised_rule(store).parts
     widths = [sum(plan.parts[i].width(store) for i in block) for block in plan.blocks]
-    held = matrices * itemsize * sum(w * w for w in widths) * max(1, min(workers, n_segments))
-    check_memory(held + 2 * CHUNK_BYTES, f"compute_embeddings ({plan.kind} plan, {len(widths)} blocks, "
+    held = matrices * itemsize * sum(w * w for w in widths)
+    on_device = device.type != "cpu"  # each worker holds its tasks' propagators: one GPU each, or this machine
+    held_here = held * (1 if on_device else max(1, min(workers, n_segments)))
+    check_memory(held_here + 2 * CHUNK_BYTES, f"compute_embeddings ({plan.kind} plan, {len(widths)} blocks, "
                  f"{precision}, {workers} worker(s))", "use blocking='layer', fewer workers, or project the "
-                 "gradients (projection_dim)")
+                 "gradients (projection_dim)", device_memory(device), str(device) if on_device else "this machine")
     grow = sum(max(0, arr.row_bytes * rows - (arr.path.stat().st_size if arr.path.exists() else 0))
                for arr, rows in _files(store, plan, precision, n_segments))  # earlier files are overwritten
     check_disk(embeddings_dir(store), grow, "compute_embeddings")
@@ -183,14 +209,13 @@ def _plan_tasks(store: Store, plan: Plan, boundaries: Sequence[int], workers: in
     return [_Task(j, boundaries[j], boundaries[j + 1], tuple(sorted(g))) for j in range(n_segments) for g in groups]
 
 
-def _run_task(store: Store, plan: Plan, task: _Task, precision: str, chunk_rows: int | None, n_segments: int,
-              on_step) -> None:
+def _run_task(store: Store, plan: Plan, task: _Task, run: _Run, n_segments: int, on_step) -> None:
     """Run one task in this process, writing into the preallocated files.
 
     The last segment's embeddings are already relative to T: they go straight to the parts' final
     arrays (no checkpoint query reads them as segment embeddings).
     """
-    last = task.segment == n_segments - 1
+    last, precision = task.segment == n_segments - 1, run.precision
     finals = part_final_arrays(store, plan, precision)
     if n_segments == 1:
         arrays, indices = finals, [list(plan.blocks[b]) for b in task.blocks]
@@ -201,8 +226,8 @@ def _run_task(store: Store, plan: Plan, task: _Task, precision: str, chunk_rows:
         indices = [every[b] for b in task.blocks]
     sinks = {i: arrays[i].row_file() for block in indices for i in block}
     try:
-        propagators = run_recursion(store, plan, task.blocks, sinks, task.start, task.stop, precision, chunk_rows,
-                                    on_step, buffer=n_segments > 1)
+        propagators = run_recursion(store, plan, task.blocks, sinks, task.start, task.stop, precision, run.chunk_rows,
+                                    on_step, buffer=n_segments > 1, device=run.device)
     finally:
         for sink in sinks.values():
             sink.close()
@@ -210,7 +235,7 @@ def _run_task(store: Store, plan: Plan, task: _Task, precision: str, chunk_rows:
         stacks = propagator_arrays(store, plan, precision)
         for b, k in zip(task.blocks, propagators):
             stack = stacks[b].writable(n_segments)
-            stack[task.segment] = k.numpy()
+            stack[task.segment] = k.cpu().numpy()
             stack.flush()
 
 
@@ -228,19 +253,22 @@ def _count_step() -> None:
         _counter.value += 1
 
 
-def _worker(path: str, plan: dict, task: _Task, precision: str, chunk_rows: int | None, n_segments: int) -> None:
-    _run_task(Store(path), Plan.from_dict(plan), task, precision, chunk_rows, n_segments, _count_step)
+def _worker(path: str, plan: dict, task: _Task, run: _Run, n_segments: int, tf32_allowed: bool) -> None:
+    with tf32(tf32_allowed):
+        _run_task(Store(path), Plan.from_dict(plan), task, run, n_segments, _count_step)
 
 
-def _run_parallel(store: Store, plan: Plan, tasks: list[_Task], precision: str, chunk_rows: int | None,
-                  n_segments: int, workers: int, bar: ProgressBar) -> None:
-    """Run tasks in ``workers`` spawned processes, each with its share of the CPU threads."""
+def _run_parallel(store: Store, plan: Plan, tasks: list[_Task], run: _Run, n_segments: int, workers: int,
+                  bar: ProgressBar) -> None:
+    """Run tasks in ``workers`` spawned processes, each with its share of the CPU threads (and its GPU)."""
     ctx = get_context("spawn")
     counter = ctx.Value("q", 0)
     threads = max(1, torch.get_num_threads() // workers)
+    devices = worker_devices(run.device, len(tasks))
+    allowed = torch.backends.cuda.matmul.allow_tf32
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(counter, threads)) as pool:
-        pending = {pool.submit(_worker, str(store.path), plan.to_dict(), t, precision, chunk_rows, n_segments)
-                   for t in tasks}
+        pending = {pool.submit(_worker, str(store.path), plan.to_dict(), t, replace(run, device=d), n_segments,
+                               allowed) for t, d in zip(tasks, devices)}
         while pending:
             done, pending = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
             for fut in done:
@@ -248,29 +276,28 @@ def _run_parallel(store: Store, plan: Plan, tasks: list[_Task], precision: str, 
             bar.update(counter.value - bar.n)
 
 
-def _compose_final(store: Store, plan: Plan, boundaries: Sequence[int], precision: str,
-                   chunk_rows: int | None) -> None:
+def _compose_final(store: Store, plan: Plan, boundaries: Sequence[int], run: _Run) -> None:
     """Final embeddings of each part: each segment's local embeddings mapped to T by the later propagators.
 
     With buffers a local embedding is (effect on theta, effect on the buffers) at the segment's
     end, and the composed propagators' theta rows map it to theta_T.
     """
-    dtype = TORCH_DTYPES[precision]
+    dtype, precision, device = run.dtype, run.precision, run.device
     starts = store.step_starts
     local = [a.read(store.n_records) for a in segment_arrays(store, plan, precision)]
     finals = [a.row_file() for a in part_final_arrays(store, plan, precision)]
     stacks = propagator_arrays(store, plan, precision)
     for block, state, stack_arr in zip(plan.blocks, state_blocks(store, plan), stacks):
         stack = stack_arr.read(len(boundaries) - 1)
-        maps = compose([torch.from_numpy(np.array(k)).to(dtype) for k in stack])
+        maps = compose([to_device(np.array(k), device, dtype) for k in stack])
         sizes = [plan.parts[i].width(store) for i in block]
-        rows = rows_per_chunk(sum(sizes) * dtype.itemsize * len(state) // len(block), chunk_rows)
+        rows = rows_per_chunk(sum(sizes) * dtype.itemsize * len(state) // len(block), run.chunk_rows)
         for j, c in enumerate(maps[:-1]):  # the last segment was written as final already
             theta_rows = c[:sum(sizes)].contiguous()
             for r0 in range(starts[boundaries[j]], starts[boundaries[j + 1]], rows):
                 r1 = min(r0 + rows, starts[boundaries[j + 1]])
-                mapped = gemm.rows_product(torch.cat([torch.from_numpy(np.array(local[i][r0:r1])) for i in state], 1),
-                                            theta_rows)  # rows @ c[:dim].T
+                mapped = gemm.rows_product(torch.cat([to_device(local[i][r0:r1], device, dtype) for i in state], 1),
+                                            theta_rows).cpu()  # rows @ c[:dim].T
                 for i, part in zip(block, mapped.split(sizes, dim=1)):
                     finals[i][r0:r1] = part.numpy()
                 for i in state:
@@ -279,20 +306,19 @@ def _compose_final(store: Store, plan: Plan, boundaries: Sequence[int], precisio
         sink.close()
 
 
-def _sum_parts(store: Store, plan: Plan, precision: str, chunk_rows: int | None) -> None:
+def _sum_parts(store: Store, plan: Plan, run: _Run) -> None:
     """Each layer's final embeddings: the signed sum of its parts' (sketched parts mapped back by S^T)."""
-    parts = [a.read(store.n_records) for a in part_final_arrays(store, plan, precision)]
-    finals = [a.row_file() for a in final_arrays(store, precision)]
-    dtype = TORCH_DTYPES[precision]
-    rows = rows_per_chunk(sum(s.dim for s in store.layers) * dtype.itemsize * 3, chunk_rows)
+    parts = [a.read(store.n_records) for a in part_final_arrays(store, plan, run.precision)]
+    finals = [a.row_file() for a in final_arrays(store, run.precision)]
+    rows = rows_per_chunk(sum(s.dim for s in store.layers) * run.dtype.itemsize * 3, run.chunk_rows)
     for r0 in range(0, store.n_records, rows):
         r1 = min(r0 + rows, store.n_records)
         sums = [np.zeros((r1 - r0, s.dim), dtype=parts[0].dtype) for s in store.layers]
         for part, values in zip(plan.parts, parts):
-            block = torch.from_numpy(np.array(values[r0:r1])) * part.sign
+            block = to_device(np.array(values[r0:r1]), run.device, run.dtype) * part.sign
             if part.sketch is not None:
-                block = block @ part.matrix(store.layers[part.layer].dim, block.dtype)
-            sums[part.layer] += block.numpy()
+                block = block @ part.matrix(store.layers[part.layer].dim, block.dtype, block.device)
+            sums[part.layer] += block.cpu().numpy()
             release_pages(values)
         for sink, block in zip(finals, sums):
             sink[r0:r1] = block

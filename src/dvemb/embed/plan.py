@@ -59,13 +59,13 @@ class Part:
         """Coordinates in the part."""
         return store.layers[self.layer].dim if self.sketch is None else self.sketch
 
-    def matrix(self, dim: int, dtype: torch.dtype) -> torch.Tensor:
-        """The sketch S [sketch, dim] with N(0, 1/sketch) entries (E[S^T S] = I)."""
-        return _sketch(self.sketch, dim, self.seed).to(dtype)
+    def matrix(self, dim: int, dtype: torch.dtype, device: torch.device | None = None) -> torch.Tensor:
+        """The sketch S [sketch, dim] with N(0, 1/sketch) entries (E[S^T S] = I), on ``device`` (None: the CPU)."""
+        return _sketch_on(self.sketch, dim, self.seed, dtype, torch.device("cpu") if device is None else device)
 
     def coordinates(self, rows: torch.Tensor) -> torch.Tensor:
         """The part's coordinates of a layer's rows (last dimension): the rows, or rows S^T."""
-        return rows if self.sketch is None else rows @ self.matrix(rows.shape[-1], rows.dtype).T
+        return rows if self.sketch is None else rows @ self.matrix(rows.shape[-1], rows.dtype, rows.device).T
 
     def to_dict(self) -> dict:
         """JSON form for the embeddings manifest."""
@@ -81,6 +81,12 @@ class Part:
 def _sketch(rows: int, dim: int, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(rows, dim, generator=generator, dtype=torch.float64) / math.sqrt(rows)
+
+
+@functools.lru_cache(maxsize=256)
+def _sketch_on(rows: int, dim: int, seed: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The sketch in ``dtype`` on ``device``, drawn on the CPU (the same S on every device), kept per device."""
+    return _sketch(rows, dim, seed).to(dtype=dtype, device=device)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ the cross-layer curvature.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Literal, Mapping, Sequence
 
@@ -26,13 +27,15 @@ import numpy as np
 import torch
 
 from .. import gemm
+from ..devices import HostCopies, to_device
 from ..store import RowFile, Store, to_torch
 from ..update import StepCoefficients, UpdateRule
-from .coefficients import linearised_rule, step_coefficients
+from .coefficients import CoefficientsAt, linearised_rule, step_coefficients
 from .plan import Plan
 
 Precision = Literal["float32", "float64"]
 TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+CPU = torch.device("cpu")
 CHUNK_BYTES = 96 << 20  # records read per chunk (two are alive while the next is read); 8,200 rows of 3 x 1024 fp32
 
 
@@ -57,10 +60,11 @@ class _State:
     Plain SGD starts at U = I and gives U = K = prod (I - eta H): the paper's recursion.
     """
 
-    def __init__(self, dim: int, dtype: torch.dtype, rule: UpdateRule, buffers: bool) -> None:
+    def __init__(self, dim: int, dtype: torch.dtype, rule: UpdateRule, buffers: bool, device: torch.device) -> None:
         parts = rule.parts
         outputs = parts if buffers else 1
-        self.maps = [[torch.eye(dim, dtype=dtype) if part == out else torch.zeros(dim, dim, dtype=dtype)
+        kw = {"dtype": dtype, "device": device}
+        self.maps = [[torch.eye(dim, **kw) if part == out else torch.zeros(dim, dim, **kw)
                       for part in range(parts)] for out in range(outputs)]
         self.rule = rule
 
@@ -91,7 +95,7 @@ def leading_rows(c: torch.Tensor, c_w: torch.Tensor, rank: int) -> tuple[torch.T
         return c, c_w
     m = c * c_w.sqrt()
     _, vectors = torch.linalg.eigh(m @ m.T)  # ascending; m^T m's leading eigenvectors are m^T v / |m^T v|
-    return vectors[:, -rank:].T @ m, torch.ones(rank, 1, dtype=c.dtype)
+    return vectors[:, -rank:].T @ m, torch.ones(rank, 1, dtype=c.dtype, device=c.device)
 
 
 def run_recursion(
@@ -105,6 +109,7 @@ def run_recursion(
     chunk_rows: int | None,
     on_step: Callable[[], None] = lambda: None,
     buffer: bool = False,
+    device: torch.device = CPU,
 ) -> list[torch.Tensor]:
     """Run the recursion over steps [start, stop) from K = I for the given blocks of the plan.
 
@@ -116,7 +121,8 @@ def run_recursion(
     CHUNK_BYTES. A store whose update rule keeps buffers (momentum, Adam's moments) keeps one
     matrix per buffer too; with ``buffer`` (Algorithm 2) also the records' effects on the buffers
     at ``stop``, written to ``sinks[part + k * number of parts]`` for buffer k, and the
-    propagators map (theta, buffers) to (theta, buffers).
+    propagators map (theta, buffers) to (theta, buffers). The propagators stay on ``device``, where the
+    records are copied to (see ``dvemb.devices``); the embeddings come back to the host.
     """
     dtype = TORCH_DTYPES[precision]
     w_all = np.ascontiguousarray(store.records["weight"], dtype=np.float64)
@@ -126,24 +132,43 @@ def run_recursion(
     arrays = [store.grads(i) for i in layers] + ([store.curvature(i) for i in layers] if passes else [])
     rule = linearised_rule(store)
     buffer = buffer and rule.parts > 1
-    coefficients = [step_coefficients(store, rule, block, start, stop, dtype) for block in parts]
-    states = [_State(sum(p.width(store) for p in block), dtype, rule, buffer) for block in parts]
+    coefficients = [_on(step_coefficients(store, rule, block, start, stop, dtype), device) for block in parts]
+    states = [_State(sum(p.width(store) for p in block), dtype, rule, buffer, device) for block in parts]
+    copies = HostCopies(device)
     chunk_rows = rows_per_chunk(sum(a.dtype.itemsize * a.shape[1] for a in arrays), chunk_rows)
     for t, r0, r1, rows in store.iter_steps_backward(arrays, chunk_rows, start, stop):
-        grads = {i: to_torch(r, store.dtype) for i, r in zip(layers, rows)}
-        curv = {i: to_torch(r, store.dtype).reshape(r1 - r0, passes, -1) for i, r in zip(layers, rows[len(layers):])}
-        w = torch.from_numpy(w_all[r0:r1]).to(dtype).unsqueeze(1)
+        grads = {i: to_device(to_torch(r, store.dtype), device, dtype) for i, r in zip(layers, rows)}
+        curv = {i: to_device(to_torch(r, store.dtype), device, dtype).reshape(r1 - r0, passes, -1)
+                for i, r in zip(layers, rows[len(layers):])}
+        w = to_device(w_all[r0:r1], device, dtype).unsqueeze(1)
         for b, block, state, at in zip(blocks, parts, states, coefficients):
-            g = torch.cat([p.coordinates(grads[p.layer].to(dtype)) for p in block], 1)
+            g = torch.cat([p.coordinates(grads[p.layer]) for p in block], 1)
             c = c_w = None
             if passes:
-                c = torch.cat([p.coordinates(curv[p.layer].to(dtype)) for p in block], 2).reshape(-1, g.shape[1])
+                c = torch.cat([p.coordinates(curv[p.layer]) for p in block], 2).reshape(-1, g.shape[1])
                 c_w = w.repeat_interleave(passes, dim=0)
                 if plan.step_rank is not None:
                     c, c_w = leading_rows(c, c_w, math.ceil(plan.step_rank * (r1 - r0)))
             for k, e in enumerate(state.step(g, w, c, c_w, at(t))):
                 offset = k * len(plan.parts)
                 for i, rows_i in zip(plan.blocks[b], e.split([p.width(store) for p in block], dim=1)):
-                    sinks[i + offset][r0:r1] = rows_i.numpy()
+                    copies.put(functools.partial(_write_rows, sinks[i + offset], r0, r1), rows_i)
         on_step()
+    copies.finish()
     return [state.propagator() for state in states]
+
+
+def _write_rows(sink: RowFile, r0: int, r1: int, rows: np.ndarray) -> None:
+    sink[r0:r1] = rows
+
+
+def _on(at: CoefficientsAt, device: torch.device) -> CoefficientsAt:
+    """Step coefficients with their per-coordinate scalings on ``device``."""
+    if device.type == "cpu":
+        return at
+
+    def moved(t: int) -> StepCoefficients:
+        c = at(t)
+        return StepCoefficients(c.lr, c.step, {k: to_device(v, device, v.dtype) for k, v in c.diagonals.items()})
+
+    return moved
