@@ -70,9 +70,10 @@ def logit_gradients(logits: torch.Tensor, loss_grad: torch.Tensor, curvature: Cu
     probs = torch.softmax(flat.float() if flat.dtype in (torch.float16, torch.bfloat16) else flat, dim=-1)
     loss_grad = loss_grad.detach().reshape(flat.shape).to(probs.dtype)
     finite = torch.isfinite(probs).all(-1) & torch.isfinite(loss_grad).all(-1)  # [B, T]
-    if not finite.all():  # the step is refused later: keep the factorisations well defined, mark the rows
-        probs = torch.where(finite[..., None], probs, 1.0 / probs.shape[-1])
-        loss_grad = torch.where(finite[..., None], loss_grad, 0.0)
+    # a non-finite token's step is refused later: keep the factorisations well defined, mark the rows (always
+    # computed, not behind `if not finite.all()`: reading that flag would wait for the device at every step)
+    probs = torch.where(finite[..., None], probs, 1.0 / probs.shape[-1])
+    loss_grad = torch.where(finite[..., None], loss_grad, 0.0)
     weights = token_weights(probs, loss_grad).sqrt().masked_fill(~finite, float("nan"))  # [B, T]
     if curvature == "fisher":
         samples = samples or 1

@@ -21,9 +21,10 @@ from ..store import MANIFEST, LayerSpec, StepRecord, Store, StoreConfig, StoreEr
 from ..store.writer import Mode
 from ..update import Adam, rule_of
 from . import whitening as whiten
+from .amp import current_scale, unscale
 from .checkpoints import save_checkpoint
 from .curvature import Curvature
-from .distributed import refuse_fsdp
+from .distributed import full_tensor, sharded_modules
 from .fitting import MAX_FIT_BYTES, BasisFit, needs_fit
 from .ghost import DeferredStep, GhostCapture
 from .options import DEFAULT_GGN_RANK, RecorderOptions, Reduction
@@ -31,10 +32,7 @@ from ..projection import DEFAULT_PROJECTION_DIM, ProjectionKind
 from ..resources import check_memory
 from .selection import ModuleSelection, layer_spec, select_modules
 from .sink import sink_for
-
-
-class NonFiniteGradientError(FloatingPointError):
-    """A step produced NaN or infinite per-sample gradients; nothing was committed."""
+from .transfer import NonFiniteGradientError, PendingStep
 
 
 def as_ids(ids: object) -> np.ndarray:
@@ -58,6 +56,7 @@ class _Step:
     rows: tuple | DeferredStep | None
     factors: list | None  # whitening factors the rows were (or will be) whitened with
     n_total: int = 0  # the step's records over all ranks
+    scale: torch.Tensor | float = 1.0  # the loss scale of the step's backward (GradScaler), divided out
 
 
 class Recorder:
@@ -80,6 +79,12 @@ class Recorder:
     ``mode``: ``"new"`` (default) refuses a path that already holds recorded steps; ``"resume"``
     continues that run (the model must hold the parameters it ended with, checked when the previous
     Recorder was closed); ``"overwrite"`` deletes it first. One Recorder writes a path at a time.
+
+    ``scaler`` (a ``torch.amp.GradScaler``; needs ``optimizer=``, the one ``scaler.step`` steps): the
+    rows are divided by the loss scale of their step's backward, and a step the scaler skips (inf/NaN
+    gradients: ``optimizer.step()`` is not called) is not recorded. A committed step is then written
+    when ``optimizer.step()`` begins, so call ``scaler.step(optimizer)`` after each step block as usual.
+    Under ``torch.autocast`` (bfloat16 or float16) the rows are computed and stored in float32 (``dtype``).
     """
 
     def __init__(
@@ -100,12 +105,16 @@ class Recorder:
         fit_steps: int | None = None,
         fsync: bool = False,
         mode: Mode = "new",
+        scaler: object | None = None,
     ) -> None:
         self.options = RecorderOptions.of(dtype, modules, save_checkpoints, projection_dim=projection_dim, seed=seed,
                                           reduction=reduction, projection=projection, curvature=curvature,
                                           curvature_samples=curvature_samples, fit_steps=fit_steps, fsync=fsync)
-        self.model, self.optimizer, self._path = model, optimizer, Path(path)
-        refuse_fsdp(model)
+        if scaler is not None and optimizer is None:
+            raise ValueError("scaler= needs optimizer= (the optimizer scaler.step steps): a step is recorded when "
+                             "the optimizer steps, and dropped when the scaler skips it")
+        self.model, self.optimizer, self._path, self.scaler = model, optimizer, Path(path), scaler
+        self._sharded = bool(sharded_modules(model))  # FSDP2: parameters are gathered by every rank together
         _warn_if_batch_norm(model)
         chosen = select_modules(model, self.options.modules)
         self._modules = [m for _, m in chosen]
@@ -131,6 +140,9 @@ class Recorder:
         self._closed = False
         self._given_lr: float | None = None  # an explicit lr, to compare with the optimizer's at its next step()
         self._lr_hook = None if optimizer is None else optimizer.register_step_pre_hook(self._compare_lr)
+        self._held: _Step | None = None  # with a scaler: the committed step, written when the optimizer steps
+        self._step_hook = None if scaler is None else optimizer.register_step_pre_hook(self._on_optimizer_step)
+        self._async_copies: bool | None = None  # None: for rows on a CUDA device in one process (transfer.py)
         _OPEN.add(self)
 
     @property
@@ -180,12 +192,13 @@ class Recorder:
             raise RuntimeError("Recorder is closed")
         if self._current is not None:
             raise RuntimeError("Recorder.step blocks cannot be nested")
+        self._held = None  # a step held for the optimizer that never stepped was skipped (GradScaler): dropped
         sample_ids = check_ids(ids)
         if lr is not None:
             lr = check_lr(lr)
         t = self._steps
         if self._wants_checkpoint(t):
-            save_checkpoint(self.path, self.model, t)  # theta_t, before this step's update
+            save_checkpoint(self.path, self.model, t, write=self._sink.rank == 0)  # theta_t, before this step's update
         local = _local_weights(len(sample_ids), self.options.reduction, weights)
         defer = self._fit is not None
         factors = None if defer or self._whitening is None else self._whitening.lagged(t)
@@ -204,11 +217,25 @@ class Recorder:
             self._capture.abort()
             raise
         step.lr = self._resolve_lr(self._open_lr)
+        if self.scaler is not None:  # written when the optimizer steps; dropped if the scaler skips the step
+            step.scale = current_scale(self.scaler)
+            self._held = step
+            return
+        self._finish(step)
+
+    def _finish(self, step: _Step) -> None:
+        """Hand a collected step on (held for the bases, or written) and count it."""
         if isinstance(step.rows, DeferredStep):
             self._defer(step)
         else:
             self._write(step, check=True)
         self._steps += 1
+
+    def _on_optimizer_step(self, optimizer: torch.optim.Optimizer, *_: object) -> None:
+        """The optimizer steps (the scaler did not skip the step): record the held step."""
+        step, self._held = self._held, None
+        if step is not None:
+            self._finish(step)
 
     def abort_step(self) -> None:
         """Drop the step begun by :meth:`begin_step`: nothing of it is recorded."""
@@ -248,7 +275,7 @@ class Recorder:
             self._capture.set_specs(self._specs, None if step.factors is None else whiten.scales(step.factors))
             projectors = self._capture.projectors
             for idx, module, a, ds in step.rows.gradient_factors():  # type: ignore[union-attr]
-                self._fit.add(idx, *projectors[idx].exact_factors(module, a, ds))
+                self._fit.add(idx, *projectors[idx].exact_factors(module, a, unscale([ds], step.scale)[0]))
         if self._pending:
             self._fit.reduce(self._sink.all_reduce)
             self._specs = self._fit.fitted_specs()
@@ -284,17 +311,29 @@ class Recorder:
                              f"after step {steps}: load that state (e.g. dvemb.load_checkpoint) before resuming, or "
                              "record into another path")
 
-    def _write(self, step: _Step, check: bool) -> None:
-        """Scale the step's rows to each sample's own loss, check them and hand them to the store."""
+    def _scaled_rows(self, step: _Step) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        """The step's rows scaled to each sample's own loss (and divided by the loss scale), on their device."""
         grads, curvature = step.rows
         local = step.local
+        grads = unscale(list(grads), step.scale)
         if not isinstance(local, float):  # per-sample weights: divide each row by its own weight
             inverse = torch.from_numpy(np.divide(1.0, local, out=np.zeros_like(local), where=local != 0))
-            grads = [g * inverse.to(g.dtype)[:, None] for g in grads]
+            grads = [g * inverse.to(device=g.device, dtype=g.dtype)[:, None] for g in grads]
         if curvature is not None:  # the rows carry sqrt(w_i) of the loss they were read off: H = sum_i w_i c c^T
+            curvature = unscale(list(curvature), step.scale, 0.5)
             root = 1.0 / np.sqrt(local) if isinstance(local, float) else torch.from_numpy(
                 np.divide(1.0, np.sqrt(local), out=np.zeros_like(local), where=local != 0))
-            curvature = [c * (root if isinstance(root, float) else root.to(c.dtype)[:, None]) for c in curvature]
+            curvature = [c * (root if isinstance(root, float) else root.to(device=c.device, dtype=c.dtype)[:, None])
+                         for c in curvature]
+        return grads, curvature
+
+    def _write(self, step: _Step, check: bool) -> None:
+        """Scale the step's rows to each sample's own loss, check them and hand them to the store."""
+        grads, curvature = self._scaled_rows(step)
+        if self._copies_async(grads[0]):
+            self._sink.append(PendingStep.start(step.t, self.layers, self.options.dtype, grads, curvature,
+                                                lambda g, c: self._record(step, g, c)), len(step.ids))
+            return
         dtype = self.options.dtype
         rows = [to_numpy(g, dtype) for g in grads]
         curv_rows = None if curvature is None else [to_numpy(c, dtype) for c in curvature]
@@ -309,11 +348,20 @@ class Recorder:
                     f"non-finite per-sample gradient in {where} at step {step.t}; the step was not recorded")
         elif bad is not None:
             raise NonFiniteGradientError(f"non-finite projected gradient in layer {bad!r} at step {step.t}")
+        self._sink.append(self._record(step, rows, curv_rows), n_total)
+
+    def _copies_async(self, rows: torch.Tensor) -> bool:
+        """Whether the rows go to the host asynchronously: on a CUDA device, in one process (see transfer.py)."""
+        if self._async_copies is not None:
+            return self._async_copies
+        return rows.device.type == "cuda" and self._sink.world_size == 1
+
+    def _record(self, step: _Step, rows: list[np.ndarray], curv_rows: list[np.ndarray] | None) -> StepRecord:
+        """The step's records and host rows for the store."""
         # the record's weight in the step's update: DDP averages the ranks' gradients, w = w_local / world
         world = self._sink.world_size
-        self._sink.append(StepRecord(step.ids, np.broadcast_to(local / world, len(step.ids)), step.lr, rows,
-                                     curv_rows, self._sink.rank,
-                                     None if step.factors is None else whiten.rows(step.factors)), n_total)
+        return StepRecord(step.ids, np.broadcast_to(step.local / world, len(step.ids)), step.lr, rows, curv_rows,
+                          self._sink.rank, None if step.factors is None else whiten.rows(step.factors))
 
     def _resolve_lr(self, lr: float | None) -> float:
         if lr is not None:
@@ -348,8 +396,9 @@ class Recorder:
 
     @property
     def _saves_checkpoints(self) -> bool:
-        """Whether this process writes model checkpoints (one copy: rank 0 under torch.distributed)."""
-        return self.options.save_checkpoints is not None and self._sink.rank == 0
+        """Whether this process takes part in model checkpoints (one copy, written by rank 0 under torch.distributed;
+        under FSDP every rank gathers the parameters with it)."""
+        return self.options.save_checkpoints is not None and (self._sink.rank == 0 or self._sharded)
 
     def _wants_checkpoint(self, step: int) -> bool:
         every = self.options.save_checkpoints
@@ -364,9 +413,10 @@ class Recorder:
             return
         if self._current is not None:
             self.abort_step()
+        self._held = None  # committed but the optimizer never stepped after it: not recorded
         try:
             if self._saves_checkpoints and self.steps > 0:
-                save_checkpoint(self.path, self.model, self.steps)
+                save_checkpoint(self.path, self.model, self.steps, write=self._sink.rank == 0)
             if self._sink.stopped:  # writing failed and said so: the store keeps what it committed
                 return
             self._fit_bases()
@@ -375,8 +425,9 @@ class Recorder:
         finally:
             self._closed = True  # even when closing the store fails below: a second close must not wait on it
             _OPEN.discard(self)
-            if self._lr_hook is not None:
-                self._lr_hook.remove()
+            for hook in (self._lr_hook, self._step_hook):
+                if hook is not None:
+                    hook.remove()
             self._capture.detach()
             self._sink.close()
 
@@ -415,11 +466,13 @@ def _resumed_specs(path: Path, specs: list[LayerSpec]) -> list[LayerSpec]:
 
 
 def parameters_digest(modules: Sequence[nn.Module]) -> str:
-    """SHA-256 of the tracked layers' parameters (their bytes, in order): what a resumed run must continue from."""
+    """SHA-256 of the tracked layers' parameters (their bytes, in order): what a resumed run must continue from.
+
+    FSDP-sharded parameters are gathered first (every rank calls this)."""
     digest = hashlib.sha256()
     for module in modules:
         for p in module.parameters(recurse=False):
-            digest.update(p.detach().to("cpu").contiguous().numpy().tobytes())
+            digest.update(full_tensor(p.detach()).to("cpu").contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 

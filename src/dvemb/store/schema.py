@@ -143,6 +143,17 @@ def to_numpy(tensor: torch.Tensor, dtype: str) -> np.ndarray:
     return (tensor.view(torch.int16).numpy().view(np.uint16) if dtype == "bfloat16" else tensor.numpy())
 
 
+def storage_tensor(tensor: torch.Tensor, dtype: str) -> torch.Tensor:
+    """Rows in the storage dtype on their own device, contiguous (bfloat16 as its int16 bits)."""
+    tensor = tensor.detach().to(dtype=_STORAGE[dtype][1]).contiguous()
+    return tensor.view(torch.int16) if dtype == "bfloat16" else tensor
+
+
+def storage_numpy(host: torch.Tensor, dtype: str) -> np.ndarray:
+    """A host tensor from :func:`storage_tensor` as the store's numpy rows (no copy)."""
+    return host.numpy().view(np.uint16) if dtype == "bfloat16" else host.numpy()
+
+
 def all_finite(rows: np.ndarray, dtype: str) -> bool:
     """Whether stored rows hold no NaN or infinity (bfloat16: exponent bits not all set)."""
     if dtype == "bfloat16":

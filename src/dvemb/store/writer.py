@@ -17,7 +17,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal, Protocol, Sequence
 
 import numpy as np
 
@@ -313,6 +313,13 @@ class StoreWriter(_Committed):
             self._lock.release()
 
 
+class PendingRecord(Protocol):
+    """A step whose rows are still on their way to the host (e.g. an asynchronous device copy)."""
+
+    def resolve(self) -> StepRecord:
+        """Wait for the rows and return the step (or raise: the step cannot be written)."""
+
+
 class BackgroundWriter:
     """Writes a StoreWriter's steps in a worker thread, in order, with at most ``depth`` waiting.
 
@@ -348,7 +355,7 @@ class BackgroundWriter:
             else:
                 uncommitted += 1
             if item is not None and item is not self._FLUSH and self._error is None:
-                self._guarded(self.writer.write_steps, [item])
+                self._guarded(self._write_item, item)
             if item is None or item is self._FLUSH or time.monotonic() - last_commit >= self.commit_interval:
                 if self._error is None:
                     self._guarded(self.writer.commit)
@@ -358,6 +365,16 @@ class BackgroundWriter:
                 uncommitted = 0
             if item is None:
                 return
+
+    def _write_item(self, item: "StepRecord | PendingRecord") -> None:
+        """Write a step; a pending one is resolved first (waiting for its rows' copy to the host)."""
+        resolve = getattr(item, "resolve", None)  # (a StepRecord has none)
+        try:
+            step = item if resolve is None else resolve()
+        except FloatingPointError:  # the step's rows are not finite: the steps before it are whole, commit them
+            self.writer.commit()
+            raise
+        self.writer.write_steps([step])
 
     def _guarded(self, call, *args: object) -> None:
         """Run a writer call, keeping its error for the training thread."""
@@ -377,6 +394,8 @@ class BackgroundWriter:
             error, self.stopped = self._error, True
             if isinstance(error, StoreError):
                 raise StoreError(str(error))
+            if isinstance(error, FloatingPointError):  # a pending step's rows were not finite: says which step
+                raise type(error)(str(error))
             raise StoreError(f"{self.writer.path}: writing failed: {error}") from error
 
     def set_layers(self, layers: Sequence[LayerSpec]) -> None:
@@ -384,8 +403,9 @@ class BackgroundWriter:
         self.flush()
         self.writer.set_layers(layers)
 
-    def append_step(self, step: StepRecord) -> None:
-        """Queue a step for :meth:`StoreWriter.write_steps` (blocks while ``depth`` steps wait)."""
+    def append_step(self, step: "StepRecord | PendingRecord") -> None:
+        """Queue a step for :meth:`StoreWriter.write_steps` (blocks while ``depth`` steps wait); a
+        :class:`PendingRecord` is resolved in the writer thread, and its error raised like a write's."""
         self._check_open()
         self._queue.put(step)
         self.submitted += 1
