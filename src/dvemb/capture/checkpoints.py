@@ -14,6 +14,7 @@ from pathlib import Path
 
 from torch import nn
 
+from .distributed import full_tensor
 from .selection import canonical_name
 
 CHECKPOINT_DIR = "checkpoints"
@@ -25,25 +26,37 @@ def checkpoint_file(store_path: str | os.PathLike, step: int) -> Path:
     return Path(store_path) / CHECKPOINT_DIR / f"step_{step:08d}.safetensors"
 
 
-def save_checkpoint(store_path: str | os.PathLike, model: nn.Module, step: int) -> Path:
-    """Write the model's state at ``step`` (atomically: temp file + rename)."""
+def save_checkpoint(store_path: str | os.PathLike, model: nn.Module, step: int, write: bool = True) -> Path:
+    """Write the model's state at ``step`` (atomically: temp file + rename).
+
+    FSDP-sharded (DTensor) entries are gathered whole first, a collective: every rank calls this, and only
+    the one with ``write`` writes the file.
+    """
     from safetensors.torch import save_file
 
     path = checkpoint_file(store_path, step)
-    path.parent.mkdir(exist_ok=True)
     state, aliases, seen = {}, {}, {}
     for name, tensor in model.state_dict(keep_vars=False).items():
         name = canonical_name(name)
-        key = (tensor.data_ptr(), tensor.shape, tensor.stride())
+        key = (_storage_key(tensor), tensor.shape, tensor.stride())
         if key in seen:  # tied weights (e.g. GPT-2's lm_head and wte): stored once
             aliases[name] = seen[key]
         else:
             seen[key] = name
-            state[name] = tensor.detach().cpu().contiguous()
+            state[name] = full_tensor(tensor.detach()).cpu().contiguous()
+    if not write:
+        return path
+    path.parent.mkdir(exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(state, str(tmp), metadata={"step": str(step), "aliases": json.dumps(aliases)})
     os.replace(tmp, path)
     return path
+
+
+def _storage_key(tensor: object) -> int:
+    """Where a tensor's data lives (a DTensor: its local shard's), to find tied entries."""
+    local = getattr(tensor, "to_local", None)
+    return (tensor if local is None else local()).data_ptr()
 
 
 def saved_checkpoints(store_path: str | os.PathLike) -> list[int]:

@@ -25,6 +25,7 @@ projected against the layer's input like a gradient.
 from __future__ import annotations
 
 import functools
+import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -177,6 +178,7 @@ class GhostCapture:
         # with a CPU to spare the projections run on a worker thread, overlapping the rest of the backward
         self.overlap = overlap if overlap is not None else spare_cpu()
         self._worker: ThreadPoolExecutor | None = None
+        self._sharded: list[nn.Module] = []  # FSDP2 modules, unsharded for the curvature's nested backward
         self._reset()
 
     # -- lifecycle -------------------------------------------------------------------
@@ -190,6 +192,7 @@ class GhostCapture:
             self._handles.append(module.register_forward_hook(self._forward_hook(idx)))
         if self.curvature != "gradient_outer":
             self._handles.append(self.model.register_forward_hook(self._curvature_hook))
+            self._sharded = _fsdp_modules(self.model)
 
     def detach(self) -> None:
         """Remove every hook; the model behaves exactly as before."""
@@ -368,6 +371,8 @@ class GhostCapture:
             grads = _output_gradients(logits, [out for _, _, _, out in pending], vectors)
         finally:
             self._curving = False
+        for module in self._sharded:  # FSDP2's hooks resharded them in the nested backward: the training one
+            module.unshard()  # needs them again
         for (idx, a_rows, offset, _), ds in zip(pending, grads):
             if ds is not None:  # else this call's output does not reach the logits
                 self._add(self._curvature_parts[idx], offset, idx, a_rows, ds)
@@ -442,6 +447,14 @@ def _output_gradients(logits: torch.Tensor, outputs: list[torch.Tensor],
     except RuntimeError:
         per_pass = [torch.autograd.grad(logits, outputs, v, retain_graph=True, allow_unused=True) for v in vectors]
         return [None if g[0] is None else torch.stack(g) for g in zip(*per_pass)]
+
+
+def _fsdp_modules(model: nn.Module) -> list[nn.Module]:
+    """The model's FSDP2 (``fully_shard``) modules: the curvature's nested backward from the logits runs
+    before FSDP's own pre-backward hooks gather their parameters, so it gathers them (all ranks together)."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    kind = getattr(fsdp, "FSDPModule", None)
+    return [] if kind is None else [m for m in model.modules() if isinstance(m, kind)]
 
 
 def _total(blocks: list) -> torch.Tensor:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..update import Adam
+from .distributed import full_tensor
 from .layers import rule_for
 from ..store import LayerSpec
 
@@ -51,12 +52,12 @@ class Whitening:
         if steps == 0:
             return torch.zeros(spec.d_out, dtype=torch.float64), torch.zeros(spec.d_in + spec.bias, dtype=torch.float64)
         second = []
-        for p, v in zip(params, states):
-            v = torch.zeros_like(p, dtype=torch.float64) if v is None else v.detach().double()
+        for p, v in zip(params, states):  # FSDP: state and gradient are shards, gathered (every rank calls this)
+            v = torch.zeros(p.shape, dtype=torch.float64, device=p.device) if v is None else full_tensor(v.detach()).double()
             if current:
                 if p.grad is None:
                     raise RuntimeError(f"layer {spec.name!r} has no gradient at the end of the step")
-                v = self.rule.beta2 * v + (1 - self.rule.beta2) * p.grad.detach().double() ** 2
+                v = self.rule.beta2 * v + (1 - self.rule.beta2) * full_tensor(p.grad.detach()).double() ** 2
             second.append(v)
         rule = rule_for(module)
         matrix = rule.as_matrix(second[0])
