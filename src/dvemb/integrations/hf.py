@@ -22,6 +22,11 @@ the model sees them, and :class:`DVEmbCallback` records the step with a :class:`
   is recorded with weight w_i = n_i / N (n_i its label tokens, counted as the Trainer counts N),
   so its stored gradient is that of its own mean token loss. Otherwise the Recorder's 1/B is
   used and a sample's stored gradient is that of ``(B / N) * (sum of its token losses)``.
+- fp16 with loss scaling: :class:`DVEmbTrainer` hands the Trainer's ``GradScaler`` (its Accelerator's
+  ``scaler``) to the Recorder, which divides the rows by the scale each step used and drops the steps
+  the scaler skips (inf/NaN gradients). The Trainer still counts a skipped step in ``global_step``, so
+  such a run's store holds fewer steps than ``global_step`` (a resumed run is then refused). bf16 needs
+  no scaler.
 - Multi-process runs (torchrun, one process per device) are recorded as under DDP: each rank
   writes its shard of the store. DataParallel (several GPUs in one process) is refused.
 - The Recorder linearises torch's SGD (momentum, Nesterov, dampening and weight decay are read
@@ -75,6 +80,13 @@ class DVEmbCallback(TrainerCallback):
         self._next_ids: np.ndarray | None = None
         self._next_weights: np.ndarray | None = None
         self._open_step = False  # a step begun on the recorder and not yet committed
+        self._scaler: Any = None  # the Trainer's GradScaler (set_scaler), passed to the Recorder
+        self._scaler_given = False
+
+    def set_scaler(self, scaler: Any) -> None:
+        """The Trainer's loss scaler (``accelerator.scaler``; None without fp16 loss scaling): given by
+        :class:`DVEmbTrainerMixin` before training, passed to the Recorder with the optimizer it steps."""
+        self._scaler, self._scaler_given = scaler, True
 
     def take_ids(self, batches: Sequence[MutableMapping[str, Any]], weights: np.ndarray | None = None) -> None:
         """Remove the id column from one optimizer step's micro-batches; their ids, in order, make the step.
@@ -91,10 +103,15 @@ class DVEmbCallback(TrainerCallback):
                        model: Any = None, optimizer: Any = None, **kwargs: Any) -> None:
         """Open the store; the lr is read from the optimizer the Trainer built."""
         _check_arguments(args)
+        if args.fp16 and not self._scaler_given:
+            raise ValueError("fp16 training scales the loss, and DVEmbCallback needs the Trainer's GradScaler to "
+                             "divide the captured rows by it: train with DVEmbTrainer (or mix DVEmbTrainerMixin into "
+                             "your Trainer class), which hands it over; or train in float32 or bf16")
         mode = "resume" if state.global_step else "new"  # resume_from_checkpoint continues the store
+        extra = {} if self._scaler is None else {"scaler": self._scaler}
         self.recorder = Recorder(model, self.path, self.projection_dim,
                                  optimizer=getattr(optimizer, "optimizer", optimizer),  # Accelerate's wrapper
-                                 **{"mode": mode, **self.recorder_kwargs})
+                                 **{"mode": mode, **extra, **self.recorder_kwargs})
         if self.recorder.steps != state.global_step:
             steps = self.recorder.steps
             self.close()
@@ -136,9 +153,6 @@ def _check_arguments(args: TrainingArguments) -> None:
     if args.remove_unused_columns:
         raise ValueError("DVEmbCallback needs TrainingArguments(remove_unused_columns=False): otherwise the Trainer "
                          "drops the sample id column before batching")
-    if args.fp16:
-        raise ValueError("fp16 loss scaling multiplies the captured per-sample gradients by the scaler's factor; "
-                         "train in float32 or bf16")
     if args.n_gpu > 1:
         raise ValueError("DVEmbCallback does not record DataParallel (several GPUs in one process): launch one "
                          "process per GPU (torchrun), which it records like DDP")
@@ -184,6 +198,8 @@ class DVEmbTrainerMixin:
 
     def train(self, *args: Any, **kwargs: Any):
         """``Trainer.train``; on an error the store keeps exactly the committed steps and the hooks are removed."""
+        for callback in self._dvemb_callbacks():  # fp16: the Accelerator's GradScaler (None otherwise)
+            callback.set_scaler(getattr(getattr(self, "accelerator", None), "scaler", None))
         try:
             return super().train(*args, **kwargs)
         except BaseException:
