@@ -35,7 +35,12 @@ BLOCKINGS = ("auto", "layer", "global", "hierarchical")
 DEFAULT_MEMORY = 768 << 20
 """Default budget (bytes) for the propagators beyond one per layer."""
 TIME_BUDGET = 3.0
-"""``"auto"`` keeps the recursion within this multiple of the per-layer plan's arithmetic."""
+"""``"auto"`` keeps the recursion within this multiple of the per-layer plan's arithmetic: a global plan's
+propagator, or a hierarchical plan's with the paper's per-layer plan (gradient rows only) as the unit."""
+UNCOUNTED = 0.5
+"""Share of TIME_BUDGET a hierarchical plan leaves to what its arithmetic count omits (reading the curvature
+rows, each step's eigendecompositions): measured 1.6-1.7x the paper's time for the per-layer plan of a 3-pass
+GGN store against its counted 1.5x (benchmarks/embedding_scale.py, 49 layers x 1024)."""
 MIN_COARSE = 16
 """Fewest coarse coordinates per layer worth a hierarchical plan."""
 STEP_RANK = 1.0
@@ -141,10 +146,21 @@ def make_plan(store: Store, blocking: Blocking = "auto", memory: int = DEFAULT_M
             return per_layer
         raise ValueError("Adam with exact gradients follows per-parameter preconditioners, which a hierarchical "
                          "plan's sketches cannot carry: use blocking='global' or 'layer', or projected gradients")
-    q = coarse_size(dims, min(memory // (matrices * itemsize), int((TIME_BUDGET - 1) * squares)))
+    factor = _rows_factor(store, step_rank)
+    q = coarse_size(dims, min(memory // (matrices * itemsize),
+                              int(max(0.0, (TIME_BUDGET - UNCOUNTED) / factor - 1) * squares)))
     if blocking == "auto" and q < MIN_COARSE:
         return per_layer
     return hierarchical(store, max(1, q), step_rank)
+
+
+def _rows_factor(store: Store, step_rank: float | None) -> float:
+    """Arithmetic per propagator coordinate of a step, relative to the paper's (B gradient rows: a product of B
+    rows and a rank-B update, 4 B): with r curvature rows, one product of B + r rows and a rank-r update."""
+    if not store.curvature_passes:
+        return 1.0
+    rows = store.curvature_passes if step_rank is None else min(step_rank, store.curvature_passes)
+    return (2 + 4 * rows) / 4  # per record: (2 (1 + rows) + 2 rows) / 4
 
 
 def _elementwise(store: Store) -> bool:

@@ -31,7 +31,7 @@ from ..devices import HostCopies, to_device
 from ..store import RowFile, Store, to_torch
 from ..update import StepCoefficients, UpdateRule
 from .coefficients import CoefficientsAt, linearised_rule, step_coefficients
-from .plan import Plan
+from .plan import Part, Plan
 
 Precision = Literal["float32", "float64"]
 TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -74,8 +74,12 @@ class _State:
         out = []
         for adjoints in self.maps:
             gamma = self.rule.mix(adjoints, coefficients)
-            e = gamma.rows(g, gemm.rows_product).mul_(-w)  # -w gamma g, rows
-            h, h_e = (g, e) if c is None else (c, gamma.rows(c, gemm.rows_product).mul_(-c_w))
+            if c is None:
+                e = gamma.rows(g, gemm.rows_product).mul_(-w)  # -w gamma g, rows
+                h, h_e = g, e
+            else:  # one product for the gradients and the curvature rows
+                both = gamma.rows(torch.cat([g, c]), gemm.rows_product)
+                e, h, h_e = both[:g.shape[0]].mul_(-w), c, both[g.shape[0]:].mul_(-c_w)
             self.rule.settle(adjoints, gamma, coefficients)
             gemm.add_outer(adjoints[0], h_e.neg(), h)  # U += sum_i w_i (gamma h_i) h_i^T
             self.rule.finish(adjoints, coefficients)
@@ -141,14 +145,10 @@ def run_recursion(
         curv = {i: to_device(to_torch(r, store.dtype), device, dtype).reshape(r1 - r0, passes, -1)
                 for i, r in zip(layers, rows[len(layers):])}
         w = to_device(w_all[r0:r1], device, dtype).unsqueeze(1)
+        cut = _StepCurvature(curv, w, passes, None if plan.step_rank is None else math.ceil(plan.step_rank * (r1 - r0)))
         for b, block, state, at in zip(blocks, parts, states, coefficients):
             g = torch.cat([p.coordinates(grads[p.layer]) for p in block], 1)
-            c = c_w = None
-            if passes:
-                c = torch.cat([p.coordinates(curv[p.layer]) for p in block], 2).reshape(-1, g.shape[1])
-                c_w = w.repeat_interleave(passes, dim=0)
-                if plan.step_rank is not None:
-                    c, c_w = leading_rows(c, c_w, math.ceil(plan.step_rank * (r1 - r0)))
+            c, c_w = cut.rows(block) if passes else (None, None)
             for k, e in enumerate(state.step(g, w, c, c_w, at(t))):
                 offset = k * len(plan.parts)
                 for i, rows_i in zip(plan.blocks[b], e.split([p.width(store) for p in block], dim=1)):
@@ -156,6 +156,32 @@ def run_recursion(
         on_step()
     copies.finish()
     return [state.propagator() for state in states]
+
+
+class _StepCurvature:
+    """One step's curvature rows for each block, cut to their top ``rank`` eigenvectors (None: whole).
+
+    A block of several parts is cut over its concatenated coordinates. A block of one part takes its
+    layer's cut rows, computed once per step for all the blocks of that layer (sketched by the part):
+    the hierarchical plan's coarse per-layer parts then cost no eigendecomposition of their own.
+    """
+
+    def __init__(self, curv: dict[int, torch.Tensor], w: torch.Tensor, passes: int, rank: int | None) -> None:
+        self._curv, self._w, self._passes, self._rank = curv, w.repeat_interleave(passes, dim=0), passes, rank
+        self._layer_cut: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def rows(self, block: Sequence[Part]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows [n, width], weights [n, 1]) with sum_i w_i c_i c_i^T the block's (cut) curvature."""
+        if len(block) == 1 and self._rank is not None:
+            layer = block[0].layer
+            if layer not in self._layer_cut:
+                rows = self._curv[layer]
+                self._layer_cut[layer] = leading_rows(rows.reshape(-1, rows.shape[-1]), self._w, self._rank)
+            z, z_w = self._layer_cut[layer]
+            return block[0].coordinates(z), z_w
+        c = torch.cat([p.coordinates(self._curv[p.layer]) for p in block], 2)
+        c = c.reshape(-1, c.shape[-1])
+        return (c, self._w) if self._rank is None else leading_rows(c, self._w, self._rank)
 
 
 def _write_rows(sink: RowFile, r0: int, r1: int, rows: np.ndarray) -> None:
