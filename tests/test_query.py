@@ -127,7 +127,10 @@ def test_scorer_refuses_embeddings_recomputed_after_opening(tmp_path):
             dvemb.top_k(tmp_path / "s", model, loss, bad)
         with pytest.raises(TypeError, match="k must be an integer"):
             before_inf.top_k(bad)
-    assert before_inf.top_k(np.int64(1000)).helpful.score.shape == before.shape  # every record when k exceeds them
+    with pytest.warns(UserWarning, match="k=1000 exceeds the"):  # every record when k exceeds them, with a warning
+        assert before_inf.top_k(np.int64(1000)).helpful.score.shape == before.shape
+    with pytest.warns(UserWarning, match="k=1000 exceeds the"):
+        assert dvemb.top_k(tmp_path / "s", model, loss, 1000).helpful.score.shape == before.shape
 
 
 @pytest.mark.parametrize("spare_cpu", [True, False])  # read-ahead thread / one mapping per query

@@ -66,7 +66,9 @@ class Influence:
 
     def top_k(self, k: int) -> TopK:
         """The k most helpful and k most harmful records for each test point (all of them when fewer)."""
-        k = min(_check_k(k), self.scores.shape[1])
+        k = _check_k(k)
+        _warn_if_beyond(k, self.scores.shape[1], stacklevel=3)
+        k = min(k, self.scores.shape[1])
         order = np.argsort(-self.scores, axis=1, kind="stable")
         return TopK(self._ranking(order[:, :k]), self._ranking(order[:, ::-1][:, :k]))
 
@@ -492,6 +494,13 @@ def _check_k(k: int) -> int:
     return int(k)
 
 
+def _warn_if_beyond(k: int, n_rows: int, stacklevel: int = 4) -> None:
+    """Warn that a top_k asks for more records than there are (it returns them all)."""
+    if k > n_rows:
+        warnings.warn(f"top_k: k={k} exceeds the {n_rows} records scored; all of them are returned",
+                      stacklevel=stacklevel)
+
+
 def _influence(q: _Query, chunks: Iterator[tuple[int, int, torch.Tensor]]) -> Influence:
     """Every record's score, gathered from the scored chunks."""
     scores = np.empty((q.tests[0].shape[0], q.n_rows), dtype=torch.empty(0, dtype=q.tests[0].dtype).numpy().dtype)
@@ -503,6 +512,7 @@ def _influence(q: _Query, chunks: Iterator[tuple[int, int, torch.Tensor]]) -> In
 
 def _top_k(q: _Query, chunks: Iterator[tuple[int, int, torch.Tensor]], k: int) -> TopK:
     """The k highest and k lowest scores per test point, kept as the chunks go by."""
+    _warn_if_beyond(k, q.n_rows)
     best = {sign: (None, None) for sign in (1.0, -1.0)}  # sign -> (scores [n_test, <=k], record index)
     for r0, _, chunk in chunks:
         index = torch.arange(r0, r0 + chunk.shape[1], device=chunk.device).expand_as(chunk)
