@@ -14,18 +14,13 @@ import torch.nn.functional as F
 
 import dvemb
 from dvemb.devices import HostCopies, resolve_device, tf32, worker_devices
-from dvemb.embed.layout import embedding_info, final_arrays
+from dvemb.embed.layout import final_arrays
 from dvemb.evaluate import TrainingSpec, record_run
 from dvemb.store import Store
 from dvemb.update import Adam
 from conftest import CUDA
+from test_checkpointing import final_embeddings
 from test_recursion import explicit_embeddings, train_recorded
-
-
-def final_embeddings(path) -> np.ndarray:
-    store = Store(path)
-    info = embedding_info(store)
-    return np.concatenate([np.array(a.read(store.n_records)) for a in final_arrays(store, info["precision"])], 1)
 
 
 def relative(a: np.ndarray, b: np.ndarray) -> float:
