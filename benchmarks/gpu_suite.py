@@ -47,12 +47,13 @@ import common
 from common import PAPER, alternate, base_parser, configure, median, peak_rss_mib, print_table, ratios, write_results
 from embedding_scale import write_store
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import dvemb
-from dvemb.embed.layout import embedding_info, embedding_plan
+from dvemb.embed.layout import embedding_info, embedding_plan, final_arrays
 
 PAPER_TABLE1 = {"dvemb_points_per_s": 667.5, "logra_points_per_s": 41.6, "peak_gb": 0.84, "device": "A100"}
 TRACKED = "transformer.h.*"  # the 48 projections of GPT-2's blocks (the head is tied to the embedding)
@@ -256,6 +257,25 @@ def measure_recursion(args: argparse.Namespace, dev: Device, path: Path) -> dict
     return out
 
 
+def final_rows(path: Path, layers: int = 4) -> np.ndarray:
+    """The first ``layers`` layers' final embeddings, in float64."""
+    store = dvemb.Store(path)
+    arrays = final_arrays(store, embedding_info(store)["precision"])[:layers]
+    return np.concatenate([np.asarray(a.read(store.n_records), dtype=np.float64) for a in arrays], 1)
+
+
+def measure_accuracy(dev: Device, path: Path) -> dict:
+    """Relative (Frobenius) error of the float32 and TF32 embeddings against float64 ones, on the device."""
+    dvemb.compute_embeddings(path, device=dev.device, precision="float64", blocking="layer", show_progress=False)
+    reference = final_rows(path)
+    out = {}
+    for name in ("float32", "tf32"):
+        dvemb.compute_embeddings(path, device=dev.device, allow_tf32=name == "tf32", blocking="layer",
+                                 show_progress=False)
+        out[name] = float(np.linalg.norm(final_rows(path) - reference) / np.linalg.norm(reference))
+    return out
+
+
 def scoring_model(layers: int, dev: Device) -> nn.Module:
     """A chain of ``layers`` 256 x 256 linear layers named like embedding_scale's store (orthogonal init)."""
     torch.manual_seed(0)
@@ -337,6 +357,9 @@ def report(result: dict) -> None:
     print_table(["recursion", "seconds", "TFLOP/s", "matmul TFLOP/s", "of matmul", "peak MiB"],
                 [[k, r["seconds"][k], r["tflops"][k], r["matmul_tflops"][k], r["vs_matmul"][k], r["peak_mib"][k]]
                  for k in r["seconds"]])
+    err = r["relative_error_vs_float64"]
+    print(f"embeddings against float64 (relative Frobenius error): float32 {err['float32']:.2e}, "
+          f"TF32 {err['tf32']:.2e}")
     bw = result["copy_gb_per_s"]
     print_table(["scoring n_test", "influence ms", "top_k ms", "influence GB/s", "top_k GB/s", "of copy", "peak MiB"],
                 [[s["n_test"], 1e3 * s["seconds"]["influence"], 1e3 * s["seconds"]["top_k"],
@@ -357,6 +380,7 @@ def main() -> None:
         path = Path(tmp) / "synthetic"
         write_store(path, args.embed_layers, args.embed_steps, 0, "gradient_outer")
         recursion = measure_recursion(args, dev, path)
+        recursion["relative_error_vs_float64"] = measure_accuracy(dev, path)
         scoring = measure_scoring(args, dev, path)
     peaks = {"plain_training": capture["peak_mib"]["plain"], "recorded_training": capture["peak_mib"]["recorded"],
              "recursion_float32": recursion["peak_mib"]["float32"], "recursion_tf32": recursion["peak_mib"]["tf32"],
