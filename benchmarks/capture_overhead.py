@@ -9,6 +9,9 @@ hand. Variants, timed in blocks of steps alternating in one process on the same 
   the store's writes and commits on disk, which its writer thread overlaps with training);
   each block ends with ``Recorder.flush``, so every step's commit is inside the timing.
 - ``recorded_tmpfs``: the same with the store on tmpfs (no disk, no journal).
+- ``recorded_nowrite``: the Recorder's training-thread work (hooks, projection, host copies and
+  checks) with the steps dropped instead of handed to the writer thread: with ``capture`` and
+  ``recorded`` it splits the overhead into projection, Recorder bookkeeping and the writer thread.
 
 A fresh Recorder (and store) is made for each block, outside the timed region. Ratios are
 the median over runs of (variant / plain) of the same run, for wall-clock time and for this
@@ -17,6 +20,26 @@ process's CPU time (user + system), which other work on a shared machine disturb
 in SPANS with timers, alternating with plain steps) and prints where the time goes.
 
     python benchmarks/capture_overhead.py [--runs 7] [--dims 256 1024 4096 none] [--profile]
+        [--threads 2] [--suffix _threads2] [--note "..."]
+
+At torch's default thread count on a 2-CPU machine (2 threads; issue 14 item 7), measured with
+OPENBLAS_NUM_THREADS=1 at 1024 values per layer (results/capture_overhead_threads2.json and
+_threads1.json hold the latest runs, with the load averages around them):
+
+- quiet machine (load 1.5-2.3, 2026-12-06 18:30): plain 2.51 ms, recorded 4.43 ms per step,
+  x1.60 (capture alone x1.19; CPU time x1.65). In place: hooks + projection 0.58 ms and 0.22 ms
+  of checks and hand-off in the training thread, 0.45 ms of writing in the writer thread, and
+  1.3 ms "other": the plain step's own operators slowed by the writer thread, which has no CPU of
+  its own when torch's 2 threads use both (at 1 thread it does: x1.17 then).
+- what sets the floor is the number of operators, not arithmetic: a recorded step dispatches 250
+  torch operators (41 that compute: matmuls, elementwise, copies) against the plain step's 121
+  (28), counted with torch.profiler (``aten_ops_per_step``, independent of load). The projections
+  add ~6 MFLOP to the plain step's ~150 MFLOP, but each of the 13 added kernels is a parallel
+  region whose fork-join costs about what a plain kernel of this small MLP costs at 2 threads,
+  and the writer thread's ~0.45 ms per step must share the two cores. With this work, x1.3 would
+  need the capture's extra kernels and the writer's time to fit in 0.75 ms per step; measured
+  together they take ~1.25 ms even on a quiet machine. Under load (other jobs on the 2 cores)
+  every parallel region waits for a descheduled thread and the ratio swings from 1.5 to 15.
 """
 
 from __future__ import annotations
@@ -82,10 +105,14 @@ def plain_block(model: nn.Module, batches: list[Batch]) -> Elapsed:
     return elapsed(lambda: train(model, batches)).per(len(batches))
 
 
-def recorded_block(model: nn.Module, batches: list[Batch], dim: int | None, root: str) -> Elapsed:
-    """Time per recorded step, with a fresh Recorder and store under ``root`` made outside the timing."""
+def recorded_block(model: nn.Module, batches: list[Batch], dim: int | None, root: str, write: bool = True
+                   ) -> Elapsed:
+    """Time per recorded step, with a fresh Recorder and store under ``root`` made outside the timing
+    (``write=False``: steps are dropped where they would be handed to the writer thread)."""
     with tempfile.TemporaryDirectory(dir=root) as tmp:
         rec = dvemb.Recorder(model, Path(tmp) / "store", projection_dim=dim, **PAPER)
+        if not write:
+            rec._sink.append = lambda step, n_total: None
         try:
             return elapsed(lambda: train(model, batches, rec)).per(len(batches))
         finally:
@@ -120,6 +147,7 @@ def variants(model: nn.Module, batches: list[Batch], dim: int | None, args: argp
     }
     if args.tmpfs_dir:
         out["recorded_tmpfs"] = lambda: recorded_block(model, batches, dim, args.tmpfs_dir)
+    out["recorded_nowrite"] = lambda: recorded_block(model, batches, dim, args.store_dir, write=False)
     return out
 
 
@@ -194,6 +222,42 @@ def profile(dim: int | None, args: argparse.Namespace) -> dict[str, float]:
     return {label: median([row[label] for row in rows]) for label in rows[0]}
 
 
+def op_counts(dim: int | None, args: argparse.Namespace, steps: int = 20) -> dict[str, float]:
+    """Operators torch dispatches per step, plain and recorded (``torch.profiler``; independent of load).
+
+    Both variants run the same forward and backward; the recorded step adds the capture's small
+    projections. With 2 threads on 2 cores each parallel operator pays a fork-join whatever its
+    size, so these counts, not the projections' arithmetic, set the overhead at the default threads.
+    """
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    model = mnist_mlp()
+    batches = list(random_batches(steps + 5))
+
+    def count(rec: dvemb.Recorder | None) -> dict[str, float]:
+        for t in range(5):
+            sgd_step(model, batches[t], rec, first_id=t * BATCH)
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            for t in range(5, 5 + steps):
+                sgd_step(model, batches[t], rec, first_id=t * BATCH)
+        events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+        heavy = ("aten::addmm", "aten::mm", "aten::bmm", "aten::mul", "aten::add", "aten::copy_", "aten::threshold_backward",
+                 "aten::relu", "aten::_log_softmax", "aten::_log_softmax_backward_data", "aten::nll_loss_forward",
+                 "aten::nll_loss_backward", "aten::sum", "aten::add_")
+        return {"all": sum(e.count for e in events) / steps,
+                "kernels": sum(e.count for e in events if e.key in heavy) / steps}
+
+    plain = count(None)
+    with tempfile.TemporaryDirectory(dir=args.store_dir) as tmp:
+        rec = dvemb.Recorder(model, Path(tmp) / "store", projection_dim=dim, **PAPER)
+        try:
+            recorded = count(rec)
+        finally:
+            rec.close()
+    return {"plain_ops": plain["all"], "recorded_ops": recorded["all"], "plain_kernels": plain["kernels"],
+            "recorded_kernels": recorded["kernels"]}
+
+
 def parse_dims(values: list[str]) -> list[int | None]:
     """Projection sizes from the command line ('none': exact gradients)."""
     return [None if v.lower() == "none" else int(v) for v in values]
@@ -220,21 +284,28 @@ def main() -> None:
     parser.add_argument("--tmpfs-dir", default="/dev/shm" if os.path.isdir("/dev/shm") else "",
                         help="tmpfs directory for the recorded_tmpfs variant ('' to skip it)")
     parser.add_argument("--profile", action="store_true", help="also time the parts of the recorded step")
+    parser.add_argument("--suffix", default="", help="results file benchmarks/results/capture_overhead<suffix>.json")
+    parser.add_argument("--note", default="", help="a remark stored with the results (e.g. what else ran)")
     args = parser.parse_args()
     configure(args)
     dims = parse_dims(args.dims)
     cases = [measure(dim, args) for dim in dims]
     print_results(cases, args)
     payload: dict = {"model": "mnist_mlp", "sizes": MLP_SIZES, "batch": BATCH, "store_dir": args.store_dir,
-                     "tmpfs_dir": args.tmpfs_dir, "cases": cases}
+                     "tmpfs_dir": args.tmpfs_dir, "load_before": os.getloadavg(), "cases": cases}
     if args.profile:
         payload["profile_ms_per_step"] = {str(dim): profile(dim, args) for dim in dims}
+        payload["aten_ops_per_step"] = {str(dim): op_counts(dim, args) for dim in dims}
+        print("\ntorch operators per step (aten::*, and those that compute: matmuls, elementwise, copies):",
+              payload["aten_ops_per_step"])
         print(f"\nwhere the recorded step's time goes: ms per step, medians of {args.runs} runs alternating with plain "
               "steps; timers wrap the functions in place (nested rows are part of the row above)")
         print_table(["span", *payload["profile_ms_per_step"]],
                     [[s, *(p[s] for p in payload["profile_ms_per_step"].values())]
                      for s in next(iter(payload["profile_ms_per_step"].values()))])
-    write_results("capture_overhead", args, payload)
+    payload["note"] = args.note
+    payload["load_after"] = os.getloadavg()  # 1, 5, 15-minute load averages: other work on the machine
+    write_results("capture_overhead" + args.suffix, args, payload)
 
 
 if __name__ == "__main__":
