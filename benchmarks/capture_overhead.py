@@ -23,23 +23,31 @@ in SPANS with timers, alternating with plain steps) and prints where the time go
         [--threads 2] [--suffix _threads2] [--note "..."]
 
 At torch's default thread count on a 2-CPU machine (2 threads; issue 14 item 7), measured with
-OPENBLAS_NUM_THREADS=1 at 1024 values per layer (results/capture_overhead_threads2.json and
-_threads1.json hold the latest runs, with the load averages around them):
+OPENBLAS_NUM_THREADS=1 at 1024 values per layer (results/capture_overhead_threads2_quiet.json,
+_threads2.json and _threads1.json, with the load averages around each run):
 
-- quiet machine (load 1.5-2.3, 2026-12-06 18:30): plain 2.51 ms, recorded 4.43 ms per step,
-  x1.60 (capture alone x1.19; CPU time x1.65). In place: hooks + projection 0.58 ms and 0.22 ms
-  of checks and hand-off in the training thread, 0.45 ms of writing in the writer thread, and
-  1.3 ms "other": the plain step's own operators slowed by the writer thread, which has no CPU of
-  its own when torch's 2 threads use both (at 1 thread it does: x1.17 then).
-- what sets the floor is the number of operators, not arithmetic: a recorded step dispatches 250
+- with the machine otherwise idle (1-minute load 1.0-1.3, this benchmark included; 2026-12-06,
+  seven runs of 7 blocks each): plain 1.4-2.6 ms per step; ``capture`` x1.25-1.32 (hooks and
+  projection), ``recorded_nowrite`` x1.42-1.53 (plus the Recorder's copies, checks and
+  bookkeeping in the training thread), ``recorded`` x1.66-1.94 (plus the writer thread: 0.24 ms
+  per step writing 0.79 MB of rows to the page cache, 0.08 ms of manifest commits). At 1 thread
+  the projection and the writer can use the second CPU: x1.17 in capture_overhead.json (an
+  earlier, quieter machine); x1.31-1.9 in today's runs, where other jobs often held that CPU
+  (capture_overhead_threads1.json: x1.44, load ~1 around it).
+- the floor is set by the number of operators, not arithmetic: a recorded step dispatches 250
   torch operators (41 that compute: matmuls, elementwise, copies) against the plain step's 121
   (28), counted with torch.profiler (``aten_ops_per_step``, independent of load). The projections
   add ~6 MFLOP to the plain step's ~150 MFLOP, but each of the 13 added kernels is a parallel
-  region whose fork-join costs about what a plain kernel of this small MLP costs at 2 threads,
-  and the writer thread's ~0.45 ms per step must share the two cores. With this work, x1.3 would
-  need the capture's extra kernels and the writer's time to fit in 0.75 ms per step; measured
-  together they take ~1.25 ms even on a quiet machine. Under load (other jobs on the 2 cores)
-  every parallel region waits for a descheduled thread and the ratio swings from 1.5 to 15.
+  region whose fork-join costs about what a plain kernel of this small MLP costs at 2 threads, so
+  the capture alone already costs x1.25-1.3; the writer thread's copy of each step's rows into the
+  page cache then runs on a core torch's threads need. x1.3 would need the capture's kernels, the
+  bookkeeping and the write to fit in 30% of a 1.5-2.5 ms step; measured they take 60-90%.
+  What helps: 1 torch thread (x1.17), bfloat16 storage (half the bytes written), larger batches
+  or models (the same operator count over more arithmetic). Not: glibc keeping freed memory
+  (MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_: no change in three paired runs).
+- on a loaded machine (other jobs on the 2 cores, load ~4) every parallel region waits for a
+  descheduled thread: the plain step takes 8-20 ms and the ratio swings from 1.5 to 15
+  (capture_overhead_threads2.json was measured so).
 """
 
 from __future__ import annotations
