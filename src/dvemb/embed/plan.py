@@ -37,10 +37,11 @@ DEFAULT_MEMORY = 768 << 20
 TIME_BUDGET = 3.0
 """``"auto"`` keeps the recursion within this multiple of the per-layer plan's arithmetic: a global plan's
 propagator, or a hierarchical plan's with the paper's per-layer plan (gradient rows only) as the unit."""
-UNCOUNTED = 0.5
+UNCOUNTED = 1.0
 """Share of TIME_BUDGET a hierarchical plan leaves to what its arithmetic count omits (reading the curvature
-rows, each step's eigendecompositions): measured 1.6-1.7x the paper's time for the per-layer plan of a 3-pass
-GGN store against its counted 1.5x (benchmarks/embedding_scale.py, 49 layers x 1024)."""
+rows, sketching them, each step's eigendecompositions). Measured on a 3-pass GGN store of 49 layers x 1024
+(benchmarks/embedding_scale.py, 1 thread, 2026-12-06): the per-layer plan takes 1.6-1.8x the paper's time
+against a count of 1.5x, and the coarse global propagator about 1.5x its count."""
 MIN_COARSE = 16
 """Fewest coarse coordinates per layer worth a hierarchical plan."""
 STEP_RANK = 1.0
