@@ -55,11 +55,13 @@ def rank_main(rank: int, world: int, path: str, rendezvous: str, kind: str, proj
     dist.destroy_process_group()
 
 
-def record_single(path, kind: str, projection: str) -> nn.Module:
+def record_single(path, kind: str, projection: str, **recorder) -> nn.Module:
+    """The run in one process (the whole global batch per step); ``recorder``: more Recorder options."""
     model = make_model()
     opt = make_optimizer(model.parameters(), kind)
     x, y = data()
-    with dvemb.Recorder(model, path, projection_dim=12, dtype=torch.float64, optimizer=opt, projection=projection) as rec:
+    recorder = {"projection_dim": 12, "dtype": torch.float64, **recorder}
+    with dvemb.Recorder(model, path, optimizer=opt, projection=projection, **recorder) as rec:
         for t in range(STEPS):
             ids = list(range(t * GLOBAL_BATCH, (t + 1) * GLOBAL_BATCH))
             with rec.step(ids):

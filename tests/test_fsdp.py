@@ -18,7 +18,7 @@ from torch import nn
 
 import dvemb
 from dvemb.store import Store, to_torch
-from test_distributed import GLOBAL_BATCH, STEPS, data, make_model, make_optimizer
+from test_distributed import GLOBAL_BATCH, STEPS, data, make_model, make_optimizer, record_single
 
 SETTINGS = dict(projection_dim=12, dtype=torch.float64, save_checkpoints=[3])
 
@@ -47,20 +47,6 @@ def rank_main(rank: int, world: int, path: str, rendezvous: str, kind: str, proj
     dist.destroy_process_group()
 
 
-def record_single(path, kind: str, projection: str, curvature: str) -> nn.Module:
-    model = make_model()
-    opt = make_optimizer(model.parameters(), kind)
-    x, y = data()
-    with dvemb.Recorder(model, path, optimizer=opt, projection=projection, curvature=curvature, **SETTINGS) as rec:
-        for t in range(STEPS):
-            ids = list(range(t * GLOBAL_BATCH, (t + 1) * GLOBAL_BATCH))
-            with rec.step(ids):
-                F.cross_entropy(model(x[ids]), y[ids]).backward()
-            opt.step()
-            opt.zero_grad()
-    return model
-
-
 def _fsdp2_available() -> bool:
     try:
         from torch.distributed.fsdp import fully_shard  # noqa: F401
@@ -77,7 +63,7 @@ def _fsdp2_available() -> bool:
 def test_two_rank_fsdp2_store_equals_single_process(tmp_path, kind, projection, curvature):
     mp.spawn(rank_main, args=(2, str(tmp_path / "fsdp"), str(tmp_path / "rdv"), kind, projection, curvature),
              nprocs=2, join=True)
-    model = record_single(tmp_path / "one", kind, projection, curvature)
+    model = record_single(tmp_path / "one", kind, projection, curvature=curvature, **SETTINGS)
     sharded, one = Store(tmp_path / "fsdp"), Store(tmp_path / "one")
     assert sharded.world_size == 2 and sharded.n_steps == STEPS and sharded.n_records == STEPS * GLOBAL_BATCH
     assert (sharded.config.update.kind == "adam") == (kind == "adamw")  # whitened with the gathered moments
