@@ -80,7 +80,7 @@ def variants(path: Path, model: nn.Module, n_test: int, in_memory: np.ndarray,
     """Timed callables (each returns seconds) for one number of test points."""
     store = dvemb.Store(path)
     closure = query_loss(model, n_test)
-    query = _prepare(path, model, closure, None, None, None, False)
+    query = _prepare(path, model, closure, None, None, None, False, None)
     rows = torch.from_numpy(in_memory)
     out = torch.empty(n_test, len(in_memory))
     return {
