@@ -53,7 +53,7 @@ def score_seconds(query: _Query, scorer: dvemb.Scorer | None = None) -> float:
     def run() -> None:
         """Score every record into a new matrix."""
         scores = np.empty((query.tests[0].shape[0], query.n_rows), dtype=np.float32)
-        for r0, r1, chunk in _score_chunks(query, None, False, scorer):  # influence's default chunking
+        for r0, r1, chunk in _score_chunks(query, None, False, None if scorer is None else scorer._source):
             scores[:, r0:r1] = chunk.numpy()
 
     return seconds(run)
