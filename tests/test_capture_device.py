@@ -90,6 +90,10 @@ CASES = {
 def test_autocast_bfloat16_rows_match_float32(tmp_path, case, settings):
     make, data = CASES[case]
     x, y = data(torch.Generator().manual_seed(3))
+    # exact output factors (C - 1 passes): the default's last pass sums the smaller factors with random
+    # signs, a draw that changes when bf16 rounding rotates nearly tied eigenvectors (the same in law, not
+    # row by row); the exact factors' sum_s c c^T does not depend on the rotation
+    settings = {**settings, "curvature_samples": None}
     full = record_step(make, tmp_path / "f32", x, y, amp=False, **settings)
     half = record_step(make, tmp_path / "bf16", x, y, amp=True, **settings)
     assert half.n_records == full.n_records == len(x)

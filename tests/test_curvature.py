@@ -73,7 +73,8 @@ def ritz_reference(lam, probs, k):
     return out
 
 
-def test_ggn_with_k_passes_is_the_rayleigh_ritz_rank_k_output_curvature(tmp_path):
+def test_ggn_with_k_passes_is_the_rayleigh_ritz_rank_k_output_curvature(tmp_path, monkeypatch):
+    monkeypatch.setattr(curvature_module, "EIGEN_MAX_CLASSES", 2)  # Rayleigh-Ritz: beyond EIGEN_MAX_CLASSES classes
     tiny(tmp_path / "s", "ggn", samples=1)
     torch.manual_seed(0)
     model0 = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
@@ -101,6 +102,35 @@ def test_ritz_factors_are_exact_when_the_unlikely_classes_tie_and_close_to_the_b
         best = (vecs[:, :, -k:] * values[:, None, -k:]) @ vecs[:, :, -k:].transpose(1, 2)
         err = (torch.einsum("kbc,kbd->bcd", v, v) - lam).norm() / (best - lam).norm()
         assert 1.0 <= err < 1.2, err
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_split_factors_keep_the_leading_ones_and_are_unbiased(k):
+    torch.manual_seed(0)
+    probs = torch.softmax(torch.randn(4, 6, dtype=torch.float64) * 2, -1)
+    lam = torch.diag_embed(probs) - probs[:, :, None] * probs[:, None, :]
+    values, vecs = torch.linalg.eigh(lam)
+    generator = torch.Generator().manual_seed(1)
+    draws = [curvature_module._ggn_factors(probs, k, generator) for _ in range(4000)]
+    assert draws[0].shape == (k, 4, 6)
+    leading = (vecs[:, :, 6 - (k - 1):] * values[:, None, 6 - (k - 1):]) @ vecs[:, :, 6 - (k - 1):].transpose(1, 2)
+    first = draws[0][: k - 1]
+    torch.testing.assert_close(torch.einsum("kbc,kbd->bcd", first, first), leading, rtol=0, atol=1e-12)
+    mean = sum(torch.einsum("kbc,kbd->bcd", v, v) for v in draws) / len(draws)
+    # Monte Carlo over 4000 sign draws: the cross terms' mean is ~1/sqrt(4000) = 1.6% of their size
+    assert (mean - lam).abs().max() < 0.08 * lam.abs().max()
+    assert (torch.einsum("kbc,kbd->bcd", draws[0], draws[0]) - lam).abs().max() > 1e-6  # one draw is not exact
+
+
+def test_one_prediction_per_sample_gets_split_factors_from_the_recorders_generator():
+    torch.manual_seed(0)
+    logits = torch.randn(5, 6, dtype=torch.float64)
+    labels = torch.randint(0, 6, (5,))
+    probs = torch.softmax(logits, -1)
+    grad = (probs - F.one_hot(labels, 6).double()) / 5  # mean cross-entropy: weight 1/5 per sample
+    vectors = curvature_module.logit_gradients(logits, grad, "ggn", 3, torch.Generator().manual_seed(7))
+    want = curvature_module._split_factors(probs, 3, torch.Generator().manual_seed(7)) / 5 ** 0.5
+    torch.testing.assert_close(vectors, want, rtol=1e-12, atol=1e-14)  # one pipeline, float64: round-off only
 
 
 def test_ggn_over_many_classes_uses_the_class_identity(tmp_path, monkeypatch):

@@ -5,7 +5,9 @@
     ``curvature_samples`` labels drawn from the model (one extra pass each).
 ``ggn``: the Gauss-Newton matrix of softmax cross-entropy, J^T (diag(p) - p p^T) J: for one
     prediction per sample exactly in C - 1 passes (eigenvectors of diag(p) - p p^T), or with
-    ``curvature_samples=k`` its leading rank-k part per sample (k passes); for sequences its
+    ``curvature_samples=k`` in k passes: its k - 1 leading factors exactly and, in the last pass,
+    the other factors summed with random signs (an unbiased estimate whose largest directions carry
+    no noise; beyond EIGEN_MAX_CLASSES classes the leading rank-k part); for sequences the leading
     rank-k part per token (k passes, 1 by default), summed over tokens with random signs.
 
 Each pass is a *pseudo-loss* whose per-sample gradients are the rows c_is with
@@ -84,7 +86,8 @@ def logit_gradients(logits: torch.Tensor, loss_grad: torch.Tensor, curvature: Cu
         if flat.shape[-1] < 2:
             raise ValueError("curvature='ggn' is for softmax cross-entropy over >= 2 classes; the model returns 1 logit")
         tokens = flat.shape[1]
-        factors = _ggn_factors(probs.reshape(-1, probs.shape[-1]), samples or (None if tokens == 1 else 1))
+        factors = _ggn_factors(probs.reshape(-1, probs.shape[-1]), samples or (None if tokens == 1 else 1),
+                               generator if tokens == 1 else None)
         vectors = factors.reshape(factors.shape[0], *probs.shape)
         if tokens > 1:
             signs = torch.randint(0, 2, vectors.shape[:3], generator=generator, device=generator.device)
@@ -94,26 +97,44 @@ def logit_gradients(logits: torch.Tensor, loss_grad: torch.Tensor, curvature: Cu
     return (vectors * weights[..., None]).to(logits.dtype).reshape(vectors.shape[0], *logits.shape)
 
 
-def _ggn_factors(probs: torch.Tensor, samples: int | None) -> torch.Tensor:
+def _ggn_factors(probs: torch.Tensor, samples: int | None, generator: torch.Generator | None = None
+                 ) -> torch.Tensor:
     """Vectors v_j [passes, B, C] with sum_j v_j v_j^T ~ diag(p) - p p^T per sample.
 
     ``diag(p) - p p^T`` has rank <= C - 1 (its rows sum to 0): its eigenvectors scaled by
     sqrt(eigenvalue) give it exactly in C - 1 passes (beyond ``EIGEN_MAX_CLASSES`` classes the
-    identity sum_c p_c (p - e_c)(p - e_c)^T is used instead, C passes). With ``samples=k`` the
-    k passes approximate its best rank-k part: exactly when k >= C - 1, else by Rayleigh-Ritz
-    (see ``_ritz_factors``).
+    identity sum_c p_c (p - e_c)(p - e_c)^T is used instead, C passes). With ``samples=k`` < C - 1,
+    k passes: given a ``generator``, the k - 1 leading factors and a random-sign sum of the others
+    (``_split_factors``: unbiased); without one, or beyond ``EIGEN_MAX_CLASSES`` classes, the best
+    rank-k part by Rayleigh-Ritz (``_ritz_factors``).
     """
     n_classes = probs.shape[-1]
     if samples is not None and samples < n_classes - 1:
+        if generator is not None and n_classes <= EIGEN_MAX_CLASSES:
+            return _split_factors(probs, samples, generator)
         return _ritz_factors(probs, samples)
     if n_classes > EIGEN_MAX_CLASSES:
         onehots = F.one_hot(torch.arange(n_classes, device=probs.device), n_classes).to(probs.dtype)
         return (probs - onehots[:, None, :]) * probs.t()[..., None].sqrt()
-    k = n_classes - 1
+    return _eigen_factors(probs)[:, :, 1:].permute(2, 0, 1).flip(0)  # the C - 1 nonzero ones, largest first
+
+
+def _eigen_factors(probs: torch.Tensor) -> torch.Tensor:
+    """All C factors of diag(p) - p p^T as columns [B, C, C], eigenvalues ascending (the first is 0)."""
     lam = torch.diag_embed(probs) - probs[:, :, None] * probs[:, None, :]
     values, vecs = torch.linalg.eigh(lam)  # ascending, in the logits' precision (at least float32)
-    top = vecs[:, :, -k:] * values[:, None, -k:].clamp(min=0).sqrt()
-    return top.permute(2, 0, 1).flip(0)  # largest first
+    return vecs * values.clamp(min=0).sqrt()[:, None, :]
+
+
+def _split_factors(probs: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """k passes [k, B, C]: the k - 1 leading factors of diag(p) - p p^T, then the others summed with
+    independent random signs r_j, so that E[sum_s v_s v_s^T] = diag(p) - p p^T (the cross terms
+    r_i r_j f_i f_j^T average out) while the largest directions carry no sampling noise."""
+    factors = _eigen_factors(probs)
+    split = factors.shape[-1] - (k - 1)
+    signs = torch.randint(0, 2, (probs.shape[0], split), generator=generator, device=generator.device)
+    rest = (factors[:, :, :split] * (2 * signs - 1).to(factors.dtype)[:, None, :]).sum(-1)
+    return torch.cat([factors[:, :, split:].permute(2, 0, 1).flip(0), rest[None]], 0)
 
 
 def _ritz_factors(probs: torch.Tensor, k: int) -> torch.Tensor:

@@ -12,7 +12,8 @@ from ..projection import DEFAULT_PROJECTION_DIM, PROJECTIONS, ProjectionKind
 
 Reduction = Literal["mean", "sum"]
 DEFAULT_GGN_RANK = 3
-"""Gauss-Newton passes per sample by default (leading rank-3 part of the output curvature; see docs/results.md)."""
+"""Gauss-Newton passes per sample by default: the output curvature's 2 leading factors and a random-sign sum of
+the others (unbiased; see capture/curvature.py and docs/results.md)."""
 
 
 @dataclass(frozen=True)
@@ -20,7 +21,7 @@ class RecorderOptions:
     """The Recorder's settings (see :class:`~dvemb.Recorder` for their meaning).
 
     The defaults are the most faithful configuration that scales: fitted projections of 1024 values
-    per layer, and the Gauss-Newton curvature's leading rank-3 part per sample.
+    per layer, and the Gauss-Newton curvature in 3 passes per sample (2 leading factors, the rest by random signs).
     """
 
     projection_dim: int | None = DEFAULT_PROJECTION_DIM

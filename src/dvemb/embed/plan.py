@@ -47,8 +47,8 @@ MIN_COARSE = 16
 STEP_RANK = 1.0
 """Each step's curvature is cut to its top eigenvectors, as many as this share of the step's records, so
 that folding it costs what the paper's B gradient rows cost. Measured on MNIST (``dvemb evaluate
-fidelity``, 3 seeds x 100, 2026-12-06), single-epoch Spearman with B / B/2 / all 3B rows of the rank-3
-GGN: ReLU SGD 0.835 / 0.781 / 0.837, GELU SGD 0.925 / 0.893 / 0.922, GELU AdamW 0.903 / 0.901 / 0.903."""
+fidelity``, 3 seeds x 100, 2026-12-06), single-epoch Spearman with B / B/2 / all 3B rows of the leading
+rank-3 GGN factors: ReLU SGD 0.835 / 0.781 / 0.837, GELU SGD 0.925 / 0.893 / 0.922, GELU AdamW 0.903 / 0.901 / 0.903."""
 
 
 @dataclass(frozen=True)
