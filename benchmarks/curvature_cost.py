@@ -34,11 +34,11 @@ DIM = 1024
 PAPER = "paper (gradient outer, gaussian)"
 CONFIGS: dict[str, dict] = {
     PAPER: {"curvature": "gradient_outer", "projection": "gaussian"},
-    "default (ggn rank 3, fitted)": {},
-    "ggn rank 2, fitted": {"curvature_samples": 2},
-    "ggn rank 1, fitted": {"curvature_samples": 1},
+    "default (ggn 3 passes, fitted)": {},
+    "ggn 2 passes, fitted": {"curvature_samples": 2},
+    "ggn 1 pass, fitted": {"curvature_samples": 1},
     "fisher 1 label, fitted": {"curvature": "fisher", "curvature_samples": 1},
-    "ggn exact (rank 9), fitted": {"curvature_samples": None},
+    "ggn exact (9 passes), fitted": {"curvature_samples": None},
 }
 FIT_STEPS = 8
 
