@@ -28,7 +28,8 @@ from torch import nn
 
 import dvemb
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_DIR = Path(os.environ.get("DVEMB_BENCHMARK_RESULTS") or Path(__file__).resolve().parent / "results")
+"""Where results go: benchmarks/results, or $DVEMB_BENCHMARK_RESULTS (the smoke tests write elsewhere)."""
 MLP_SIZES = (784, 512, 256, 10)  # the paper's MNIST MLP
 BATCH = 64
 LR = 0.01
