@@ -65,6 +65,16 @@ def to_device(rows: np.ndarray | torch.Tensor, device: torch.device, dtype: torc
     return tensor.to(device=device, non_blocking=True).to(dtype=dtype)
 
 
+def host_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """Start copying ``tensor`` into a pinned host buffer without waiting (the copy is complete once the
+    device's stream passes this point: record an event to know when); a CPU tensor is returned as is."""
+    if tensor.device.type == "cpu":
+        return tensor
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    return host
+
+
 class HostCopies:
     """Device results written to host sinks in order, without a synchronisation per result.
 
@@ -83,8 +93,7 @@ class HostCopies:
         if tensor.device.type == "cpu":
             write(tensor.numpy())
             return
-        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-        host.copy_(tensor, non_blocking=True)
+        host = host_copy(tensor)
         event = torch.cuda.Event()
         event.record()
         self._queue.append((event, host, write))

@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from ..devices import host_copy
 from ..store.schema import StepRecord, storage_numpy, storage_tensor
 
 
@@ -35,15 +36,6 @@ class _NoEvent:
 
     def synchronize(self) -> None:
         """Return at once."""
-
-
-def _host_copy(tensor: torch.Tensor, pin: bool) -> torch.Tensor:
-    """Start copying ``tensor`` to a (pinned) host buffer; complete once the stream passes this point."""
-    if tensor.device.type == "cpu":
-        return tensor
-    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=pin)
-    host.copy_(tensor, non_blocking=pin)
-    return host
 
 
 @dataclass
@@ -71,8 +63,8 @@ class PendingStep:
         device = rows[0].device
         cuda = device.type == "cuda"
         finite = torch.stack([torch.isfinite(r).all() for r in rows])
-        host = [_host_copy(storage_tensor(r, dtype), cuda) for r in rows]
-        flags = _host_copy(finite, cuda)
+        host = [host_copy(storage_tensor(r, dtype)) for r in rows]
+        flags = host_copy(finite)
         event = _NoEvent()
         if cuda:
             event = torch.cuda.Event()
