@@ -36,18 +36,19 @@ def linearised_rule(store: Store) -> UpdateRule:
 
 
 def step_coefficients(store: Store, rule: UpdateRule, parts: Sequence[Part], start: int, stop: int,
-                      dtype: torch.dtype) -> CoefficientsAt:
-    """Coefficients of steps [start, stop) for one block: its parts' coordinates concatenated in order."""
+                      dtype: torch.dtype, device: torch.device | None = None) -> CoefficientsAt:
+    """Coefficients of steps [start, stop) for one block: its parts' coordinates concatenated in order, their
+    per-coordinate scalings on ``device`` (None: the CPU)."""
     records, starts = store.records, store.step_starts
     lrs = np.asarray(records["lr"])
     step_lr = [float(lrs[starts[t]]) if starts[t + 1] > starts[t] else 0.0 for t in range(stop)]
     if isinstance(rule, WhitenedAdam):
-        return _whitened(store, rule, parts, step_lr, dtype)
+        return _whitened(store, rule, parts, step_lr, dtype, device)
     if not isinstance(rule, Adam):
         return lambda t: rule.coefficients(step_lr[t], t)
     layers = sorted({p.layer for p in parts})
     tables = dict(zip(layers, (_adam_table(store, rule, [i], start, stop, step_lr, dtype) for i in layers)))
-    table = {k: torch.cat([tables[p.layer][k] for p in parts], 1) for k in tables[layers[0]]}  # unsketched parts
+    table = {k: torch.cat([tables[p.layer][k] for p in parts], 1).to(device) for k in tables[layers[0]]}  # unsketched
     return lambda t: StepCoefficients(step_lr[t], t, {k: v[t - start] for k, v in table.items()})
 
 
@@ -84,7 +85,7 @@ def _adam_table(store: Store, rule: Adam, block: Sequence[int], start: int, stop
 
 
 def _whitened(store: Store, rule: WhitenedAdam, parts: Sequence[Part], step_lr: list[float],
-              dtype: torch.dtype) -> CoefficientsAt:
+              dtype: torch.dtype, device: torch.device | None) -> CoefficientsAt:
     """s_t per coordinate and rho_t = exp(level_{t-1} - level_t) per layer, from the stored whitening rows."""
     layers = sorted({p.layer for p in parts})
     by_layer = {i: [whitening_level(row, store.layers[i]) for row in store.whitening(i)] for i in layers}
@@ -95,8 +96,8 @@ def _whitened(store: Store, rule: WhitenedAdam, parts: Sequence[Part], step_lr: 
         ratio = np.exp(levels[:, t - 1] - levels[:, t]) if t > 0 else np.ones(len(parts))
         s = step_lr[t] / (1 - rule.beta1 ** (t + 1))
         return StepCoefficients(step_lr[t], t, {
-            "precondition": torch.full((sum(dims),), s, dtype=dtype),
-            "ratio": torch.cat([torch.full((d,), float(r), dtype=dtype) for d, r in zip(dims, ratio)])})
+            "precondition": torch.full((sum(dims),), s, dtype=dtype, device=device),
+            "ratio": torch.cat([torch.full((d,), float(r), dtype=dtype, device=device) for d, r in zip(dims, ratio)])})
 
     return at
 

@@ -30,7 +30,7 @@ from .. import gemm
 from ..devices import HostCopies, to_device
 from ..store import RowFile, Store, to_torch
 from ..update import StepCoefficients, UpdateRule
-from .coefficients import CoefficientsAt, linearised_rule, step_coefficients
+from .coefficients import linearised_rule, step_coefficients
 from .plan import Part, Plan
 
 Precision = Literal["float32", "float64"]
@@ -136,7 +136,7 @@ def run_recursion(
     arrays = [store.grads(i) for i in layers] + ([store.curvature(i) for i in layers] if passes else [])
     rule = linearised_rule(store)
     buffer = buffer and rule.parts > 1
-    coefficients = [_on(step_coefficients(store, rule, block, start, stop, dtype), device) for block in parts]
+    coefficients = [step_coefficients(store, rule, block, start, stop, dtype, device) for block in parts]
     states = [_State(sum(p.width(store) for p in block), dtype, rule, buffer, device) for block in parts]
     copies = HostCopies(device)
     chunk_rows = rows_per_chunk(sum(a.dtype.itemsize * a.shape[1] for a in arrays), chunk_rows)
@@ -145,10 +145,11 @@ def run_recursion(
         curv = {i: to_device(to_torch(r, store.dtype), device, dtype).reshape(r1 - r0, passes, -1)
                 for i, r in zip(layers, rows[len(layers):])}
         w = to_device(w_all[r0:r1], device, dtype).unsqueeze(1)
-        cut = _StepCurvature(curv, w, passes, None if plan.step_rank is None else math.ceil(plan.step_rank * (r1 - r0)))
+        rank = None if plan.step_rank is None else math.ceil(plan.step_rank * (r1 - r0))
+        cut = _StepCurvature(curv, w, passes, rank) if passes else None  # None: the gradients are the curvature
         for b, block, state, at in zip(blocks, parts, states, coefficients):
             g = torch.cat([p.coordinates(grads[p.layer]) for p in block], 1)
-            c, c_w = cut.rows(block) if passes else (None, None)
+            c, c_w = (None, None) if cut is None else cut.rows(block)
             for k, e in enumerate(state.step(g, w, c, c_w, at(t))):
                 offset = k * len(plan.parts)
                 for i, rows_i in zip(plan.blocks[b], e.split([p.width(store) for p in block], dim=1)):
@@ -186,15 +187,3 @@ class _StepCurvature:
 
 def _write_rows(sink: RowFile, r0: int, r1: int, rows: np.ndarray) -> None:
     sink[r0:r1] = rows
-
-
-def _on(at: CoefficientsAt, device: torch.device) -> CoefficientsAt:
-    """Step coefficients with their per-coordinate scalings on ``device``."""
-    if device.type == "cpu":
-        return at
-
-    def moved(t: int) -> StepCoefficients:
-        c = at(t)
-        return StepCoefficients(c.lr, c.step, {k: to_device(v, device, v.dtype) for k, v in c.diagonals.items()})
-
-    return moved
