@@ -41,7 +41,7 @@ import platform
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import common
 from common import PAPER, alternate, base_parser, configure, median, peak_rss_mib, print_table, ratios, write_results
@@ -53,22 +53,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import dvemb
+from dvemb import devices
 from dvemb.embed.layout import embedding_info, embedding_plan, final_arrays
 
 PAPER_TABLE1 = {"dvemb_points_per_s": 667.5, "logra_points_per_s": 41.6, "peak_gb": 0.84, "device": "A100"}
 TRACKED = "transformer.h.*"  # the 48 projections of GPT-2's blocks (the head is tied to the embedding)
 TOP_K = 10
-
-
-@contextlib.contextmanager
-def matmul_precision(tf32: bool) -> Iterator[None]:
-    """float32 matrix products with TF32 allowed (``high``) or not (``highest``) inside the block."""
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high" if tf32 else "highest")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(before)
 
 
 class Device:
@@ -208,7 +198,7 @@ def measure_capture(args: argparse.Namespace, dev: Device, tmp: Path) -> dict:
 def matmul_tflops(dev: Device, n: int, runs: int, tf32: bool) -> float:
     """Measured rate of an n x n float32 product (2 n^3 FLOPs), TF32 allowed or not, median of ``runs``."""
     a, b = (torch.randn(n, n, device=dev.device) for _ in range(2))
-    with matmul_precision(tf32):
+    with devices.tf32(tf32):  # the switch compute_embeddings(allow_tf32=) uses
         a @ b  # warm-up
         seconds = median([dev.seconds(lambda: a @ b) for _ in range(runs)])
     return 2 * n ** 3 / seconds / 1e12
