@@ -447,12 +447,11 @@ class Scorer:
         if device_memory is not None and device is None:
             raise ValueError("device_memory applies to a Scorer with a device (Scorer(path, device=...))")
         self.device = resolve_device(device)
-        budget = _device_budget(self.device, device_memory) if device is not None else 0
+        self._source: _MappedForever | _OnDevice = (  # the budget is checked before the store is opened
+            _MappedForever() if device is None else _OnDevice(self.device, _device_budget(self.device, device_memory)))
         self.store = Store(path)
         self.info = _ensure_embeddings(self.store, checkpoints, blocking, show_progress)
         self.show_progress = show_progress
-        self._source: _MappedForever | _OnDevice = _OnDevice(self.device, budget) if device is not None \
-            else _MappedForever()
 
     def influence(self, model: nn.Module, loss_fn: LossClosure, *, checkpoint: int | None = None,
                   chunk_rows: int | None = None) -> Influence:
