@@ -4,11 +4,11 @@
 ``fisher``: the true Fisher, H_t ~ sum_i w_ti E_{y~p(.|x_i)} g_ti(y) g_ti(y)^T, estimated with
     ``curvature_samples`` labels drawn from the model (one extra pass each).
 ``ggn``: the Gauss-Newton matrix of softmax cross-entropy, J^T (diag(p) - p p^T) J: for one
-    prediction per sample exactly in C - 1 passes (eigenvectors of diag(p) - p p^T), or with
-    ``curvature_samples=k`` in k passes: its k - 1 leading factors exactly and, in the last pass,
-    the other factors summed with random signs (an unbiased estimate whose largest directions carry
-    no noise; beyond EIGEN_MAX_CLASSES classes the leading rank-k part); for sequences the leading
-    rank-k part per token (k passes, 1 by default), summed over tokens with random signs.
+    prediction per sample exactly in C - 1 passes (the sequential factors of diag(p) - p p^T, most
+    likely class first), or with ``curvature_samples=k`` in k passes: its k - 1 leading factors exactly
+    and, in the last pass, the other factors summed with random signs (an unbiased estimate whose
+    largest directions carry no noise); for sequences the leading rank-k part per token (k passes,
+    1 by default), summed over tokens with random signs.
 
 Each pass is a *pseudo-loss* whose per-sample gradients are the rows c_is with
 H_t ~ sum_i w_ti sum_s c_is c_is^T. Its gradient wrt the logits has a closed form
@@ -21,6 +21,7 @@ passes sum them over a sample's tokens with random signs, an unbiased estimate o
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import torch
@@ -28,7 +29,6 @@ import torch.nn.functional as F
 
 Curvature = Literal["gradient_outer", "fisher", "ggn"]
 CURVATURES = ("gradient_outer", "fisher", "ggn")
-EIGEN_MAX_CLASSES = 256  # exact ggn factors by eigendecomposition up to this many classes
 
 
 def logits_of(output: object) -> torch.Tensor:
@@ -58,9 +58,10 @@ def token_weights(probs: torch.Tensor, loss_grad: torch.Tensor) -> torch.Tensor:
 
 
 def logit_gradients(logits: torch.Tensor, loss_grad: torch.Tensor, curvature: Curvature, samples: int | None,
-                    generator: torch.Generator) -> torch.Tensor:
+                    generator: torch.Generator, scale: float = 1.0) -> torch.Tensor:
     """The gradients wrt the logits [passes, *logits.shape] of the pseudo-losses whose per-sample
-    parameter gradients are the curvature rows (times sqrt(w_i), the sample's weight in the batch loss).
+    parameter gradients are the curvature rows, times ``scale`` sqrt(w_i) (w_i: the sample's weight in the
+    batch loss; ``scale`` undoes a batch-wide weight, as the gradients' scale does).
 
     ``logits`` are [B, C] or [B, T, C]; ``loss_grad`` is the training loss's gradient wrt them, which
     gives each token's weight (:func:`token_weights`): the curvature is that of the loss as trained,
@@ -71,12 +72,12 @@ def logit_gradients(logits: torch.Tensor, loss_grad: torch.Tensor, curvature: Cu
     flat = logits.detach().reshape(logits.shape[0], -1, logits.shape[-1])
     probs = torch.softmax(flat.float() if flat.dtype in (torch.float16, torch.bfloat16) else flat, dim=-1)
     loss_grad = loss_grad.detach().reshape(flat.shape).to(probs.dtype)
-    finite = torch.isfinite(probs).all(-1) & torch.isfinite(loss_grad).all(-1)  # [B, T]
     # a non-finite token's step is refused later: keep the factorisations well defined, mark the rows (always
     # computed, not behind `if not finite.all()`: reading that flag would wait for the device at every step)
+    finite = torch.isfinite(probs.sum(-1) + loss_grad.abs().sum(-1))  # [B, T]: NaN or inf anywhere in the token
     probs = torch.where(finite[..., None], probs, 1.0 / probs.shape[-1])
     loss_grad = torch.where(finite[..., None], loss_grad, 0.0)
-    weights = token_weights(probs, loss_grad).sqrt().masked_fill(~finite, float("nan"))  # [B, T]
+    weights = (token_weights(probs, loss_grad).sqrt() * scale).masked_fill(~finite, float("nan"))  # [B, T]
     if curvature == "fisher":
         samples = samples or 1
         labels = torch.multinomial(probs.reshape(-1, probs.shape[-1]), samples, replacement=True, generator=generator)
@@ -99,42 +100,57 @@ def logit_gradients(logits: torch.Tensor, loss_grad: torch.Tensor, curvature: Cu
 
 def _ggn_factors(probs: torch.Tensor, samples: int | None, generator: torch.Generator | None = None
                  ) -> torch.Tensor:
-    """Vectors v_j [passes, B, C] with sum_j v_j v_j^T ~ diag(p) - p p^T per sample.
+    """Vectors v_j [passes, N, C] with sum_j v_j v_j^T ~ diag(p) - p p^T for each row p of ``probs``.
 
-    ``diag(p) - p p^T`` has rank <= C - 1 (its rows sum to 0): its eigenvectors scaled by
-    sqrt(eigenvalue) give it exactly in C - 1 passes (beyond ``EIGEN_MAX_CLASSES`` classes the
-    identity sum_c p_c (p - e_c)(p - e_c)^T is used instead, C passes). With ``samples=k`` < C - 1,
-    k passes: given a ``generator``, the k - 1 leading factors and a random-sign sum of the others
-    (``_split_factors``: unbiased); without one, or beyond ``EIGEN_MAX_CLASSES`` classes, the best
-    rank-k part by Rayleigh-Ritz (``_ritz_factors``).
+    ``diag(p) - p p^T`` has rank <= C - 1 (its rows sum to 0): its C - 1 sequential factors
+    (:func:`_sequential_factors`) give it exactly in C - 1 passes. With ``samples=k`` < C - 1, k passes:
+    given a ``generator``, the k - 1 leading factors and a random-sign sum of the others (unbiased);
+    without one, the best rank-k part by Rayleigh-Ritz (``_ritz_factors``).
     """
     n_classes = probs.shape[-1]
     if samples is not None and samples < n_classes - 1:
-        if generator is not None and n_classes <= EIGEN_MAX_CLASSES:
-            return _split_factors(probs, samples, generator)
+        if generator is not None:
+            return _sequential_factors(probs, samples - 1, generator)
         return _ritz_factors(probs, samples)
-    if n_classes > EIGEN_MAX_CLASSES:
-        onehots = F.one_hot(torch.arange(n_classes, device=probs.device), n_classes).to(probs.dtype)
-        return (probs - onehots[:, None, :]) * probs.t()[..., None].sqrt()
-    return _eigen_factors(probs)[:, :, 1:].permute(2, 0, 1).flip(0)  # the C - 1 nonzero ones, largest first
+    return _sequential_factors(probs, n_classes - 1, None)
 
 
-def _eigen_factors(probs: torch.Tensor) -> torch.Tensor:
-    """All C factors of diag(p) - p p^T as columns [B, C, C], eigenvalues ascending (the first is 0)."""
-    lam = torch.diag_embed(probs) - probs[:, :, None] * probs[:, None, :]
-    values, vecs = torch.linalg.eigh(lam)  # ascending, in the logits' precision (at least float32)
-    return vecs * values.clamp(min=0).sqrt()[:, None, :]
+def _sequential_factors(probs: torch.Tensor, leading: int, generator: torch.Generator | None) -> torch.Tensor:
+    """The ``leading`` first factors of diag(p) - p p^T = sum_j f_j f_j^T [leading, N, C], followed, given a
+    ``generator``, by the sum of all the others with independent random signs r_j (one more pass: since
+    E[r_i r_j] = 0 for i != j, the passes' sum of outer products is unbiased).
+
+    f_j comes from drawing the class one at a time, most likely first: with the classes sorted by
+    probability and s_j the probability left at class j (s_j = p_j + p_{j+1} + ...), step j decides
+    "class j or a later one", a Bernoulli(p_j / s_j) reached with probability s_j; the one-hot
+    label's covariance diag(p) - p p^T is the sum of these steps' (uncorrelated) covariances,
+        f_j = sqrt(p_j s_{j+1} / s_j) (e_j - p_{>j} / s_{j+1}),
+    i.e. its Cholesky factor with the classes pivoted by probability. The first factors carry most of
+    the trace (the largest probabilities), like the leading eigenvectors, at O(C) cost per factor.
+    """
+    ps, order = probs.sort(dim=-1, descending=True)
+    left = ps.flip(-1).cumsum(-1).flip(-1)  # s_j, summed from the smallest: no cancellation
+    after = F.pad(left[:, 1:], (0, 1))  # s_{j+1}
+    size = (ps * after / left.clamp(min=torch.finfo(ps.dtype).tiny)).sqrt()
+    share = torch.where(after > 0, size / after, 0.0)  # sqrt(p_j s_{j+1} / s_j) / s_{j+1}
+    eye, later, keep = _layout(leading, ps.shape[-1], ps.dtype, ps.device)
+    lead = eye * size[:, :leading, None] - later * (share[:, :leading, None] * ps[:, None, :])  # [N, leading, C]
+    if generator is not None:  # r_j = +-1 on the others, 0 on the leading ones (kept exactly)
+        signs = torch.randint(0, 2, ps.shape, generator=generator, device=ps.device, dtype=ps.dtype) * 2 * keep - keep
+        weight = signs * share
+        rest = signs * size - ps * (weight.cumsum(-1) - weight)  # sum_j r_j f_j over the others
+        lead = torch.cat([lead, rest[:, None, :]], 1)
+    return torch.empty_like(lead).scatter_(2, order[:, None, :].expand_as(lead), lead).transpose(0, 1)
 
 
-def _split_factors(probs: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
-    """k passes [k, B, C]: the k - 1 leading factors of diag(p) - p p^T, then the others summed with
-    independent random signs r_j, so that E[sum_s v_s v_s^T] = diag(p) - p p^T (the cross terms
-    r_i r_j f_i f_j^T average out) while the largest directions carry no sampling noise."""
-    factors = _eigen_factors(probs)
-    split = factors.shape[-1] - (k - 1)
-    signs = torch.randint(0, 2, (probs.shape[0], split), generator=generator, device=generator.device)
-    rest = (factors[:, :, :split] * (2 * signs - 1).to(factors.dtype)[:, None, :]).sum(-1)
-    return torch.cat([factors[:, :, split:].permute(2, 0, 1).flip(0), rest[None]], 0)
+@functools.lru_cache(maxsize=64)
+def _layout(leading: int, n_classes: int, dtype: torch.dtype, device: torch.device
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For ``leading`` factors over sorted classes: [j, c] = (c == j), [j, c] = (c > j), and [c] = (c >= leading)."""
+    eye = torch.eye(leading, n_classes, dtype=dtype, device=device)
+    later = torch.ones(leading, n_classes, dtype=dtype, device=device).triu(1)
+    keep = (torch.arange(n_classes, device=device) >= leading).to(dtype)
+    return eye, later, keep
 
 
 def _ritz_factors(probs: torch.Tensor, k: int) -> torch.Tensor:

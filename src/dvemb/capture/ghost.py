@@ -364,8 +364,9 @@ class GhostCapture:
             return
         logits, pending = self._jobs[job]
         self._jobs[job] = None
+        # the gradients' scale 1/w is 1/sqrt(w) on curvature rows (H = sum_i w_i c c^T): applied to the vectors
         vectors = logit_gradients(logits, loss_grad, self.curvature, self.curvature_samples,
-                                  self._generator(logits.device))
+                                  self._generator(logits.device), self._scale ** 0.5)
         self._curving = True
         try:
             grads = _output_gradients(logits, [out for _, _, _, out in pending], vectors)

@@ -319,12 +319,11 @@ class Recorder:
         if not isinstance(local, float):  # per-sample weights: divide each row by its own weight
             inverse = torch.from_numpy(np.divide(1.0, local, out=np.zeros_like(local), where=local != 0))
             grads = [g * inverse.to(device=g.device, dtype=g.dtype, non_blocking=True)[:, None] for g in grads]
-        if curvature is not None:  # the rows carry sqrt(w_i) of the loss they were read off: H = sum_i w_i c c^T
+        if curvature is not None:  # H = sum_i w_i c c^T: rows scale as sqrt(w_i) (a batch-wide w is already undone)
             curvature = unscale(list(curvature), step.scale, 0.5)
-            root = 1.0 / np.sqrt(local) if isinstance(local, float) else torch.from_numpy(
-                np.divide(1.0, np.sqrt(local), out=np.zeros_like(local), where=local != 0))
-            curvature = [c * (root if isinstance(root, float) else
-                              root.to(device=c.device, dtype=c.dtype, non_blocking=True)[:, None]) for c in curvature]
+            if not isinstance(local, float):
+                root = torch.from_numpy(np.divide(1.0, np.sqrt(local), out=np.zeros_like(local), where=local != 0))
+                curvature = [c * root.to(device=c.device, dtype=c.dtype, non_blocking=True)[:, None] for c in curvature]
         return grads, curvature
 
     def _write(self, step: _Step, check: bool) -> None:
