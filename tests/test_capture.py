@@ -409,6 +409,7 @@ def test_projection_on_the_worker_thread_equals_projection_in_the_hook(tmp_path,
 
     x, y = torch.randn(8, 12), torch.randint(0, 5, (8,))
     stores = {}
+    monkeypatch.setattr(ghost, "OVERLAP_MIN_FLOPS", 0)  # these tiny layers would otherwise stay on the training thread
     for overlap in (False, True):
         monkeypatch.setattr(ghost, "spare_cpu", lambda overlap=overlap: overlap)
         model = Twice()
@@ -420,6 +421,25 @@ def test_projection_on_the_worker_thread_equals_projection_in_the_hook(tmp_path,
         np.testing.assert_array_equal(np.asarray(stores[True].grads(i)), np.asarray(stores[False].grads(i)))
         np.testing.assert_array_equal(np.asarray(stores[True].curvature(i)), np.asarray(stores[False].curvature(i)))
     check_against_reference(stores[True], Twice(), x, y, TOL32)
+
+
+def test_small_forward_calls_are_projected_on_the_training_thread(tmp_path, monkeypatch):
+    from dvemb.capture import ghost
+    monkeypatch.setattr(ghost, "spare_cpu", lambda: True)
+    submitted = []
+    for width, worker in ((8, False), (1024, True)):  # 2 (64*8*32 + ...) ~ 1e4 flops; 2 (64*1024*32 * 2 + ...) ~ 8e6
+        model = nn.Sequential(nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 3))
+        with dvemb.Recorder(model, tmp_path / str(width), projection_dim=32 * 32, projection="gaussian") as rec:
+            submit = rec._capture._worker.submit
+            monkeypatch.setattr(rec._capture._worker, "submit", lambda *a: submitted.append(width) or submit(*a))
+            x = torch.randn(64, width)
+            with rec.step(range(64), lr=0.1):
+                F.cross_entropy(model(x), torch.randint(0, 3, (64,))).backward()
+        assert (width in submitted) is worker
+    spec = rec._capture.projectors[0].spec  # the estimate: input and output projections and the outer products
+    k_in, k_out = spec.proj_in.k, spec.proj_out.k
+    assert rec._capture.projectors[0].flops(torch.zeros(64, 1024), torch.zeros(64, 1024)) == \
+        2 * (64 * 1024 * k_in + 64 * 1024 * k_out + 64 * k_in * k_out)
 
 
 def test_worker_thread_only_when_cpus_outnumber_torch_threads(monkeypatch):

@@ -10,10 +10,10 @@ on the layer's output tensor, which fires with ds during backward.
 Micro-batches (gradient accumulation) are told apart by the phase: the first forward
 after a backward starts a new micro-batch whose rows follow the previous ones.
 
-When the process may use more CPUs than torch's threads do, the projections run on one
-worker thread: the hooks only queue them, so they overlap the rest of the backward pass
-(torch kernels release the GIL), and ``collect`` waits for them, so a step still ends with
-all its rows.
+When the process may use more CPUs than torch's threads do, the projections of large forward
+calls (``OVERLAP_MIN_FLOPS``) run on one worker thread: the hooks only queue them, so they overlap
+the rest of the backward pass (torch kernels release the GIL), and ``collect`` waits for them, so a
+step still ends with all its rows. Small ones run at once: handing them over costs more than it saves.
 
 With a curvature other than ``gradient_outer``, a hook on the model's output hooks its logits:
 when the training backward reaches them, one nested vectorised backward (``is_grads_batched``)
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -40,6 +41,12 @@ from .layers import LayerRule, grouped_rows, rule_by_kind
 from ..store import LayerSpec
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+# a forward call whose projections take fewer flops runs them on the training thread even when a worker is there.
+# Measured on 2 CPUs, 1 torch thread (2026-12-06): the worker slowed the recorded step of 784-512-10 (batch 32,
+# 2.7e6 flops in its first layer) by 5% (paper's configuration) to 26% (defaults), and sped up 784-512-256-10
+# (batch 64, 5.4e6 flops) by 4-10%: the hand-over and the contention for the GIL and the second CPU (the store
+# writer's) cost more than a small projection saves
+OVERLAP_MIN_FLOPS = 4e6
 
 
 @dataclass
@@ -114,6 +121,14 @@ class _Projector:
             outputs = outputs * self.out_scale.to(dtype=dtype, device=outputs.device)
         return rows, outputs, self._rule.groups(module)
 
+    def flops(self, a: torch.Tensor, output: torch.Tensor) -> int:
+        """About how many flops projecting a forward call's gradient takes (input ``a``, ``output``)."""
+        k_in, k_out = self.spec.proj_in.k, self.spec.proj_out.k
+        inputs = 0 if self.spec.proj_in.is_identity else a.numel() * k_in
+        outputs = 0 if self.spec.proj_out.is_identity else output.numel() * k_out
+        tokens = output.numel() // max(self.spec.d_out, 1)  # sample x token rows
+        return 2 * (inputs + outputs + tokens * k_out * k_in)
+
     def rows(self, inputs: "_InputRows", ds: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
         """Rows [b, passes * k_out * k_in] of ``scale`` times output gradients ds [passes, b, ...] with input rows."""
         a_rows = inputs.get()
@@ -141,10 +156,11 @@ class _Projector:
 class _InputRows:
     """A forward call's projected input rows, computed on first use (by the gradient or a curvature pass)."""
 
-    __slots__ = ("projector", "module", "a", "value")
+    __slots__ = ("projector", "module", "a", "value", "overlap")
 
-    def __init__(self, projector: _Projector, module: nn.Module, a: torch.Tensor) -> None:
+    def __init__(self, projector: _Projector, module: nn.Module, a: torch.Tensor, overlap: bool = False) -> None:
         self.projector, self.module, self.a, self.value = projector, module, a, None
+        self.overlap = overlap  # whether this call's blocks are projected on the worker thread (all or none of them)
 
     def get(self) -> torch.Tensor:
         """[b, tokens, k_in]; only one thread (the worker, or the training thread without one) calls this."""
@@ -325,7 +341,9 @@ class GhostCapture:
             a = inputs[0].detach()
             self._start_rows(a.shape[0], self.specs[idx].name)
             offset = self._offset
-            a_rows = _InputRows(self._projectors[idx], module, a)  # shared by the gradient and the curvature
+            projector = self._projectors[idx]
+            overlap = self._worker is not None and projector.flops(a, output) >= OVERLAP_MIN_FLOPS
+            a_rows = _InputRows(projector, module, a, overlap)  # shared by the gradient and the curvature
             output.register_hook(lambda ds: None if self._curving else self._on_grad(idx, a_rows, offset, ds))
             if self.curvature != "gradient_outer":
                 self._pending.append((idx, a_rows, offset, output))
@@ -394,17 +412,17 @@ class GhostCapture:
         # the step's loss is sum_i w_i loss_i; scaling by 1/w gives the sample's own gradient
         self._add(self._parts[idx], offset, idx, a_rows, ds.unsqueeze(0), self._scale)
 
-    def _add(self, parts: dict[int, list], offset: int, idx: int, *args: object) -> None:
-        """Queue the block of rows ``projector.rows(*args)`` of layer ``idx`` at ``offset``: a Future on the worker
-        thread, computed now, or (deferred) the call itself.
+    def _add(self, parts: dict[int, list], offset: int, idx: int, a_rows: _InputRows, *args: object) -> None:
+        """Queue the block of rows ``projector.rows(a_rows, *args)`` of layer ``idx`` at ``offset``: a Future on the
+        worker thread (when the forward call was large enough), computed now, or (deferred) the call itself.
 
         A module used several times in a micro-batch adds several blocks; they are summed in :meth:`collect`.
         """
         if self._defer:
-            block = (idx, *args)
+            block = (idx, a_rows, *args)
         else:
             fn = self._projectors[idx].rows
-            block = fn(*args) if self._worker is None else self._worker.submit(fn, *args)
+            block = self._worker.submit(fn, a_rows, *args) if a_rows.overlap else fn(a_rows, *args)
         parts.setdefault(offset, []).append(block)
 
 
@@ -438,16 +456,27 @@ class DeferredStep:
 
 def _output_gradients(logits: torch.Tensor, outputs: list[torch.Tensor],
                       vectors: torch.Tensor) -> Sequence[torch.Tensor | None]:
-    """Gradients [passes, *output.shape] of vectors . logits wrt each output, in one vectorised backward.
+    """Gradients [passes, *output.shape] of vectors . logits wrt each output (None: it does not reach the logits),
+    in one vectorised backward (``torch.func.vmap`` over the passes: its batching rules cover more operations,
+    with less overhead, than ``autograd.grad(is_grads_batched=True)``'s).
 
     Falls back to one backward per pass where an operation in the model has no batching rule.
     """
+    unused: list[bool] = []
+
+    def pullback(v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        grads = torch.autograd.grad(logits, outputs, v, retain_graph=True, allow_unused=True)
+        unused[:] = [g is None for g in grads]
+        return tuple(v.new_zeros(()) if g is None else g for g in grads)  # vmap returns tensors only
+
     try:
-        return torch.autograd.grad(logits, outputs, vectors, retain_graph=True, allow_unused=True,
-                                   is_grads_batched=True)
+        with warnings.catch_warnings():  # an operation without a batching rule is looped over the passes: correct,
+            warnings.filterwarnings("ignore", "There is a performance drop", UserWarning)  # and not the user's concern
+            grads = torch.func.vmap(pullback)(vectors)
     except RuntimeError:
         per_pass = [torch.autograd.grad(logits, outputs, v, retain_graph=True, allow_unused=True) for v in vectors]
         return [None if g[0] is None else torch.stack(g) for g in zip(*per_pass)]
+    return [None if skip else g for g, skip in zip(grads, unused)]
 
 
 def _fsdp_modules(model: nn.Module) -> list[nn.Module]:
