@@ -203,11 +203,17 @@ def dvemb_configs(options: FidelityOptions, spec: TrainingSpec) -> dict[str, Map
         configs.update({f"dvemb-k{k}": {"projection_dim": k} for k in SWEEP_DIMS})
     if options.curvature_variant:
         configs[CURVATURE_VARIANT] = {"projection_dim": options.projection_dim, **CURVATURE_VARIANT_OPTIONS}
-    clash = set(configs) & set(options.extra_configs)
+    return with_extras(configs, options.extra_configs, options.projection_dim)
+
+
+def with_extras(configs: Mapping[str, Mapping[str, object]], extras: Mapping[str, Mapping[str, object]],
+                projection_dim: int | None) -> dict[str, Mapping[str, object]]:
+    """A study's configurations followed by the user's extra ones (``--config``), which use the study's
+    projection unless they set ``projection_dim``; their names must be new."""
+    clash = set(configs) & set(extras)
     if clash:
         raise ValueError(f"configuration names already used by the study: {sorted(clash)}")
-    extras = {name: {"projection_dim": options.projection_dim, **c} for name, c in options.extra_configs.items()}
-    return {**configs, **extras}
+    return {**configs, **{name: {"projection_dim": projection_dim, **c} for name, c in extras.items()}}
 
 
 def summarise(results: Sequence[FidelityResult], resamples: int) -> dict[str, tuple[MethodSummary, ...]]:
@@ -330,7 +336,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--projection-dim", type=projection_dim, default=DEFAULT_PROJECTION_DIM, metavar="K|none",
                         help="per-layer projected size of DVEmb and the influence function "
                              f"(default: {DEFAULT_PROJECTION_DIM})")
-    parser.add_argument("--config", action="append", default=[], metavar="NAME=JSON", type=_config,
+    parser.add_argument("--config", action="append", default=[], metavar="NAME=JSON", type=config_argument,
                         help="an extra DVEmb configuration: Recorder keyword arguments (and compute_embeddings' "
                              "blocking, step_rank, memory, precision) as a JSON object, e.g. "
                              "'full={\"step_rank\": null}', with --projection-dim unless it sets projection_dim; "
@@ -407,7 +413,7 @@ def _mlp_factory(d_in: int, hidden: Sequence[int], classes: int, activation: str
     return factory
 
 
-def _config(text: str) -> tuple[str, dict[str, object]]:
+def config_argument(text: str) -> tuple[str, dict[str, object]]:
     """``NAME=JSON`` as (name, Recorder keyword arguments), ``"dtype"`` turned into a torch dtype."""
     name, sep, body = text.partition("=")
     try:

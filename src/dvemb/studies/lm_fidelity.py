@@ -19,7 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
+from typing import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -28,11 +29,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..evaluate.baselines import exact_first_order, grad_dot, tracin_cp
-from ..evaluate.fidelity import ALL_EPOCH, SINGLE, FidelityResult, evaluate_fidelity
+from ..evaluate.fidelity import ALL_EPOCH, SINGLE, FidelityResult, evaluate_fidelity, jsonable_config
 from ..evaluate.replay import TrainingSpec
 from ..update import Adam
 from ..cli import positive_int
-from .fidelity import SETTING_LABELS, summarise
+from .fidelity import SETTING_LABELS, config_argument, summarise, with_extras
 from .lm import GPT2Size, build_gpt2
 from .text import load_corpus, train_tokenizer, windows
 
@@ -58,6 +59,7 @@ class LMFidelityOptions:
     n_embd: int = 64
     n_head: int = 4
     projection_dim: int = 1024
+    extra_configs: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
     resamples: int = 1000
 
     def __post_init__(self) -> None:
@@ -103,8 +105,9 @@ def run_study(options: LMFidelityOptions, show_progress: bool = False) -> dict:
     docs = load_corpus(options.data)
     tokenizer = train_tokenizer((d.text for d in docs), options.vocab_size)
     tokens = windows(tokenizer, docs, options.seq_len)
-    configs = {"dvemb": {"projection_dim": options.projection_dim},
-               "dvemb-paper": {"projection_dim": options.projection_dim, **PAPER}}
+    configs = with_extras({"dvemb": {"projection_dim": options.projection_dim},
+                           "dvemb-paper": {"projection_dim": options.projection_dim, **PAPER}},
+                          options.extra_configs, options.projection_dim)
     baselines = {"tracin-cp": tracin_cp, "grad-dot": grad_dot, "exact-first-order": exact_first_order}
     results: list[FidelityResult] = []
     for seed in range(options.seeds):
@@ -114,7 +117,8 @@ def run_study(options: LMFidelityOptions, show_progress: bool = False) -> dict:
                                          baselines=baselines, resamples=options.resamples, seed=seed,
                                          show_progress=show_progress))
     summary = summarise(results, options.resamples)
-    return {"options": asdict(options), "source": "pydoc topics (CPython)" if options.data is None else options.data,
+    stored = {**asdict(options), "extra_configs": {n: jsonable_config(c) for n, c in options.extra_configs.items()}}
+    return {"options": stored, "source": "pydoc topics (CPython)" if options.data is None else options.data,
             "windows": len(tokens), "seconds": time.perf_counter() - start,
             "summary": {s: [m.to_dict() for m in methods] for s, methods in summary.items()},
             "seeds": [r.to_dict() for r in results]}
@@ -146,13 +150,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=positive_int, default=3, metavar="N")
     parser.add_argument("--records", type=positive_int, default=64, metavar="N")
     parser.add_argument("--out", metavar="DIR", default="lm-fidelity-results")
+    parser.add_argument("--config", action="append", default=[], metavar="NAME=JSON", type=config_argument,
+                        help="an extra DVEmb configuration, as in `dvemb evaluate fidelity --config` (repeatable)")
     parser.add_argument("--quick", action="store_true", help="a small run for smoke tests")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 def main(args: argparse.Namespace) -> int:
     """Runs the study; prints the table and writes JSON and Markdown."""
-    options = LMFidelityOptions(data=args.data, seeds=args.seeds, records=args.records)
+    options = LMFidelityOptions(data=args.data, seeds=args.seeds, records=args.records,
+                                extra_configs=dict(args.config))
     if args.quick:
         options = replace(options, vocab_size=300, seq_len=16, n_train=48, n_val=16, records=8, seeds=1,
                           n_embd=16, n_head=2, n_layer=1, resamples=100, projection_dim=64)
