@@ -42,10 +42,11 @@ from ..store import LayerSpec
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 # a forward call whose projections take fewer flops runs them on the training thread even when a worker is there.
-# Measured on 2 CPUs, 1 torch thread (2026-12-06): the worker slowed the recorded step of 784-512-10 (batch 32,
-# 2.7e6 flops in its first layer) by 5% (paper's configuration) to 26% (defaults), and sped up 784-512-256-10
-# (batch 64, 5.4e6 flops) by 4-10%: the hand-over and the contention for the GIL and the second CPU (the store
-# writer's) cost more than a small projection saves
+# Measured on 2 CPUs, 1 torch thread, 2026-12-06 (medians of 7-9 alternated blocks in one process): with every call
+# on the worker the defaults' recorded step was 27% slower on 784-128-10 (batch 32) and 14-27% on 784-512-10 than
+# with this threshold (first layers 1.9e6 and 2.7e6 flops: the hand-over and the contention for the GIL cost more than
+# these projections take); the paper's configuration was within +-10% (the runs' spread) either way, also on
+# 784-512-256-10 (batch 64, 5.4e6 flops in its first layer)
 OVERLAP_MIN_FLOPS = 4e6
 
 
