@@ -16,7 +16,7 @@ the rest of the backward pass (torch kernels release the GIL), and ``collect`` w
 step still ends with all its rows. Small ones run at once: handing them over costs more than it saves.
 
 With a curvature other than ``gradient_outer``, a hook on the model's output hooks its logits:
-when the training backward reaches them, one nested vectorised backward (``is_grads_batched``)
+when the training backward reaches them, one nested vectorised backward (``torch.func.vmap``)
 of all curvature passes runs from the logits to the tracked layers' outputs only (no parameter
 gradients), weighting each token as the loss does, and each pass's output gradient is
 projected against the layer's input like a gradient.
@@ -475,8 +475,7 @@ def _output_gradients(logits: torch.Tensor, outputs: list[torch.Tensor],
             warnings.filterwarnings("ignore", "There is a performance drop", UserWarning)  # and not the user's concern
             grads = torch.func.vmap(pullback)(vectors)
     except RuntimeError:
-        per_pass = [torch.autograd.grad(logits, outputs, v, retain_graph=True, allow_unused=True) for v in vectors]
-        return [None if g[0] is None else torch.stack(g) for g in zip(*per_pass)]
+        grads = [torch.stack(g) for g in zip(*(pullback(v) for v in vectors))]
     return [None if skip else g for g, skip in zip(grads, unused)]
 
 
