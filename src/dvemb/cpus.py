@@ -11,7 +11,8 @@ def spare_cpu() -> bool:
     """Whether this process may use more CPUs than torch's intra-op threads already do.
 
     Measured on 2 CPUs: with 1 torch thread, a capture worker took the capture overhead from
-    1.41 to 1.22 (2026-11-28; it now takes only large projections, see ghost.OVERLAP_MIN_FLOPS) and a scoring read-ahead thread makes streamed scoring 1.3x faster; with 2
+    1.41 to 1.22 (2026-11-28; it now takes only large projections, see ghost.OVERLAP_MIN_FLOPS)
+    and a scoring read-ahead thread makes streamed scoring 1.3x faster; with 2
     torch threads each competes with torch's own threads (training 0.33 -> 0.41 s end to end;
     streamed scoring of 1 test point 1.6x slower than mapping the files).
     """

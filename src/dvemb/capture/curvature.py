@@ -7,8 +7,8 @@
     prediction per sample exactly in C - 1 passes (the sequential factors of diag(p) - p p^T, most
     likely class first), or with ``curvature_samples=k`` in k passes: its k - 1 leading factors exactly
     and, in the last pass, the other factors summed with random signs (an unbiased estimate whose
-    largest directions carry no noise); for sequences the leading rank-k part per token (k passes,
-    1 by default), summed over tokens with random signs.
+    largest directions carry no noise); for sequences the leading rank-k part per token (k passes;
+    1 with ``curvature_samples=None``), summed over tokens with random signs.
 
 Each pass is a *pseudo-loss* whose per-sample gradients are the rows c_is with
 H_t ~ sum_i w_ti sum_s c_is c_is^T. Its gradient wrt the logits has a closed form

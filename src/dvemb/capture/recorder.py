@@ -72,7 +72,8 @@ class Recorder:
     the first steps (``projection="fitted"``; ``"gaussian"`` etc. for seeded random projections,
     ``projection_dim=None`` for exact gradients), and the Gauss-Newton curvature in 3 passes per
     sample: its 2 leading factors and a random-sign sum of the others (``curvature="ggn"``; the
-    paper's ``"gradient_outer"`` needs no extra pass). Under Adam / AdamW (``optimizer=``) projected rows are whitened by the optimizer's factored preconditioner.
+    paper's ``"gradient_outer"`` needs no extra pass). Under Adam / AdamW (``optimizer=``) projected
+    rows are whitened by the optimizer's factored preconditioner.
     ``save_checkpoints`` (every N steps, or a list of steps) saves theta_t before those steps, and
     theta_T on close, as safetensors files for checkpoint queries.
 
@@ -316,15 +317,13 @@ class Recorder:
         grads, curvature = step.rows
         local = step.local
         grads = unscale(list(grads), step.scale)
-        if not isinstance(local, float):  # per-sample weights: divide each row by its own weight
-            inverse = torch.from_numpy(np.divide(1.0, local, out=np.zeros_like(local), where=local != 0))
-            grads = [g * inverse.to(device=g.device, dtype=g.dtype, non_blocking=True)[:, None] for g in grads]
-        if curvature is not None:  # H = sum_i w_i c c^T: rows scale as sqrt(w_i) (a batch-wide w is already undone)
+        if curvature is not None:  # H = sum_i w_i c c^T: curvature rows scale as sqrt(w_i)
             curvature = unscale(list(curvature), step.scale, 0.5)
-            if not isinstance(local, float):
-                root = torch.from_numpy(np.divide(1.0, np.sqrt(local), out=np.zeros_like(local), where=local != 0))
-                curvature = [c * root.to(device=c.device, dtype=c.dtype, non_blocking=True)[:, None] for c in curvature]
-        return grads, curvature
+        if isinstance(local, float):  # a batch-wide weight, already undone by the capture's scale
+            return grads, curvature
+        # per-sample weights: divide each row by its own weight (curvature rows by its root); weight 0 stays 0
+        inverse = torch.from_numpy(np.divide(1.0, local, out=np.zeros_like(local), where=local != 0))
+        return _per_row(grads, inverse), None if curvature is None else _per_row(curvature, inverse.sqrt())
 
     def _write(self, step: _Step, check: bool) -> None:
         """Scale the step's rows to each sample's own loss, check them and hand them to the store."""
@@ -481,6 +480,11 @@ def _refuse_oversized(specs: Sequence[LayerSpec]) -> None:
         check_memory(4 * spec.dim ** 2, f"layer {spec.name!r} keeps {spec.dim:,} values per record "
                      f"({spec.describe()}): its propagator", "project it (projection_dim=1024, the default) or "
                      "leave it out (modules=...)")
+
+
+def _per_row(rows: list[torch.Tensor], scales: torch.Tensor) -> list[torch.Tensor]:
+    """Each row of every tensor times its scale (moved to the rows' device without waiting)."""
+    return [r * scales.to(device=r.device, dtype=r.dtype, non_blocking=True)[:, None] for r in rows]
 
 
 def check_ids(ids: object) -> np.ndarray:
