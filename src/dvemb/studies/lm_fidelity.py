@@ -19,8 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
-from typing import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -102,12 +102,12 @@ def build_run(options: LMFidelityOptions, tokens: np.ndarray, seed: int):
 def run_study(options: LMFidelityOptions, show_progress: bool = False) -> dict:
     """Every seed's fidelity result, summarised per setting and method."""
     start = time.perf_counter()
+    configs = with_extras({"dvemb": {"projection_dim": options.projection_dim},  # names checked before any work
+                           "dvemb-paper": {"projection_dim": options.projection_dim, **PAPER}},
+                          options.extra_configs, options.projection_dim)
     docs = load_corpus(options.data)
     tokenizer = train_tokenizer((d.text for d in docs), options.vocab_size)
     tokens = windows(tokenizer, docs, options.seq_len)
-    configs = with_extras({"dvemb": {"projection_dim": options.projection_dim},
-                           "dvemb-paper": {"projection_dim": options.projection_dim, **PAPER}},
-                          options.extra_configs, options.projection_dim)
     baselines = {"tracin-cp": tracin_cp, "grad-dot": grad_dot, "exact-first-order": exact_first_order}
     results: list[FidelityResult] = []
     for seed in range(options.seeds):
