@@ -311,8 +311,9 @@ def read_json(path: Path) -> dict:
 
 
 def npy_header(path: Path) -> tuple[np.dtype, tuple[int, ...], int]:
-    """(dtype, shape, data offset) of a .npy file, read from its header alone (no data, no pickle); a
-    StoreError says what is wrong with a file that is not a plain C-ordered .npy array."""
+    """(dtype, shape, data offset) of a .npy file, read from its header alone (no data; the header is parsed
+    as Python literals, so no object is ever deserialised); a StoreError says what is wrong with a file that
+    is not a plain C-ordered .npy array."""
     try:
         with open(path, "rb") as f:
             head = f.read(HEADER_BYTES)
