@@ -11,6 +11,7 @@ from torch.func import functional_call, jacrev, vmap
 
 import dvemb
 from dvemb.capture import curvature as curvature_module
+from dvemb.capture import ghost as ghost_module
 from dvemb.embed.layout import final_arrays
 from dvemb.store import Store, to_torch
 from reference import per_sample_gradients
@@ -248,11 +249,29 @@ def test_curvature_without_batching_rules_falls_back_to_one_backward_per_pass(tm
     def unbatched(*args, **kwargs):
         raise RuntimeError("no batching rule")  # as vmap reports an unsupported operation
 
-    monkeypatch.setattr(torch.func, "vmap", unbatched)
+    monkeypatch.setattr(ghost_module, "_vmap", unbatched)
     tiny(tmp_path / "looped", "ggn")
     for i in range(2):  # same rows either way (float64: only summation order may differ)
         np.testing.assert_allclose(np.asarray(Store(tmp_path / "looped").curvature(i)),
                                    np.asarray(Store(tmp_path / "batched").curvature(i)), rtol=1e-12, atol=1e-14)
+
+
+def test_vectorised_pullback_equals_torch_func_vmap_and_a_loop():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.GELU(), nn.Linear(4, 3)).double()
+    hidden = model[1](model[0](torch.randn(6, 5, dtype=torch.float64)))
+    unused = torch.randn(6, 2, dtype=torch.float64, requires_grad=True)  # does not reach the logits
+    logits = model[2](hidden)
+    vectors = torch.randn(4, 6, 3, dtype=torch.float64)
+    got = ghost_module._output_gradients(logits, [hidden, logits, unused], vectors)
+    assert got[2] is None
+    looped = [torch.autograd.grad(logits, [hidden, logits], v, retain_graph=True) for v in vectors]
+    for i in range(2):  # float64: the same products in another order at most
+        torch.testing.assert_close(got[i], torch.stack([g[i] for g in looped]), rtol=1e-12, atol=1e-14)
+    want = vmap(lambda v: torch.autograd.grad(logits, [hidden, logits], v, retain_graph=True))(vectors)
+    for g, w in zip(ghost_module._vmap(lambda v: torch.autograd.grad(logits, [hidden, logits], v, retain_graph=True),
+                                       vectors), want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")

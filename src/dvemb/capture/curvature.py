@@ -46,15 +46,15 @@ def logits_of(output: object) -> torch.Tensor:
 def token_weights(probs: torch.Tensor, loss_grad: torch.Tensor) -> torch.Tensor:
     """Each token's weight in the batch loss [B, T], read off the loss's gradient wrt the logits.
 
-    Softmax cross-entropy with weight gamma on a token has gradient gamma (p - e_y): its entries sum
-    to 0, y is the most negative one and sum |gradient| = 2 gamma (1 - p_y). Tokens the loss ignores
-    (padding, a causal LM's last position) have a zero gradient and get weight 0; a token the model
-    predicts with certainty (1 - p_y ~ 0) has no curvature either.
+    Softmax cross-entropy with weight gamma >= 0 on a token has gradient gamma (p - e_y): positive
+    exactly on the other classes c (those with p_c > 0), where it is gamma p_c, so gamma is the sum of
+    the positive entries over the sum of those classes' probabilities (1 - p_y, summed without
+    cancellation). Tokens the loss ignores (padding, a causal LM's last position) have a zero gradient
+    and get weight 0, as does a token the model predicts with certainty (it has no curvature). A NaN
+    or infinity in a token's ``probs`` or ``loss_grad`` gives it a non-finite weight.
     """
-    y = loss_grad.argmin(dim=-1, keepdim=True)
-    missing = (1.0 - probs.gather(-1, y)).squeeze(-1)
-    total = loss_grad.abs().sum(-1)
-    return torch.where(missing > 1e-12, total / (2.0 * missing.clamp(min=1e-12)), torch.zeros_like(total))
+    positive = loss_grad > 0
+    return loss_grad.relu().sum(-1).div_((probs * positive).sum(-1).clamp_(min=torch.finfo(probs.dtype).tiny))
 
 
 def logit_gradients(logits: torch.Tensor, loss_grad: torch.Tensor, curvature: Curvature, samples: int | None,
@@ -70,15 +70,14 @@ def logit_gradients(logits: torch.Tensor, loss_grad: torch.Tensor, curvature: Cu
     so that the cross-token terms vanish in expectation (an unbiased estimate of the sample's GGN).
     """
     flat = logits.detach().reshape(logits.shape[0], -1, logits.shape[-1])
-    probs = torch.softmax(flat.float() if flat.dtype in (torch.float16, torch.bfloat16) else flat, dim=-1)
+    probs = torch.softmax(flat, dim=-1, dtype=torch.float32 if flat.dtype in (torch.float16, torch.bfloat16) else None)
     loss_grad = loss_grad.detach().reshape(flat.shape).to(probs.dtype)
-    # a non-finite token's step is refused later: keep the factorisations well defined, mark the rows (always
-    # computed, not behind `if not finite.all()`: reading that flag would wait for the device at every step)
-    finite = torch.isfinite(probs.sum(-1) + loss_grad.abs().sum(-1))  # [B, T]: NaN or inf anywhere in the token
-    probs = torch.where(finite[..., None], probs, 1.0 / probs.shape[-1])
-    loss_grad = torch.where(finite[..., None], loss_grad, 0.0)
-    weights = (token_weights(probs, loss_grad).sqrt() * scale).masked_fill(~finite, float("nan"))  # [B, T]
+    # a non-finite token's step is refused later: its weight is non-finite, which marks its rows (no `if not
+    # finite.all()`: reading that flag would wait for the device at every step); where its probabilities are
+    # sampled or factored by eigh they are made uniform, so that these stay defined
+    weights = token_weights(probs, loss_grad).mul_(scale * scale).sqrt_()  # [B, T]
     if curvature == "fisher":
+        probs = probs.nan_to_num(1.0 / probs.shape[-1])
         samples = samples or 1
         labels = torch.multinomial(probs.reshape(-1, probs.shape[-1]), samples, replacement=True, generator=generator)
         labels = labels.t().reshape(samples, *probs.shape[:-1])  # pass s: one sampled label per token
@@ -111,7 +110,7 @@ def _ggn_factors(probs: torch.Tensor, samples: int | None, generator: torch.Gene
     if samples is not None and samples < n_classes - 1:
         if generator is not None:
             return _sequential_factors(probs, samples - 1, generator)
-        return _ritz_factors(probs, samples)
+        return _ritz_factors(probs.nan_to_num(1.0 / n_classes), samples)
     return _sequential_factors(probs, n_classes - 1, None)
 
 
@@ -131,26 +130,31 @@ def _sequential_factors(probs: torch.Tensor, leading: int, generator: torch.Gene
     ps, order = probs.sort(dim=-1, descending=True)
     left = ps.flip(-1).cumsum(-1).flip(-1)  # s_j, summed from the smallest: no cancellation
     after = F.pad(left[:, 1:], (0, 1))  # s_{j+1}
-    size = (ps * after / left.clamp(min=torch.finfo(ps.dtype).tiny)).sqrt()
-    share = torch.where(after > 0, size / after, 0.0)  # sqrt(p_j s_{j+1} / s_j) / s_{j+1}
-    eye, later, keep = _layout(leading, ps.shape[-1], ps.dtype, ps.device)
-    lead = eye * size[:, :leading, None] - later * (share[:, :leading, None] * ps[:, None, :])  # [N, leading, C]
-    if generator is not None:  # r_j = +-1 on the others, 0 on the leading ones (kept exactly)
-        signs = torch.randint(0, 2, ps.shape, generator=generator, device=ps.device, dtype=ps.dtype) * 2 * keep - keep
-        weight = signs * share
-        rest = signs * size - ps * (weight.cumsum(-1) - weight)  # sum_j r_j f_j over the others
-        lead = torch.cat([lead, rest[:, None, :]], 1)
-    return torch.empty_like(lead).scatter_(2, order[:, None, :].expand_as(lead), lead).transpose(0, 1)
+    tiny = torch.finfo(ps.dtype).tiny
+    size = (ps * after).div_(left.clamp(min=tiny)).sqrt_()
+    share = size / after.clamp(min=tiny)  # sqrt(p_j s_{j+1} / s_j) / s_{j+1}; 0 where s_{j+1} = 0 (then size = 0)
+    # pass k is sum_j R_kj f_j, R_kj = (k == j) for the leading ones, r_j (+-1) for the others in the last pass:
+    # entry c of it is R_kc size_c - p_c sum_{j<c} R_kj share_j
+    base, signed = _layout(leading, ps.shape[-1], generator is not None, ps.dtype, ps.device)
+    mix = base if generator is None else torch.addcmul(base, torch.randint(  # R = base + 2 b on the signed entries
+        0, 2, ps.shape, generator=generator, device=ps.device, dtype=ps.dtype)[:, None, :], signed)
+    weight = mix * share[:, None, :]
+    passes = torch.addcmul(mix * size[:, None, :], ps[:, None, :], weight.cumsum(-1) - weight, value=-1)
+    return torch.empty_like(passes).scatter_(2, order[:, None, :].expand_as(passes), passes).transpose(0, 1)
 
 
 @functools.lru_cache(maxsize=64)
-def _layout(leading: int, n_classes: int, dtype: torch.dtype, device: torch.device
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For ``leading`` factors over sorted classes: [j, c] = (c == j), [j, c] = (c > j), and [c] = (c >= leading)."""
-    eye = torch.eye(leading, n_classes, dtype=dtype, device=device)
-    later = torch.ones(leading, n_classes, dtype=dtype, device=device).triu(1)
-    keep = (torch.arange(n_classes, device=device) >= leading).to(dtype)
-    return eye, later, keep
+def _layout(leading: int, n_classes: int, signs: bool, dtype: torch.dtype, device: torch.device
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The passes' mixing of the sorted classes' factors, R = base + 2 b * signed with b in {0, 1}: for the
+    ``leading`` factors base[k, j] = (k == j); with ``signs`` one more pass, base = -1 and signed = 2 on the
+    others (r_j = 2 b_j - 1)."""
+    base = torch.eye(leading + signs, n_classes, dtype=dtype, device=device)
+    signed = torch.zeros_like(base)
+    if signs:
+        base[leading, leading:] = -1.0
+        signed[leading, leading:] = 2.0
+    return base, signed
 
 
 def _ritz_factors(probs: torch.Tensor, k: int) -> torch.Tensor:
