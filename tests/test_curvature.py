@@ -265,12 +265,14 @@ def test_vectorised_pullback_equals_torch_func_vmap_and_a_loop():
     vectors = torch.randn(4, 6, 3, dtype=torch.float64)
     got = ghost_module._output_gradients(logits, [hidden, logits, unused], vectors)
     assert got[2] is None
-    looped = [torch.autograd.grad(logits, [hidden, logits], v, retain_graph=True) for v in vectors]
+
+    def pullback(v):
+        return torch.autograd.grad(logits, [hidden, logits], v, retain_graph=True)
+
+    looped = [pullback(v) for v in vectors]
     for i in range(2):  # float64: the same products in another order at most
         torch.testing.assert_close(got[i], torch.stack([g[i] for g in looped]), rtol=1e-12, atol=1e-14)
-    want = vmap(lambda v: torch.autograd.grad(logits, [hidden, logits], v, retain_graph=True))(vectors)
-    for g, w in zip(ghost_module._vmap(lambda v: torch.autograd.grad(logits, [hidden, logits], v, retain_graph=True),
-                                       vectors), want):
+    for g, w in zip(ghost_module._vmap(pullback, vectors), vmap(pullback)(vectors)):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
 
 

@@ -16,7 +16,7 @@ the rest of the backward pass (torch kernels release the GIL), and ``collect`` w
 step still ends with all its rows. Small ones run at once: handing them over costs more than it saves.
 
 With a curvature other than ``gradient_outer``, a hook on the model's output hooks its logits:
-when the training backward reaches them, one nested vectorised backward (``torch.func.vmap``)
+when the training backward reaches them, one nested vectorised backward (vmap, see ``_vmap``)
 of all curvature passes runs from the logits to the tracked layers' outputs only (no parameter
 gradients), weighting each token as the loss does, and each pass's output gradient is
 projected against the layer's input like a gradient.
