@@ -259,8 +259,10 @@ class Recorder:
             step.factors = self._whitening.current(step.t)  # v_t is known at the end of the step
         self._pending.append(step)
         if self._fit_steps is None:  # from the step's tokens over all ranks: every rank fits at the same step
-            tokens = torch.tensor([max(ds.numel() // self._specs[idx].d_out
-                                       for idx, _, _, ds in step.rows.gradient_factors())], dtype=torch.float64)
+            per_layer = [0] * len(self._specs)  # a layer's tokens over its forward calls (micro-batches, reuse)
+            for idx, _, _, ds in step.rows.gradient_factors():
+                per_layer[idx] += ds.numel() // self._specs[idx].d_out
+            tokens = torch.tensor([max(per_layer)], dtype=torch.float64)
             self._sink.all_reduce(tokens)
             self._fit_steps = self._sink.agree(self._fit.steps_wanted(int(tokens.item())))
         held = sum(s.rows.nbytes() for s in self._pending)  # type: ignore[union-attr]
