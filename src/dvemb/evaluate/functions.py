@@ -17,7 +17,8 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from ..capture.layers import rule_for
-from ..capture.selection import layer_spec, select_modules
+from ..capture.selection import layer_spec, match_specs, select_modules
+from ..store import LayerSpec
 from .replay import Params, Trajectory, train
 
 Target = Callable[[nn.Module], torch.Tensor]
@@ -99,7 +100,7 @@ class RunFunctions:
         ``rank=k``: Lambda_i of softmax cross-entropy replaced by the Recorder's rank-k factors (``curvature_samples``)."""
         x, y = self.spec.step_data(step)
         w = self.spec.weights(step)
-        outputs, pullback = vjp(lambda p: self._forward(p, x), params)
+        outputs, pullback = vjp(lambda p: logits_of(self._forward(p, x)), params)
 
         def output_gradient(out: torch.Tensor) -> torch.Tensor:
             return grad(lambda o: (w * self.spec.loss(o, y)).sum())(out)
@@ -110,7 +111,7 @@ class RunFunctions:
             factors = _ggn_factors(torch.softmax(outputs.detach(), -1), rank)  # [k, B, C]
         rows = []
         for v in vectors:
-            _, jv = jvp(lambda p: self._forward(p, x), (params,), (unflatten(v, params),))
+            _, jv = jvp(lambda p: logits_of(self._forward(p, x)), (params,), (unflatten(v, params),))
             if factors is None:
                 _, curved = jvp(output_gradient, (outputs,), (jv,))  # Lambda J v, weighted
             else:
@@ -228,11 +229,18 @@ class ComposedProjection:
 def layer_projections(model: nn.Module, projection_dim: int | None, seed: int, dtype: torch.dtype,
                       kind: str = "gaussian") -> list[LayerProjection]:
     """The Recorder's projections of every tracked layer, keyed by parameter names."""
+    specs = [layer_spec(name, module, projection_dim, seed, kind)  # type: ignore[arg-type]
+             for name, module in select_modules(model)]
+    return spec_projections(model, specs, dtype)
+
+
+def spec_projections(model: nn.Module, specs: Sequence[LayerSpec], dtype: torch.dtype) -> list[LayerProjection]:
+    """The projections of the layers ``specs`` describe (a store's, say, with its fitted bases), keyed by
+    ``model``'s parameter names."""
     names = {id(p): n for n, p in model.named_parameters()}
     device = next(model.parameters()).device
     layers = []
-    for name, module in select_modules(model):
-        spec = layer_spec(name, module, projection_dim, seed, kind)  # type: ignore[arg-type]
+    for spec, module in zip(specs, match_specs(model, specs)):
         rule = rule_for(module)
         assert rule is not None
         layers.append(LayerProjection(
@@ -248,6 +256,12 @@ def with_steps(trajectory: Trajectory, steps: Iterable[int]) -> Trajectory:
     if wanted <= set(trajectory.checkpoints):
         return trajectory
     return train(spec, keep_steps=wanted | set(trajectory.checkpoints))
+
+
+def logits_of(outputs: object) -> torch.Tensor:
+    """A model's output tensor: the ``logits`` of a Hugging Face output object (whose key-value cache
+    :mod:`torch.func` transforms cannot return), or the output itself."""
+    return outputs.logits if hasattr(outputs, "logits") else outputs  # type: ignore[union-attr,return-value]
 
 
 def cast(spec, tensor: torch.Tensor) -> torch.Tensor:

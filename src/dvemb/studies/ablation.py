@@ -15,6 +15,8 @@ The adjoint computes exactly what data value embeddings compute with the same op
 and the exact Hessian, global, unprojected, full-moment cell is the exact first-order ceiling.
 Every estimate is compared with the ground truth of replaying training (single-epoch and
 all-epoch removal), as in ``dvemb evaluate fidelity``; TracIn-CP is given for reference.
+With ``--lm`` the run is the language-model fidelity study's instead (``dvemb.studies.lm_ablation``);
+``--cells`` restricts the grid to the named cells.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -36,7 +38,7 @@ from ..evaluate.fidelity import ALL_EPOCH, SINGLE, evaluate_fidelity
 from ..evaluate.functions import LayerProjection, RunFunctions, layer_projections
 from ..evaluate.replay import Params, Trajectory
 from ..cli import positive_int, projection_dim
-from .fidelity import SETTING_LABELS, FidelityOptions, build_run, summarise
+from .fidelity import SETTING_LABELS, FidelityOptions, StudyRun, build_run, summarise
 
 CURVATURE_NAMES = {"gradient_outer": "gradient outer product (paper)", "fisher": "Fisher, 1 sampled label",
                    "ggn": "Gauss-Newton", "hessian": "exact Hessian"}
@@ -47,19 +49,28 @@ OPTIMIZERS = {  # the issue's runs: plain SGD, SGD with momentum 0.9, AdamW
 }
 
 
-def variants(options: FidelityOptions, curvatures=tuple(CURVATURE_NAMES)) -> dict[str, AdjointOptions]:
+def variants(projection_dim: int | None, adam: bool, curvatures=tuple(CURVATURE_NAMES)) -> dict[str, AdjointOptions]:
     """Every cell of the ablation: ``curvature/blocking/projection[/frozen]`` -> adjoint options."""
-    adam = options.optimizer == "adamw"
     cells = {}
     for curvature in curvatures:
         for blocking in ("layer", "global"):
-            for k in (options.projection_dim, None):
+            for k in (projection_dim, None):
                 name = f"{curvature}/{blocking}/{'exact' if k is None else f'k{k}'}"
                 frozen = "frozen" if adam and k is not None else "full"
                 cells[name] = AdjointOptions(curvature, blocking, k, 0, frozen)
                 if adam and k is None:
                     cells[name + "/frozen-v"] = AdjointOptions(curvature, blocking, None, 0, "frozen")
     return cells
+
+
+def restrict(cells: dict[str, AdjointOptions], names: Sequence[str] | None) -> dict[str, AdjointOptions]:
+    """``cells`` limited to ``names`` (in their order; None: all of them); an unknown name is an error."""
+    if names is None:
+        return cells
+    unknown = [n for n in names if n not in cells]
+    if unknown:
+        raise ValueError(f"unknown cells {unknown}; cells: {', '.join(cells)}")
+    return {n: cells[n] for n in names}
 
 
 def projection_estimators(options: FidelityOptions, curvature: str = "ggn") -> dict[str, Estimator]:
@@ -79,39 +90,49 @@ def projection_estimators(options: FidelityOptions, curvature: str = "ggn") -> d
 
 
 def run_ablation(options: FidelityOptions, curvatures=tuple(CURVATURE_NAMES), show_progress: bool = False,
-                 projections: bool = False) -> dict:
-    """Every variant and TracIn-CP on every seed; Spearman/Pearson per setting, averaged over seeds.
+                 projections: bool = False, only: Sequence[str] | None = None) -> dict:
+    """Every variant (or those named in ``only``) and TracIn-CP on every seed; Spearman/Pearson per setting,
+    averaged over seeds.
 
     With ``projections``, instead: global curvature under each projection of :func:`projection_variants`.
     """
-    start = time.perf_counter()
-    cells = {} if projections else variants(options, curvatures)
+    cells = {} if projections else restrict(variants(options.projection_dim, options.optimizer == "adamw",
+                                                     curvatures), only)
     estimators = {name: partial(adjoint_estimate, options=o) for name, o in cells.items()}
     if projections:
         for curvature in curvatures:
             estimators.update(projection_estimators(options, curvature))
-    estimators["tracin-cp"] = tracin_cp
+    runs = (build_run(options, seed) for seed in range(options.seeds))
+    return {"options": options.to_dict(), **score_runs(runs, cells, estimators, options.resamples, show_progress)}
+
+
+def score_runs(runs: Iterable[StudyRun], cells: Mapping[str, AdjointOptions], estimators: Mapping[str, Estimator],
+               resamples: int, show_progress: bool = False) -> dict:
+    """``estimators`` plus TracIn-CP against the replayed removals of each run (one per seed, seeded by its
+    position); the summary per setting and method, the cells' options and the wall times."""
+    start = time.perf_counter()
+    estimators = {**estimators, "tracin-cp": tracin_cp}
     results = []
-    for seed in range(options.seeds):
-        run = build_run(options, seed)
-        print(f"seed {seed}: {run.spec.num_steps} steps, {len(cells)} variants", flush=True)
+    for seed, run in enumerate(runs):
+        print(f"seed {seed}: {run.spec.num_steps} steps, {len(estimators) - 1} variants", flush=True)
         results.append(evaluate_fidelity(run.spec, run.validation, records=run.records, samples=run.samples,
-                                         dvemb_configs={}, baselines=estimators, resamples=options.resamples,
+                                         dvemb_configs={}, baselines=estimators, resamples=resamples,
                                          seed=seed, show_progress=show_progress))
-    summary = summarise(results, options.resamples)
-    return {"options": options.to_dict(), "cells": {n: asdict(o) for n, o in cells.items()},
-            "seconds": time.perf_counter() - start,
+    summary = summarise(results, resamples)
+    return {"cells": {n: asdict(o) for n, o in cells.items()}, "seconds": time.perf_counter() - start,
             "summary": {s: [m.to_dict() for m in methods] for s, methods in summary.items()},
             "method_seconds": {k: sum(r.seconds.get(k, 0.0) for r in results) for k in estimators}}
 
 
-def format_table(result: dict) -> str:
-    """Markdown: one row per variant, Spearman single-epoch / all-epoch (mean over seeds)."""
+def format_table(result: dict, title: str | None = None) -> str:
+    """Markdown: one row per variant, Spearman single-epoch / all-epoch (mean over seeds); ``title`` above it
+    (default: the MLP run's description)."""
     o = result["options"]
+    if title is None:
+        title = (f"{o['dataset']} MLP {o['hidden']} hidden {o['activation']}, optimizer {o['optimizer']} lr {o['lr']}"
+                 f" momentum {o['momentum']} weight decay {o['weight_decay']}; {o['records']} samples x {o['seeds']} seeds")
     by_setting = {s: {m["method"]: m for m in methods} for s, methods in result["summary"].items()}
-    lines = [f"{o['dataset']} MLP {o['hidden']} hidden {o['activation']}, optimizer {o['optimizer']} lr {o['lr']}"
-             f" momentum {o['momentum']} weight decay {o['weight_decay']}; {o['records']} samples x {o['seeds']} seeds",
-             "", f"| variant | {SETTING_LABELS[SINGLE]} | {SETTING_LABELS[ALL_EPOCH]} |", "| --- | --- | --- |"]
+    lines = [title, "", f"| variant | {SETTING_LABELS[SINGLE]} | {SETTING_LABELS[ALL_EPOCH]} |", "| --- | --- | --- |"]
     for name in by_setting[SINGLE]:
         cells = [by_setting[s][name]["spearman"] for s in (SINGLE, ALL_EPOCH)]
         lines.append(f"| {name} | " + " | ".join(f"{c['value']:.3f} [{c['low']:.3f}, {c['high']:.3f}]"
@@ -121,17 +142,25 @@ def format_table(result: dict) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the options of `dvemb evaluate ablation` to ``parser``."""
+    parser.add_argument("--lm", action="store_true",
+                        help="the run of `dvemb evaluate lm-fidelity` (GPT-2, AdamW, text; --data) instead of the MLP")
+    parser.add_argument("--data", metavar="PATH", default=None,
+                        help="with --lm: a .tar.gz of plain-text files, e.g. the Shakespeare plays (default: pydoc topics)")
     parser.add_argument("--dataset", choices=("digits", "mnist"), default="digits")
     parser.add_argument("--data-dir", metavar="PATH", default=None, help="folder with MNIST's idx(.gz) files")
     parser.add_argument("--activation", choices=("relu", "gelu", "tanh"), default="gelu")
     parser.add_argument("--training", choices=sorted(OPTIMIZERS), default="sgd",
-                        help="sgd (lr 0.1), momentum (0.9, lr 0.01) or adamw (lr 1e-3, weight decay 0.01)")
-    parser.add_argument("--records", type=positive_int, default=100, metavar="N")
+                        help="sgd (lr 0.1), momentum (0.9, lr 0.01) or adamw (lr 1e-3, weight decay 0.01); "
+                             "--lm: always the LM study's AdamW")
+    parser.add_argument("--records", type=positive_int, default=None, metavar="N",
+                        help="samples whose removal is scored, per seed (default: 100; --lm: 64)")
     parser.add_argument("--seeds", type=positive_int, default=3, metavar="N")
     parser.add_argument("--hidden", type=positive_int, default=None, metavar="N")
     parser.add_argument("--projection-dim", type=projection_dim, default=1024, metavar="K")
     parser.add_argument("--curvatures", default=",".join(CURVATURE_NAMES),
                         help=f"comma-separated subset of {', '.join(CURVATURE_NAMES)}")
+    parser.add_argument("--cells", default=None, metavar="NAMES",
+                        help="comma-separated cells to run, e.g. ggn/global/exact (default: every cell)")
     parser.add_argument("--projections", action="store_true",
                         help="compare projections of the first layer at the same budget (global curvature)")
     parser.add_argument("--out", metavar="DIR", default="ablation-results")
@@ -140,29 +169,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Runs `dvemb evaluate ablation`; prints the table and writes JSON and Markdown."""
+    curvatures = tuple(c.strip() for c in args.curvatures.split(","))
+    unknown = set(curvatures) - set(CURVATURE_NAMES)
+    if unknown:
+        raise ValueError(f"unknown curvatures {sorted(unknown)}")
+    only = None if args.cells is None else [c.strip() for c in args.cells.split(",")]
+    if args.lm:
+        from .lm_ablation import main as lm_main  # it builds on this module
+
+        return lm_main(args, curvatures, only)
     mnist = args.dataset == "mnist"
     options = FidelityOptions(dataset=args.dataset, data_dir=args.data_dir, activation=args.activation,
-                              records=args.records, seeds=args.seeds, train_size=1000 if mnist else 640,
+                              records=args.records or 100, seeds=args.seeds, train_size=1000 if mnist else 640,
                               val_size=1000 if mnist else 297, hidden=args.hidden or (128 if mnist else 32),
                               projection_dim=args.projection_dim, curvature_variant=False,
                               **OPTIMIZERS[args.training])
     if args.quick:
         options = replace(options, records=12, seeds=1, train_size=96, val_size=64, hidden=8, resamples=100)
-    curvatures = tuple(c.strip() for c in args.curvatures.split(","))
-    unknown = set(curvatures) - set(CURVATURE_NAMES)
-    if unknown:
-        raise ValueError(f"unknown curvatures {sorted(unknown)}")
-    result = run_ablation(options, curvatures, projections=args.projections)
-    table = format_table(result)
-    print(table)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    result = run_ablation(options, curvatures, projections=args.projections, only=only)
     stem = f"ablation-{options.dataset}-{options.activation}-{args.training}" + ("-projections" if args.projections
                                                                                 else "")
+    write_outputs(result, format_table(result), Path(args.out), stem)
+    return 0
+
+
+def write_outputs(result: dict, table: str, out: Path, stem: str) -> None:
+    """Prints ``table`` and writes ``result`` to ``out/stem.json``, ``table`` to ``out/stem.md``."""
+    print(table)
+    out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     (out / f"{stem}.md").write_text(table + "\n")
     print(f"\nwall time {result['seconds']:.0f} s; wrote {out / stem}.json and .md")
-    return 0
 
 
 # -- projections -------------------------------------------------------------------------------------

@@ -1,0 +1,103 @@
+"""`dvemb evaluate ablation`: its cells on the MLP run and on the language-model fidelity study's run (--lm)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from dvemb.cli import main
+from dvemb.evaluate.baselines import exact_first_order
+from dvemb.evaluate.fidelity import _mean_loss
+from dvemb.evaluate.functions import RunFunctions, layer_projections, spec_projections
+from dvemb.evaluate.recorded import record_run
+from dvemb.evaluate.replay import train
+from dvemb.store import Store
+from dvemb.studies.ablation import CURVATURE_NAMES, restrict, variants
+
+pytest.importorskip("transformers")
+
+from dvemb.studies.lm_ablation import QUICK, lm_cells  # noqa: E402  (needs transformers)
+from dvemb.studies.lm_fidelity import LMFidelityOptions, build_run  # noqa: E402
+from dvemb.studies.text import load_corpus, train_tokenizer, windows  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def lm_run():
+    """The --quick LM run of seed 0: options, spec, validation, records and its trajectory."""
+    options = replace(LMFidelityOptions(), **QUICK)
+    docs = load_corpus(None)
+    tokens = windows(train_tokenizer((d.text for d in docs), options.vocab_size), docs, options.seq_len)
+    spec, validation, records, _ = build_run(options, tokens, 0)
+    return options, spec, validation, records, train(spec, keep_steps=range(spec.num_steps))
+
+
+def test_the_exact_lm_cell_is_the_lm_studys_exact_first_order_estimator(lm_run):
+    options, spec, validation, records, trajectory = lm_run
+    cells, estimators, skipped = lm_cells(options, tuple(CURVATURE_NAMES))
+    target = _mean_loss(spec, validation)
+    ours = estimators["hessian/global/exact"](trajectory, records, target)
+    reference = exact_first_order(trajectory, records, target)
+    # Both run the same float64 adjoint (exact Hessian, global, unprojected, full moments): they may differ by
+    # rounding only, far below the estimates' size (~1e-4 here).
+    np.testing.assert_allclose(ours, reference, rtol=1e-10, atol=1e-14)
+    assert np.abs(reference).max() > 1e-6
+    assert set(skipped) == {"fisher/*"} and not any(n.startswith("fisher") for n in cells)
+    assert cells["ggn/layer/k32/fitted"] == cells["ggn/layer/k32"]
+    assert cells["ggn/global/exact/frozen-v"].second_moment == "frozen"
+
+
+def test_gauss_newton_products_of_a_sequence_loss_are_symmetric_and_positive(lm_run):
+    _, spec, _, _, trajectory = lm_run
+    run = RunFunctions(trajectory)
+    params = trajectory.params_at(2)
+    n = sum(p.numel() for p in params.values())
+    u, v = torch.randn(2, n, generator=torch.Generator().manual_seed(0), dtype=spec.dtype)
+    gu, gv = run.gauss_newton_vector_products(2, params, torch.stack([u, v]))
+    # G = sum_i w_i J_i^T Lambda_i J_i with Lambda_i positive semi-definite: symmetric up to rounding, v G v >= 0
+    torch.testing.assert_close(u @ gv, v @ gu, rtol=1e-9, atol=0.0)
+    assert v @ gv > 0 and u @ gu > 0
+    hv = run.hessian_vector_products(2, params, v[None])[0]
+    assert not torch.allclose(gv, hv)  # the model is not linear in its parameters: G != H
+
+
+def test_store_projections_are_the_recorders(lm_run, tmp_path):
+    _, spec, _, _, _ = lm_run
+    model = record_run(spec, tmp_path / "store", projection_dim=32, projection="gaussian")
+    ours = spec_projections(model, Store(tmp_path / "store").layers, spec.dtype)
+    seeded = layer_projections(model, 32, 0, spec.dtype)
+    assert [p.weight for p in ours] == [p.weight for p in seeded] and len(ours) > 1
+    for a, b in zip(ours, seeded):
+        torch.testing.assert_close(a.p_in, b.p_in)
+        torch.testing.assert_close(a.p_out, b.p_out)
+
+
+def test_quick_lm_ablation_writes_a_table_with_skipped_cells(tmp_path, capsys):
+    cells = "hessian/global/exact,ggn/layer/k32/fitted,fisher/global/exact"
+    assert main(["evaluate", "ablation", "--lm", "--quick", "--cells", cells, "--out", str(tmp_path)]) == 0
+    table = (tmp_path / "ablation-lm-adamw.md").read_text()
+    for row in ("| hessian/global/exact |", "| ggn/layer/k32/fitted |", "| tracin-cp |"):
+        assert row in table
+    assert "Skipped fisher/*" in table and "Grid restricted" in table and "| fisher" not in table
+    result = json.loads((tmp_path / "ablation-lm-adamw.json").read_text())
+    exact = next(m for m in result["summary"]["single-record"] if m["method"] == "hessian/global/exact")
+    assert exact["spearman"]["value"] > 0.5  # the ceiling ranks the 6 replayed removals well (measured 0.94)
+    assert "ablation-lm-adamw" in capsys.readouterr().out
+
+
+def test_quick_mlp_ablation_runs_the_named_cells(tmp_path):
+    cells = "ggn/global/exact/frozen-v,hessian/layer/k1024"
+    assert main(["evaluate", "ablation", "--quick", "--training", "adamw", "--cells", cells,
+                 "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "ablation-digits-gelu-adamw.json").read_text())
+    assert [m["method"] for m in result["summary"]["all-epoch"]] == [*cells.split(","), "tracin-cp"]
+
+
+def test_restrict_names_unknown_cells():
+    cells = variants(64, False, ("ggn",))
+    assert list(restrict(cells, ["ggn/global/exact"])) == ["ggn/global/exact"]
+    with pytest.raises(ValueError, match="unknown cells"):
+        restrict(cells, ["ggn/global/k32"])
