@@ -28,9 +28,9 @@ import torch
 from ..projection import FactorProjection, fitted_projection
 from ..store import LayerSpec
 
-MAX_FIT_STEPS = 8
+MAX_FIT_STEPS = 32
 """The most steps whose raw factors are held for the fit."""
-TOKENS_PER_DIRECTION = 4
+TOKENS_PER_DIRECTION = 8
 """Fit on at least this many tokens per fitted direction (per side), when MAX_FIT_STEPS allow."""
 MAX_FIT_BYTES = 1 << 30
 """Fit early once the held raw factors (inputs and output gradients of the held steps) reach this size."""
