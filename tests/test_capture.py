@@ -124,29 +124,35 @@ def test_fitted_bases_are_fitted_early_when_held_factors_reach_the_byte_cap(tmp_
     check_against_reference(Store(tmp_path / "cap1"), model, x, y, TOL32)  # rows on the bases fitted early
 
 
-@pytest.mark.parametrize("batch", [3, 40])
-def test_fitted_bases_wait_for_enough_tokens_per_direction(tmp_path, batch):
-    """By default the bases are fitted once the held steps give each fitted direction TOKENS_PER_DIRECTION
-    tokens (one token per sample here), and after MAX_FIT_STEPS steps at most: the step count is read off
-    the store's fitted sides, independently of the Recorder's own arithmetic."""
+@pytest.mark.parametrize("conv, batch", [(False, 3), (False, 40), (True, 4)])
+def test_fitted_bases_wait_for_enough_tokens_per_direction(tmp_path, conv, batch):
+    """By default the bases are fitted once the held steps give each fitted direction of every layer
+    TOKENS_PER_DIRECTION of that layer's tokens, after MAX_FIT_STEPS steps at most: the step count is read off
+    the store's fitted sides, independently of the Recorder's own arithmetic. With a convolution (36 positions
+    per sample) before the classifier layer (one token per sample), the classifier's tokens decide."""
     from dvemb.capture import fitting
 
     torch.manual_seed(0)
-    model = mlp()
+    if conv:
+        model, shape, tokens = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                                             nn.Linear(144, 5)), (1, 6, 6), [36 * batch, batch]
+    else:
+        model, shape, tokens = mlp(), (12,), [batch, batch]
     with dvemb.Recorder(model, tmp_path / "s", projection_dim=24) as rec:
         held = 0
         for t in range(fitting.MAX_FIT_STEPS + 1):
-            x, y = torch.randn(batch, 12), torch.randint(0, 5, (batch,))
+            x, y = torch.randn(batch, *shape), torch.randint(0, 5, (batch,))
             with rec.step(range(t * batch, (t + 1) * batch), lr=0.1):
                 token_ce(model(x), y, "mean").backward()
             model.zero_grad()
             if not rec._pending:
                 break
             held = len(rec._pending)
-    k = max(side.k for spec in Store(tmp_path / "s").layers for side in (spec.proj_in, spec.proj_out)
-            if side.kind == "fitted")
-    wanted = -(-fitting.TOKENS_PER_DIRECTION * k // batch)
+    fitted = [max([side.k for side in (spec.proj_in, spec.proj_out) if side.kind == "fitted"], default=0)
+              for spec in Store(tmp_path / "s").layers]
+    wanted = max(-(-fitting.TOKENS_PER_DIRECTION * k // n) for k, n in zip(fitted, tokens))
     assert held + 1 == min(fitting.MAX_FIT_STEPS, wanted)  # the fitting step empties the held steps
+
 
 @pytest.mark.parametrize("kind", ["gaussian", "rademacher", "orthogonal"])
 def test_float64_is_exact(tmp_path, kind):

@@ -67,11 +67,12 @@ class BasisFit:
             self.outputs[layer] = _plus(self.outputs[layer], moment)
         self.tokens[layer] += b * tokens
 
-    def steps_wanted(self, tokens_per_step: int) -> int:
-        """How many steps to fit on, from the first step's tokens (the most tokens any layer saw)."""
-        k = max(max(s.proj_in.k if s.proj_in.unfitted else 0, s.proj_out.k if s.proj_out.unfitted else 0)
-                for s in self.specs)
-        return max(1, min(MAX_FIT_STEPS, math.ceil(TOKENS_PER_DIRECTION * k / max(1, tokens_per_step))))
+    def steps_wanted(self, tokens: Sequence[float]) -> int:
+        """How many steps to fit on, from each layer's tokens in the first step: enough for every layer that saw
+        tokens to give each of its fitted directions TOKENS_PER_DIRECTION tokens, at most MAX_FIT_STEPS (a
+        convolution's many positions do not stand in for a classifier layer's one token per sample)."""
+        wanted = [math.ceil(TOKENS_PER_DIRECTION * _fitted_k(spec) / n) for spec, n in zip(self.specs, tokens) if n > 0]
+        return max(1, min(MAX_FIT_STEPS, max(wanted, default=1)))
 
     def reduce(self, all_reduce) -> None:
         """Sum the moments over ranks with ``all_reduce(tensor)`` (in place), in layer order."""
@@ -91,6 +92,11 @@ class BasisFit:
                 proj_out = _fit(proj_out, outer, f"layer {spec.name!r} received no gradient")
             out.append(replace(spec, proj_in=proj_in, proj_out=proj_out))
         return out
+
+
+def _fitted_k(spec: LayerSpec) -> int:
+    """The most directions either unfitted side of the layer fits (0 when none awaits a fit)."""
+    return max(spec.proj_in.k if spec.proj_in.unfitted else 0, spec.proj_out.k if spec.proj_out.unfitted else 0)
 
 
 def _plus(total: torch.Tensor | None, moment: torch.Tensor) -> torch.Tensor:

@@ -262,9 +262,9 @@ class Recorder:
             per_layer = [0] * len(self._specs)  # a layer's tokens over its forward calls (micro-batches, reuse)
             for idx, _, _, ds in step.rows.gradient_factors():
                 per_layer[idx] += ds.numel() // self._specs[idx].d_out
-            tokens = torch.tensor([max(per_layer)], dtype=torch.float64)
+            tokens = torch.tensor(per_layer, dtype=torch.float64)
             self._sink.all_reduce(tokens)
-            self._fit_steps = self._sink.agree(self._fit.steps_wanted(int(tokens.item())))
+            self._fit_steps = self._sink.agree(self._fit.steps_wanted(tokens.tolist()))
         held = sum(s.rows.nbytes() for s in self._pending)  # type: ignore[union-attr]
         early = self._sink.agree(int(held >= MAX_FIT_BYTES))  # any rank's memory: all ranks fit together
         if len(self._pending) >= self._fit_steps or early:
