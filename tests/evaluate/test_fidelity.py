@@ -117,6 +117,26 @@ def test_reduced_fidelity_study_on_digits_dvemb_beats_the_influence_function(tmp
     assert report["options"]["extra_configs"] == {"f64": {"dtype": "float64"}}
 
 
+def test_reduced_cnn_fidelity_study_on_digits(tmp_path):
+    """``--arch cnn``: the study trains, records and replays a convolutional net (two stride-2 convolutions,
+    then a Linear classifier), and DVEmb ranks the removals better than the influence function (measured
+    0.96 against 0.63 on this quick run)."""
+    parser = argparse.ArgumentParser()
+    study.add_arguments(parser)
+    args = parser.parse_args(["--arch", "cnn", "--quick", "--out", str(tmp_path), "--no-progress"])
+    options = study.options_from(args)
+    model = study.build_run(options, 0).spec.build_model()
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.stride) for c in convs] == [(1, 8, (2, 2)), (8, 16, (2, 2))]
+    assert model(torch.zeros(3, 64, dtype=torch.float64)).shape == (3, 10)  # 8x8 digits: 4x4, then 2x2 maps of 16 channels
+    assert study.main(args) == 0
+    report = json.loads((tmp_path / "fidelity-digits-relu-cnn.json").read_text())
+    single = {m["method"]: m["spearman"]["value"] for m in report["summary"][SINGLE]}
+    assert single["dvemb"] > single["influence-function"]
+    with pytest.raises(ValueError, match="square images"):
+        study._cnn_factory(10, 4, 1, 3, "relu", 0)
+
+
 def test_config_argument_is_validated():
     parser = argparse.ArgumentParser()
     study.add_arguments(parser)

@@ -1,7 +1,8 @@
 """`dvemb evaluate fidelity`: the paper's fidelity study of data value embeddings.
 
-A one-hidden-layer MLP is trained with plain SGD for a few epochs in a fixed batch order, on a
-seeded subset of MNIST (or scikit-learn's digits). For a random set of training samples the
+A one-hidden-layer MLP (or, with ``--arch cnn``, a small convolutional net) is trained with plain
+SGD (or SGD with momentum, or AdamW) for a few epochs in a fixed batch order, on a seeded subset
+of MNIST (or scikit-learn's digits). For a random set of training samples the
 study compares every method's estimate with the exact trajectory-specific leave-one-out obtained
 by replaying training, on the mean validation loss, in two settings:
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -65,6 +67,7 @@ class FidelityOptions:
 
     dataset: str = "digits"
     data_dir: str | None = None
+    arch: str = "mlp"
     activation: str = "relu"
     records: int = 100
     seeds: int = 3
@@ -91,6 +94,8 @@ class FidelityOptions:
             raise ValueError(f"dataset must be 'digits' or 'mnist', got {self.dataset!r}")
         if self.dataset == "mnist" and self.data_dir is None:
             raise ValueError("--dataset mnist needs --data-dir: the folder with MNIST's idx files")
+        if self.arch not in ("mlp", "cnn"):
+            raise ValueError(f"arch must be 'mlp' or 'cnn', got {self.arch!r}")
         if self.optimizer not in ("sgd", "adamw"):
             raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
         if self.optimizer == "adamw" and (self.momentum or self.nesterov):
@@ -175,14 +180,17 @@ def run_study(options: FidelityOptions, *, show_progress: bool = True) -> Fideli
 
 
 def build_run(options: FidelityOptions, seed: int) -> StudyRun:
-    """The seed's data subset, MLP, batch order and removals."""
+    """The seed's data subset, model, batch order and removals."""
     x_train, y_train, x_val, y_val = _load(options, seed)
     generator = torch.Generator().manual_seed(seed)
     n = len(y_train)
     per_epoch = [torch.randperm(n, generator=generator).split(options.batch_size) for _ in range(options.epochs)]
     batches = [b.tolist() for epoch in per_epoch for b in epoch]
-    factory = _mlp_factory(x_train.shape[1], [options.hidden] * options.depth, int(y_train.max()) + 1,
-                           options.activation, seed)
+    classes = int(y_train.max()) + 1
+    if options.arch == "cnn":
+        factory = _cnn_factory(x_train.shape[1], options.hidden, options.depth, classes, options.activation, seed)
+    else:
+        factory = _mlp_factory(x_train.shape[1], [options.hidden] * options.depth, classes, options.activation, seed)
     spec = TrainingSpec(factory, x_train, y_train, batches, options.lr, update=options.update)
     samples = sorted(np.random.default_rng(seed).choice(n, options.records, replace=False).tolist())
     last_epoch = range(len(batches) - len(per_epoch[-1]), len(batches))
@@ -196,7 +204,8 @@ def dvemb_configs(options: FidelityOptions, spec: TrainingSpec) -> dict[str, Map
     Extra configurations use the study's projection unless they set ``projection_dim``.
     """
     configs: dict[str, Mapping[str, object]] = {"dvemb": {"projection_dim": options.projection_dim}}
-    sizes = [(m.in_features + 1) * m.out_features for m in spec.build_model().modules() if isinstance(m, nn.Linear)]
+    sizes = [sum(p.numel() for p in m.parameters(recurse=False)) for m in spec.build_model().modules()
+             if isinstance(m, (nn.Linear, nn.Conv2d))]
     if options.projection_dim is not None and options.projection_dim < max(sizes) <= UNPROJECTED_LIMIT:
         configs["dvemb-unprojected"] = {"projection_dim": None, "dtype": torch.float64}
     if options.projection_sweep:
@@ -236,7 +245,9 @@ def summarise(results: Sequence[FidelityResult], resamples: int) -> dict[str, tu
 def format_table(study: FidelityStudy) -> str:
     """The summary as a text table: method x setting, Spearman and Pearson with 95% intervals."""
     o = study.options
-    lines = [f"{o.dataset} MLP {o.depth} x {o.hidden} hidden {o.activation}, {o.train_size} training samples, "
+    net = (f"CNN {o.depth} stride-2 3x3 convolutions from {o.hidden} channels" if o.arch == "cnn"
+           else f"MLP {o.depth} x {o.hidden} hidden")
+    lines = [f"{o.dataset} {net} {o.activation}, {o.train_size} training samples, "
              f"{o.update.describe()} lr {o.lr}, "
              f"batch {o.batch_size}, {o.epochs} epochs; {o.records} samples x {o.seeds} seeds; "
              f"mean over seeds [95% bootstrap interval]"]
@@ -301,8 +312,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", choices=("digits", "mnist"), default="digits",
                         help="scikit-learn's 8x8 digits (bundled) or MNIST (needs --data-dir; default: digits)")
     parser.add_argument("--data-dir", metavar="PATH", default=None, help="folder with MNIST's idx(.gz) files")
+    parser.add_argument("--arch", choices=("mlp", "cnn"), default="mlp",
+                        help="mlp: Linear layers; cnn: --depth stride-2 3x3 convolutions (channels doubling from "
+                             "--hidden), then a Linear classifier (default: mlp)")
     parser.add_argument("--activation", choices=sorted(ACTIVATIONS), default="relu",
-                        help="hidden activation of the MLP (default: relu)")
+                        help="hidden activation (default: relu)")
     parser.add_argument("--records", type=positive_int, default=100, metavar="N",
                         help="training samples whose removal is evaluated, per seed (default: 100)")
     parser.add_argument("--seeds", type=positive_int, default=3, metavar="N",
@@ -320,8 +334,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-size", type=positive_int, default=None, metavar="N",
                         help="validation samples of the target loss (default: 1000 on MNIST, 297 on digits)")
     parser.add_argument("--hidden", type=positive_int, default=None, metavar="N",
-                        help="hidden units (default: 128 on MNIST, 32 on digits)")
-    parser.add_argument("--depth", type=positive_int, default=1, metavar="N", help="hidden layers (default: 1)")
+                        help="hidden units (default: 128 on MNIST, 32 on digits); --arch cnn: the first "
+                             "convolution's channels (default: 8)")
+    parser.add_argument("--depth", type=positive_int, default=None, metavar="N",
+                        help="hidden layers (default: 1), or convolutions (default: 2)")
     parser.add_argument("--epochs", type=positive_int, default=3, metavar="N", help="epochs (default: 3)")
     parser.add_argument("--batch-size", type=positive_int, default=32, metavar="N", help="batch size (default: 32)")
     parser.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (default: 0.1)")
@@ -353,7 +369,8 @@ def main(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     study = run_study(options, show_progress=not args.no_progress)
     print(format_table(study))
-    stem = (f"{options.dataset}-{options.activation}" + (f"-momentum{options.momentum:g}" if options.momentum else "")
+    stem = (f"{options.dataset}-{options.activation}" + ("-cnn" if options.arch == "cnn" else "")
+            + (f"-momentum{options.momentum:g}" if options.momentum else "")
             + ("-adamw" if options.optimizer == "adamw" else ""))
     written = [out / f"fidelity-{stem}.json", out / f"scatter-{stem}.png"]
     written[0].write_text(json.dumps(study.to_dict(), indent=1))
@@ -367,12 +384,12 @@ def main(args: argparse.Namespace) -> int:
 
 def options_from(args: argparse.Namespace) -> FidelityOptions:
     """Study options from parsed arguments, with the dataset's defaults and ``--quick``'s limits."""
-    mnist = args.dataset == "mnist"
+    mnist, cnn = args.dataset == "mnist", args.arch == "cnn"
     options = FidelityOptions(
-        dataset=args.dataset, data_dir=args.data_dir, activation=args.activation, records=args.records,
-        seeds=args.seeds, train_size=args.train_size or (1000 if mnist else 640),
-        val_size=args.val_size or (1000 if mnist else 297), hidden=args.hidden or (128 if mnist else 32),
-        depth=args.depth,
+        dataset=args.dataset, data_dir=args.data_dir, arch=args.arch, activation=args.activation,
+        records=args.records, seeds=args.seeds, train_size=args.train_size or (1000 if mnist else 640),
+        val_size=args.val_size or (1000 if mnist else 297),
+        hidden=args.hidden or (8 if cnn else 128 if mnist else 32), depth=args.depth or (2 if cnn else 1),
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer, momentum=args.momentum,
         nesterov=args.nesterov,
         weight_decay=args.weight_decay, projection_dim=args.projection_dim,
@@ -409,6 +426,27 @@ def _mlp_factory(d_in: int, hidden: Sequence[int], classes: int, activation: str
             sizes = [d_in, *hidden]
             layers = [m for a, b in zip(sizes, sizes[1:]) for m in (nn.Linear(a, b), ACTIVATIONS[activation]())]
             return nn.Sequential(*layers, nn.Linear(sizes[-1], classes))
+
+    return factory
+
+
+def _cnn_factory(d_in: int, channels: int, depth: int, classes: int, activation: str, seed: int
+                 ) -> Callable[[], nn.Module]:
+    """A factory of the seed's CNN on square images flattened to ``d_in`` values: ``depth`` 3x3 convolutions of
+    stride 2 (``channels``, doubling), then a Linear classifier; identical on every call."""
+    side = math.isqrt(d_in)
+    if side * side != d_in:
+        raise ValueError(f"--arch cnn needs square images; got {d_in} values per sample")
+
+    def factory() -> nn.Module:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            layers: list[nn.Module] = [nn.Unflatten(1, (1, side, side))]
+            width, size = 1, side
+            for i in range(depth):
+                layers += [nn.Conv2d(width, channels << i, 3, stride=2, padding=1), ACTIVATIONS[activation]()]
+                width, size = channels << i, (size - 1) // 2 + 1
+            return nn.Sequential(*layers, nn.Flatten(), nn.Linear(width * size * size, classes))
 
     return factory
 
