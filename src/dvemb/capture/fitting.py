@@ -71,7 +71,8 @@ class BasisFit:
         """How many steps to fit on, from each layer's tokens in the first step: enough for every layer that saw
         tokens to give each of its fitted directions TOKENS_PER_DIRECTION tokens, at most MAX_FIT_STEPS (a
         convolution's many positions do not stand in for a classifier layer's one token per sample)."""
-        wanted = [math.ceil(TOKENS_PER_DIRECTION * _fitted_k(spec) / n) for spec, n in zip(self.specs, tokens) if n > 0]
+        wanted = [math.ceil(TOKENS_PER_DIRECTION * _fitted_k(spec) / n)
+                  for spec, n in zip(self.specs, tokens) if n > 0]
         return max(1, min(MAX_FIT_STEPS, max(wanted, default=1)))
 
     def reduce(self, all_reduce) -> None:
