@@ -22,15 +22,14 @@ pytest.importorskip("transformers")
 
 from dvemb.studies.lm_ablation import QUICK, lm_cells  # noqa: E402  (needs transformers)
 from dvemb.studies.lm_fidelity import LMFidelityOptions, build_run  # noqa: E402
-from dvemb.studies.text import load_corpus, train_tokenizer, windows  # noqa: E402
+from dvemb.studies.text import tokenized_windows  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def lm_run():
     """The --quick LM run of seed 0: options, spec, validation, records and its trajectory."""
     options = replace(LMFidelityOptions(), **QUICK)
-    docs = load_corpus(None)
-    tokens = windows(train_tokenizer((d.text for d in docs), options.vocab_size), docs, options.seq_len)
+    _, tokens = tokenized_windows(None, options.vocab_size, options.seq_len)
     spec, validation, records, _ = build_run(options, tokens, 0)
     return options, spec, validation, records, train(spec, keep_steps=range(spec.num_steps))
 

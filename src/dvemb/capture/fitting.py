@@ -48,7 +48,6 @@ class BasisFit:
         self.specs = list(specs)
         self.inputs: list[torch.Tensor | None] = [None] * len(self.specs)
         self.outputs: list[torch.Tensor | None] = [None] * len(self.specs)
-        self.tokens = [0] * len(self.specs)
 
     def add(self, layer: int, inputs: torch.Tensor, outputs: torch.Tensor, groups: int = 1) -> None:
         """Add token rows of one forward call: exact inputs [b, tokens, d_in (+1)] and output gradients
@@ -65,7 +64,6 @@ class BasisFit:
             gram = torch.einsum("btgi,bthi->btgh", a, a)  # each channel's row uses its own group's inputs
             moment = torch.einsum("btgc,bthd,btgh->gchd", ds, ds, gram).reshape(spec.d_out, spec.d_out)
             self.outputs[layer] = _plus(self.outputs[layer], moment)
-        self.tokens[layer] += b * tokens
 
     def steps_wanted(self, tokens: Sequence[float]) -> int:
         """How many steps to fit on, from each layer's tokens in the first step: enough for every layer that saw

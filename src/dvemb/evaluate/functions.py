@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
+from ..capture.curvature import logits_of
 from ..capture.layers import rule_for
 from ..capture.selection import layer_spec, match_specs, select_modules
 from ..store import LayerSpec
@@ -256,12 +257,6 @@ def with_steps(trajectory: Trajectory, steps: Iterable[int]) -> Trajectory:
     if wanted <= set(trajectory.checkpoints):
         return trajectory
     return train(spec, keep_steps=wanted | set(trajectory.checkpoints))
-
-
-def logits_of(outputs: object) -> torch.Tensor:
-    """A model's output tensor: the ``logits`` of a Hugging Face output object (whose key-value cache
-    :mod:`torch.func` transforms cannot return), or the output itself."""
-    return outputs.logits if hasattr(outputs, "logits") else outputs  # type: ignore[union-attr,return-value]
 
 
 def cast(spec, tensor: torch.Tensor) -> torch.Tensor:

@@ -47,7 +47,7 @@ from ..evaluate.baselines import damped_fisher_solve
 from ..progress import ProgressBar
 from ..query import query_gradients
 from ..store import Store
-from .text import highlight, load_corpus, train_tokenizer, windows, words
+from .text import corpus_name, highlight, tokenized_windows, words
 
 TOP_K = 3
 METHODS = {
@@ -148,9 +148,7 @@ class EpochResult:
 
 def prepare_corpus(cfg: LMSelfConfig) -> Corpus:
     """The training windows, the held-out windows and the test copies, all seeded."""
-    docs = load_corpus(cfg.data)
-    tokenizer = train_tokenizer((d.text for d in docs), cfg.vocab_size)
-    pool = windows(tokenizer, docs, cfg.seq_len)
+    tokenizer, pool = tokenized_windows(cfg.data, cfg.vocab_size, cfg.seq_len)
     if len(pool) < cfg.n_train:
         raise ValueError(f"the corpus has {len(pool)} distinct windows of {cfg.seq_len} tokens; n_train={cfg.n_train}")
     if not 1 <= cfg.n_test <= cfg.n_train:
@@ -161,8 +159,7 @@ def prepare_corpus(cfg: LMSelfConfig) -> Corpus:
     held_out = torch.from_numpy(np.delete(pool, chosen, axis=0))
     texts = [tokenizer.decode(row.tolist()) for row in tokens]
     test_ids = np.sort(rng.choice(cfg.n_train, cfg.n_test, replace=False))
-    source = "pydoc topics (CPython)" if cfg.data is None else str(cfg.data)
-    return Corpus(source, len(pool), tokens, held_out, texts, test_ids)
+    return Corpus(corpus_name(cfg.data), len(pool), tokens, held_out, texts, test_ids)
 
 
 def pretrain(model: nn.Module, tokens: torch.Tensor, cfg: LMSelfConfig) -> float:

@@ -30,7 +30,7 @@ from ..store import Store
 from .ablation import format_table, restrict, score_runs, variants, write_outputs
 from .fidelity import StudyRun
 from .lm_fidelity import LMFidelityOptions, build_run
-from .text import load_corpus, train_tokenizer, windows
+from .text import corpus_name, tokenized_windows
 
 UNSUPPORTED = {"fisher": "the one-sample Fisher draws one class label per sample from the model; a window's "
                          "next-token labels (shifted by one position) are not sampled by the adjoint"}
@@ -86,13 +86,11 @@ def run_lm_ablation(options: LMFidelityOptions, curvatures: Sequence[str], only:
                     show_progress: bool = False) -> dict:
     """Every cell (or those in ``only``) and TracIn-CP on each seed's LM run, against replayed training."""
     cells, estimators, skipped = lm_cells(options, curvatures, only)
-    docs = load_corpus(options.data)
-    tokenizer = train_tokenizer((d.text for d in docs), options.vocab_size)
-    tokens = windows(tokenizer, docs, options.seq_len)
+    _, tokens = tokenized_windows(options.data, options.vocab_size, options.seq_len)
     runs = (StudyRun(*build_run(options, tokens, seed)) for seed in range(options.seeds))
     result = score_runs(runs, cells, estimators, options.resamples, show_progress)
     return {"options": asdict(options), "restricted": only is not None,
-            "source": "pydoc topics (CPython)" if options.data is None else options.data,
+            "source": corpus_name(options.data),
             "skipped": skipped, **result}
 
 

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..capture.curvature import logits_of
 from ..evaluate.baselines import exact_first_order, grad_dot, tracin_cp
 from ..evaluate.fidelity import ALL_EPOCH, SINGLE, FidelityResult, evaluate_fidelity, jsonable_config
 from ..evaluate.replay import TrainingSpec
@@ -35,7 +36,7 @@ from ..update import Adam
 from ..cli import positive_int
 from .fidelity import SETTING_LABELS, config_argument, summarise, with_extras
 from .lm import GPT2Size, build_gpt2
-from .text import load_corpus, train_tokenizer, windows
+from .text import corpus_name, tokenized_windows
 
 PAPER = {"curvature": "gradient_outer", "projection": "gaussian", "blocking": "layer"}
 
@@ -69,7 +70,7 @@ class LMFidelityOptions:
 
 def sequence_loss(outputs: object, targets: torch.Tensor) -> torch.Tensor:
     """Each window's mean next-token cross-entropy, [n] (the model's logits predict the next token)."""
-    logits = outputs.logits if hasattr(outputs, "logits") else outputs
+    logits = logits_of(outputs)
     return F.cross_entropy(logits[:, :-1].transpose(1, 2), targets[:, 1:], reduction="none").mean(1)
 
 
@@ -105,9 +106,7 @@ def run_study(options: LMFidelityOptions, show_progress: bool = False) -> dict:
     configs = with_extras({"dvemb": {"projection_dim": options.projection_dim},  # names checked before any work
                            "dvemb-paper": {"projection_dim": options.projection_dim, **PAPER}},
                           options.extra_configs, options.projection_dim)
-    docs = load_corpus(options.data)
-    tokenizer = train_tokenizer((d.text for d in docs), options.vocab_size)
-    tokens = windows(tokenizer, docs, options.seq_len)
+    _, tokens = tokenized_windows(options.data, options.vocab_size, options.seq_len)
     baselines = {"tracin-cp": tracin_cp, "grad-dot": grad_dot, "exact-first-order": exact_first_order}
     results: list[FidelityResult] = []
     for seed in range(options.seeds):
@@ -118,7 +117,7 @@ def run_study(options: LMFidelityOptions, show_progress: bool = False) -> dict:
                                          show_progress=show_progress))
     summary = summarise(results, options.resamples)
     stored = {**asdict(options), "extra_configs": {n: jsonable_config(c) for n, c in options.extra_configs.items()}}
-    return {"options": stored, "source": "pydoc topics (CPython)" if options.data is None else options.data,
+    return {"options": stored, "source": corpus_name(options.data),
             "windows": len(tokens), "seconds": time.perf_counter() - start,
             "summary": {s: [m.to_dict() for m in methods] for s, methods in summary.items()},
             "seeds": [r.to_dict() for r in results]}

@@ -76,6 +76,19 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
     return tokenizer
 
 
+def corpus_name(path: str | os.PathLike | None) -> str:
+    """How a study names the corpus :func:`load_corpus` reads from ``path``."""
+    return "pydoc topics (CPython)" if path is None else str(path)
+
+
+def tokenized_windows(path: str | os.PathLike | None, vocab_size: int, length: int) -> tuple[object, np.ndarray]:
+    """The corpus at ``path`` (:func:`load_corpus`), a tokenizer of ``vocab_size`` trained on it, and its distinct
+    windows of ``length`` tokens (:func:`windows`)."""
+    docs = load_corpus(path)
+    tokenizer = train_tokenizer((d.text for d in docs), vocab_size)
+    return tokenizer, windows(tokenizer, docs, length)
+
+
 def windows(tokenizer, docs: Sequence[Document], length: int) -> np.ndarray:
     """Distinct non-overlapping windows of ``length`` tokens of every document, as int64 [n, length]."""
     rows = []
