@@ -21,11 +21,11 @@ from retraining import against_retraining, tiny_recorded_run
 SETTINGS = [dict(), dict(betas=(0.8, 0.99), eps=1e-6), dict(weight_decay=0.1, adamw=True)]
 
 
-def train_with_adam(path, settings: dict, *, steps=7):
-    """Adam (AdamW with ``adamw``) on a tiny MLP, exact gradients, lr 0.05 / (1 + 0.3 t)."""
+def train_with_adam(path, settings: dict, *, steps=7, **recorder):
+    """Adam (AdamW with ``adamw``) on a tiny MLP, exact gradients (unless ``recorder`` projects), lr 0.05 / (1 + 0.3 t)."""
     kind = torch.optim.AdamW if settings.pop("adamw", False) else torch.optim.Adam
     return tiny_recorded_run(path, lambda params: kind(params, lr=0.05, **settings), lambda t: 0.05 / (1 + 0.3 * t),
-                             steps=steps)
+                             steps=steps, **recorder)
 
 
 def simulated_embeddings(store: Store, layer: int) -> torch.Tensor:
@@ -82,6 +82,25 @@ def test_recursion_equals_forward_simulation(tmp_path, settings, second_moment):
     dvemb.compute_embeddings(tmp_path / "s", checkpoints=[2, 5], workers=2, blocking="layer", show_progress=False)
     for a, b in zip(single, final_arrays(store, "float64")):  # Algorithm 2 composes through (theta, m, v)
         np.testing.assert_allclose(np.array(b.read(store.n_records)), a, rtol=1e-9, atol=1e-12)
+
+
+def test_exact_layers_of_a_projected_store_follow_adam_elementwise(tmp_path):
+    """Projecting one layer whitens that layer's rows only: the exact output layer (4 x 9 values, within
+    projection_dim=40) keeps its own gradients and Adam's per-parameter linearisation with v's path, so its
+    per-layer embeddings equal the forward simulation of the linearised run, as in an unprojected store."""
+    train_with_adam(tmp_path / "s", dict(weight_decay=0.1, adamw=True), projection_dim=40)
+    store = Store(tmp_path / "s")
+    assert store.config.whitening and [s.exact for s in store.layers] == [False, True]
+    assert store.config.elementwise(1) and not store.config.elementwise(0)
+    np.testing.assert_array_equal(store.whitening(1), 0.0)  # identity factors: the rows are the gradients
+    dvemb.compute_embeddings(tmp_path / "s", blocking="layer", show_progress=False)
+    got = np.array(final_arrays(store, "float64")[1].read(store.n_records))
+    # float64 throughout; the two orders of summation agree to round-off
+    torch.testing.assert_close(torch.from_numpy(got), simulated_embeddings(store, 1), rtol=1e-9, atol=1e-12)
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    del manifest["whitened_exact"]  # a store recorded before the flag: every layer's rows were whitened
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps(manifest))
+    assert Store(tmp_path / "s").config.whitened_exact and not Store(tmp_path / "s").config.elementwise(1)
 
 
 def test_scores_follow_retraining_with_adamw(tmp_path):

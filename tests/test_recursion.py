@@ -94,7 +94,7 @@ def plan_embeddings(store: Store, blocking: str) -> list[torch.Tensor]:
 def test_algorithm1_equals_product_formula(tmp_path, monkeypatch, reduction, projection_dim, blocking):
     train_recorded(tmp_path / "s", steps=7, batch=5, dtype=torch.float64, projection_dim=projection_dim,
                    reduction=reduction, lr=(lambda t: 0.3 / (1 + 0.1 * t)) if reduction == "mean" else lambda t: 0.05)
-    monkeypatch.setattr(dvemb.embed.plan, "coarse_size", lambda dims, values: 6)  # 6 coarse coordinates per layer
+    monkeypatch.setattr(dvemb.embed.plan, "coarse_size", lambda dims, values, whole=0: 6)  # 6 coarse coordinates per layer
     info = dvemb.compute_embeddings(tmp_path / "s", blocking=blocking, show_progress=False)
     assert info.precision == "float64" and info.blocking == blocking
     store = Store(tmp_path / "s")

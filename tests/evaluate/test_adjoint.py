@@ -17,7 +17,7 @@ from dvemb.capture import curvature as curvature_module
 from dvemb.evaluate import TrainingSpec, record_run, records_of, train
 from dvemb.capture.layers import rule_for
 from dvemb.evaluate.adjoint import AdjointOptions, adjoint_estimate
-from dvemb.evaluate.functions import LayerProjection
+from dvemb.evaluate.functions import ComposedProjection, LayerProjection
 from dvemb.embed.plan import STEP_RANK
 from dvemb.store import Store
 from dvemb.evaluate.replay import record_weight
@@ -125,19 +125,50 @@ def test_approximations_equal_data_value_embeddings_with_the_same_options(tmp_pa
 
 
 @pytest.mark.parametrize("blocking", ["layer", "global"])
-def test_whitened_adam_equals_the_adjoint_in_whitened_coordinates(tmp_path, blocking):
+@pytest.mark.parametrize("k", [12, 30])  # 30: the 3 x 8 output layer stays exact and follows Adam with v's path
+def test_whitened_adam_equals_the_adjoint_in_whitened_coordinates(tmp_path, blocking, k):
     spec, validation = make_spec(Adam(weight_decay=0.05), 0.02)
-    model = record_run(spec, tmp_path / "s", dtype=torch.float64, projection_dim=12, fit_steps=1)
-    assert Store(tmp_path / "s").config.whitening
+    model = record_run(spec, tmp_path / "s", dtype=torch.float64, projection_dim=k, fit_steps=1)
+    store = Store(tmp_path / "s")
+    assert store.config.whitening and [s.exact for s in store.layers] == [False, k == 30]
     x, y = validation
     inf = dvemb.influence(tmp_path / "s", model, lambda: F.cross_entropy(model(x), y, reduction="none"),
                           blocking=blocking)
     records = list(zip(inf.steps.tolist(), inf.sample_ids.tolist()))
-    options = AdjointOptions("ggn", blocking, 12, ggn_rank=3, second_moment="frozen", preconditioner="whitened-lagged",
+    options = AdjointOptions("ggn", blocking, k, ggn_rank=3, second_moment="full", preconditioner="whitened-lagged",
                              truncate=TRUNCATE)  # 6 records per step: cut to 3
     estimate = adjoint_estimate(train(spec), records, mean_loss(validation), options,
                                 projections=store_projections(tmp_path / "s", model))[0]
     np.testing.assert_allclose(inf.scores.mean(axis=0), estimate, **TOL)
+
+
+def test_hierarchical_plan_keeps_exact_adam_layers_whole_in_the_global_block(tmp_path, monkeypatch):
+    """With one layer projected (whitened) and one exact (Adam elementwise: no sketch may mix its coordinates),
+    the hierarchical plan sketches only the projected layer: its scores equal the adjoint's per-layer scores, plus
+    its global ones over [S P_0, exact layer], minus its per-layer ones over [S P_0, exact layer]."""
+    from dvemb.embed.plan import make_plan
+
+    spec, validation = make_spec(Adam(weight_decay=0.05), 0.02)
+    model = record_run(spec, tmp_path / "s", dtype=torch.float64, projection_dim=30, fit_steps=1)
+    monkeypatch.setattr(dvemb.embed.plan, "coarse_size", lambda dims, values, whole=0: 4)
+    store = Store(tmp_path / "s")
+    plan = make_plan(store, "hierarchical")
+    assert [(p.layer, p.sketch, p.sign) for p in plan.parts] == [(0, None, 1), (0, 4, 1), (1, None, 1), (0, 4, -1)]
+    assert plan.blocks == ((0,), (1, 2), (3,))
+    x, y = validation
+    dvemb.compute_embeddings(tmp_path / "s", blocking="hierarchical", step_rank=None, show_progress=False)
+    inf = dvemb.influence(tmp_path / "s", model, lambda: F.cross_entropy(model(x), y, reduction="none"))
+    records = list(zip(inf.steps.tolist(), inf.sample_ids.tolist()))
+    base = store_projections(tmp_path / "s", model)
+    coarse = [ComposedProjection(base[0], plan.parts[1].matrix(store.layers[0].dim, torch.float64)), base[1]]
+
+    def adjoint(blocking: str, projections) -> np.ndarray:
+        options = AdjointOptions("ggn", blocking, 30, ggn_rank=3, second_moment="full",
+                                 preconditioner="whitened-lagged", truncate=18)  # 6 records x 3 rows: no cut
+        return adjoint_estimate(train(spec), records, mean_loss(validation), options, projections=projections)[0]
+
+    want = adjoint("layer", base) + adjoint("global", coarse) - adjoint("layer", coarse)
+    np.testing.assert_allclose(inf.scores.mean(axis=0), want, **TOL)
 
 
 def store_projections(path, model: nn.Module) -> list[LayerProjection]:

@@ -8,6 +8,9 @@ and a column term (the bias as a last column). Measured on MNIST with AdamW, 102
 layer and fitted bases: Spearman 0.92 with whitened rows against 0.68 with one number per layer;
 unprojected, the factored whitening costs 0.007 against the elementwise one.
 
+Exact layers (no projection) are not whitened: their factors are zero (R = 1), and the recursion
+follows Adam's own per-parameter linearisation on them, second moment included.
+
 Rows of steps whose capture was deferred (the first steps, while the bases are fitted) are
 whitened with the step's own second moment v_t, from the optimizer's state and the batch
 gradient before ``optimizer.step()``; later steps with v_{t-1}, known when the step starts
@@ -49,7 +52,7 @@ class Whitening:
         params = [module.weight] + ([module.bias] if spec.bias else [])
         states = [self.optimizer.state.get(p, {}).get("exp_avg_sq") for p in params]
         steps = t + 1 if current else t
-        if steps == 0:
+        if steps == 0 or spec.exact:  # exact layers follow Adam elementwise: identity factors
             return torch.zeros(spec.d_out, dtype=torch.float64), torch.zeros(spec.d_in + spec.bias, dtype=torch.float64)
         second = []
         for p, v in zip(params, states):  # FSDP: state and gradient are shards, gathered (every rank calls this)

@@ -2,7 +2,7 @@
 
 SGD needs only the lr. Whitened rows (projected Adam, see capture/whitening.py) follow
 :class:`~dvemb.update.adam.WhitenedAdam`, whose coefficients come from the lr and the stored
-whitening of each layer and step. Adam's P_t, Q_t and d_t depend on its moments, which are replayed from
+whitening of each layer and step; the exact layers of such a store keep Adam's own coefficients. Adam's P_t, Q_t and d_t depend on its moments, which are replayed from
 step 0 over the stored per-sample gradients: the batch gradient of step t is sum_i w_ti g_ti,
 what the optimizer applied. Exact layers (no projection) get the moments elementwise. A
 projected layer gets one second moment per layer, the mean square of its batch gradient,
@@ -28,10 +28,13 @@ CoefficientsAt = Callable[[int], StepCoefficients]
 
 
 def linearised_rule(store: Store) -> UpdateRule:
-    """The rule the recursion follows: the store's, or Adam in whitened coordinates for whitened rows."""
-    rule = store.config.update
-    if store.config.whitening and isinstance(rule, Adam):
-        return WhitenedAdam(rule.beta1, rule.beta2, rule.eps, rule.weight_decay)
+    """The rule the recursion follows: the store's, or Adam in whitened coordinates for whitened rows (with v's
+    path where exact layers follow Adam elementwise and the store's rule follows it)."""
+    rule, config = store.config.update, store.config
+    if config.whitening and isinstance(rule, Adam):
+        elementwise = any(config.elementwise(i) for i in range(len(store.layers)))
+        return WhitenedAdam(rule.beta1, rule.beta2, rule.eps, rule.weight_decay,
+                            rule.second_moment if elementwise else "frozen")
     return rule
 
 
@@ -43,7 +46,7 @@ def step_coefficients(store: Store, rule: UpdateRule, parts: Sequence[Part], sta
     lrs = np.asarray(records["lr"])
     step_lr = [float(lrs[starts[t]]) if starts[t + 1] > starts[t] else 0.0 for t in range(stop)]
     if isinstance(rule, WhitenedAdam):
-        return _whitened(store, rule, parts, step_lr, dtype, device)
+        return _whitened(store, rule, parts, start, stop, step_lr, dtype, device)
     if not isinstance(rule, Adam):
         return lambda t: rule.coefficients(step_lr[t], t)
     layers = sorted({p.layer for p in parts})
@@ -84,20 +87,33 @@ def _adam_table(store: Store, rule: Adam, block: Sequence[int], start: int, stop
     return table
 
 
-def _whitened(store: Store, rule: WhitenedAdam, parts: Sequence[Part], step_lr: list[float],
+def _whitened(store: Store, rule: WhitenedAdam, parts: Sequence[Part], start: int, stop: int, step_lr: list[float],
               dtype: torch.dtype, device: torch.device | None) -> CoefficientsAt:
-    """s_t per coordinate and rho_t = exp(level_{t-1} - level_t) per layer, from the stored whitening rows."""
+    """Whitened parts: s_t per coordinate and rho_t = exp(level_{t-1} - level_t) per layer, from the stored
+    whitening rows. Parts of layers that follow Adam elementwise (never sketched): Adam's own coefficients."""
     layers = sorted({p.layer for p in parts})
     by_layer = {i: [whitening_level(row, store.layers[i]) for row in store.whitening(i)] for i in layers}
     levels = np.array([by_layer[p.layer] for p in parts])
     dims = [p.width(store) for p in parts]
+    adam = Adam(rule.beta1, rule.beta2, rule.eps, rule.weight_decay, True, rule.second_moment)
+    tables = {i: {k: v.to(device) for k, v in _adam_table(store, adam, [i], start, stop, step_lr, dtype).items()}
+              for i in layers if store.config.elementwise(i)}
+    names = ["precondition"] + (["second", "gradient"] if rule.second_moment == "full" else [])
 
     def at(t: int) -> StepCoefficients:
         ratio = np.exp(levels[:, t - 1] - levels[:, t]) if t > 0 else np.ones(len(parts))
         s = step_lr[t] / (1 - rule.beta1 ** (t + 1))
-        return StepCoefficients(step_lr[t], t, {
-            "precondition": torch.full((sum(dims),), s, dtype=dtype, device=device),
-            "ratio": torch.cat([torch.full((d,), float(r), dtype=dtype, device=device) for d, r in zip(dims, ratio)])})
+        whitened = {"precondition": s, "second": 0.0, "gradient": 0.0}
+
+        def column(name: str, part: Part, d: int, r: float) -> torch.Tensor:
+            if part.layer in tables:
+                return tables[part.layer][name][t - start] if name != "ratio" else torch.ones(d, dtype=dtype,
+                                                                                              device=device)
+            value = float(r) if name == "ratio" else whitened[name]
+            return torch.full((d,), value, dtype=dtype, device=device)
+
+        return StepCoefficients(step_lr[t], t, {name: torch.cat([column(name, p, d, r) for p, d, r in
+                                                                 zip(parts, dims, ratio)]) for name in names + ["ratio"]})
 
     return at
 

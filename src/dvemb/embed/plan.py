@@ -28,7 +28,6 @@ import torch
 
 from ..projection import derive_seed
 from ..store import Store
-from ..update import Adam
 
 Blocking = Literal["auto", "layer", "global", "hierarchical"]
 BLOCKINGS = ("auto", "layer", "global", "hierarchical")
@@ -142,14 +141,16 @@ def make_plan(store: Store, blocking: Blocking = "auto", memory: int = DEFAULT_M
     fits = matrices * itemsize * (sum(dims) ** 2 - squares) <= memory and sum(dims) ** 2 <= TIME_BUDGET * squares
     if blocking == "global" or (blocking == "auto" and fits):
         return Plan("global", whole, (tuple(range(len(dims))),), step_rank)
-    if _elementwise(store):
+    whole = [i for i in range(len(dims)) if store.config.elementwise(i)]
+    if len(whole) == len(dims):
         if blocking == "auto":
             return per_layer
         raise ValueError("Adam with exact gradients follows per-parameter preconditioners, which a hierarchical "
                          "plan's sketches cannot carry: use blocking='global' or 'layer', or projected gradients")
     factor = _rows_factor(store, step_rank)
-    q = coarse_size(dims, min(memory // (matrices * itemsize),
-                              int(max(0.0, (TIME_BUDGET - UNCOUNTED) / factor - 1) * squares)))
+    q = coarse_size([d for i, d in enumerate(dims) if i not in whole],
+                    min(memory // (matrices * itemsize), int(max(0.0, (TIME_BUDGET - UNCOUNTED) / factor - 1) * squares)),
+                    sum(dims[i] for i in whole))
     if blocking == "auto" and q < MIN_COARSE:
         return per_layer
     return hierarchical(store, max(1, q), step_rank)
@@ -164,27 +165,37 @@ def _rows_factor(store: Store, step_rank: float | None) -> float:
     return (2 + 4 * rows) / 4  # per record: (2 (1 + rows) + 2 rows) / 4
 
 
-def _elementwise(store: Store) -> bool:
-    """Whether the recursion scales coordinates one by one (Adam on unwhitened rows): no sketch may mix them."""
-    return isinstance(store.config.update, Adam) and not store.config.whitening
-
-
-def coarse_size(dims: list[int], values: int) -> int:
-    """The coarse coordinates per layer whose global propagator (plus its per-layer twins) fits ``values``."""
+def coarse_size(dims: list[int], values: int, whole: int = 0) -> int:
+    """The coarse coordinates per layer of ``dims`` whose global propagator (plus its per-layer twins) fits
+    ``values``, beside ``whole`` coordinates that join the global propagator unsketched: the largest q with
+    (whole + n q)^2 + n q^2 <= values (0 when nothing fits)."""
     n = len(dims)
-    q = int(math.isqrt(max(0, values) // (n * n + n)))
+    if whole * whole > values:
+        return 0
+    def fits(q: int) -> bool:
+        return (whole + n * q) ** 2 + n * q * q <= values
+
+    q = max(0, int((math.sqrt(n * n * whole * whole - (n * n + n) * (whole * whole - values)) - n * whole) / (n * n + n)))
+    while q > 0 and not fits(q):  # the root's float round-off, either way
+        q -= 1
+    while fits(q + 1):
+        q += 1
     return min(q, max(dims))
 
 
 def hierarchical(store: Store, q: int, step_rank: float | None = STEP_RANK) -> Plan:
     """Fine parts (whole layers, one K each), coarse parts (each layer sketched to q coordinates) in one global
-    K, and the same coarse parts again, one K each, subtracted."""
+    K, and the same coarse parts again, one K each, subtracted. A layer that follows Adam elementwise (its
+    per-parameter scalings cannot pass a sketch) joins the global K whole instead, with no part of its own."""
     fine, coarse_global, coarse_layer = [], [], []
     for i, spec in enumerate(store.layers):
+        if store.config.elementwise(i):
+            coarse_global.append(Part(i, None, 0, 1.0, f"{spec.name}.global"))
+            continue
         fine.append(Part(i, None, 0, 1.0, f"{spec.name}.fine"))
         size, seed = min(q, spec.dim), derive_seed(store.config.seed, spec.name, "coarse")
         coarse_global.append(Part(i, size, seed, 1.0, f"{spec.name}.coarse-global"))
         coarse_layer.append(Part(i, size, seed, -1.0, f"{spec.name}.coarse-layer"))
-    n = len(fine)
-    blocks = [(i,) for i in range(n)] + [tuple(range(n, 2 * n))] + [(2 * n + i,) for i in range(n)]
+    n, m = len(fine), len(coarse_global)
+    blocks = [(i,) for i in range(n)] + [tuple(range(n, n + m))] + [(n + m + i,) for i in range(n)]
     return Plan("hierarchical", tuple(fine + coarse_global + coarse_layer), tuple(blocks), step_rank)

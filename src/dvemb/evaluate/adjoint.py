@@ -269,30 +269,37 @@ class _Coefficients:
 
 
 class _Whitening:
-    """Projected Adam in whitened coordinates: per step R_t (rank-1 per tracked layer, or elementwise), rho_t, s_t."""
+    """Projected Adam in whitened coordinates: per step R_t (rank-1 per tracked layer, or elementwise), rho_t, s_t.
+    Exact layers (identity projections) keep R = 1 and Adam's own P_t, Q_t, d_t, as the Recorder's stores do."""
 
     def __init__(self, run: RunFunctions, coords: Coordinates, rule: Adam, mode: str, clip: float | None) -> None:
         if not rule.decoupled and rule.weight_decay:
             raise ValueError("whitened projected Adam supports AdamW and Adam without weight decay")
         self.run, self.coords, self.spec = run, coords, run.spec
-        self.rule = WhitenedAdam(rule.beta1, rule.beta2, rule.eps, rule.weight_decay)
-        names, like = run.names, run.trajectory.final_params
-        logs, state = [], {}
+        like = run.trajectory.final_params
+        exact = {n for p in coords.projections if getattr(p, "exact", False) for n in (p.weight, p.bias) if n}
+        self.exact = coords.project_flat(flatten({n: torch.full_like(x, float(n in exact)) for n, x in like.items()},
+                                                 0)[None])[0] > 0.5
+        self.rule = WhitenedAdam(rule.beta1, rule.beta2, rule.eps, rule.weight_decay,
+                                 rule.second_moment if bool(self.exact.any()) else "frozen")
+        logs, self.elementwise, state = [], [], {}
         for t in range(self.spec.num_steps):
             params = run.trajectory.params_at(t)
             c = rule.coefficients(self.spec.lr(t), t, state, flatten(run.step_gradient(t, params), 0),
                                   flatten(params, 0))
             v, bias = (c.diagonals[EXP_AVG_SQ], t) if mode != "whitened-lagged" or t == 0 else (state[EXP_AVG_SQ], t - 1)
             state = {EXP_AVG: c.diagonals[EXP_AVG], EXP_AVG_SQ: c.diagonals[EXP_AVG_SQ]}
-            log_r = -0.5 * torch.log((v / (1 - rule.beta2 ** (bias + 1))).sqrt() + rule.eps)
+            log_r = unflatten(-0.5 * torch.log((v / (1 - rule.beta2 ** (bias + 1))).sqrt() + rule.eps), like)
+            log_r = {n: torch.zeros_like(x) if n in exact else x for n, x in log_r.items()}
             if clip is not None:
-                log_r = self._clipped(unflatten(log_r, like), clip)
-            logs.append(unflatten(log_r, like) if mode == "whitened-elementwise" else self._factored(unflatten(log_r, like)))
+                log_r = unflatten(self._clipped(log_r, clip), like)
+            logs.append(log_r if mode == "whitened-elementwise" else self._factored(log_r))
+            self.elementwise.append({k: coords.project_flat(c.diagonals[k][None])[0] for k in ("precondition", "second",
+                                                                                                "gradient")})
         self.factors = [{n: x.exp() for n, x in log.items()} for log in logs]
         means = [torch.stack([self._layer_mean(log, p) for p in coords.projections]) for log in logs]
         self.ratios = [torch.ones(coords.dim, dtype=self.spec.dtype)] + [
             self._per_coordinate((means[t - 1] - means[t]).exp()) for t in range(1, self.spec.num_steps)]
-        del names
 
     def _clipped(self, log_r: Params, clip: float) -> torch.Tensor:
         """log R of each tracked layer clipped to its median +- log(clip)."""
@@ -331,8 +338,13 @@ class _Whitening:
         return {n: g * self.factors[t][n] for n, g in grads.items()}
 
     def at(self, t: int, params: Params) -> StepCoefficients:
-        """s_t and rho_t of step t."""
+        """s_t and rho_t of step t (exact layers' coordinates: Adam's P_t, Q_t and d_t, and rho 1)."""
         s = self.spec.lr(t) / (1 - self.rule.beta1 ** (t + 1))
-        return StepCoefficients(self.spec.lr(t), t, {"precondition": torch.full((self.coords.dim,), s,
-                                                                                 dtype=self.spec.dtype),
-                                                     "ratio": self.ratios[t]})
+        diagonals = {"precondition": torch.full((self.coords.dim,), s, dtype=self.spec.dtype), "ratio": self.ratios[t]}
+        if self.rule.second_moment == "full":
+            diagonals.update(second=torch.zeros(self.coords.dim, dtype=self.spec.dtype), gradient=torch.zeros(
+                self.coords.dim, dtype=self.spec.dtype))
+        for name, values in diagonals.items():
+            if name != "ratio":
+                values[self.exact] = self.elementwise[t][name][self.exact]
+        return StepCoefficients(self.spec.lr(t), t, diagonals)

@@ -174,6 +174,12 @@ class LayerProjection:
         """Projected size k_out * k_in."""
         return self.p_in.shape[0] * self.p_out.shape[0]
 
+    @property
+    def exact(self) -> bool:
+        """Whether both sides are identities (the layer's rows are its exact gradients)."""
+        return all(p.shape[0] == p.shape[1] and torch.equal(p, torch.eye(p.shape[0], dtype=p.dtype, device=p.device))
+                   for p in (self.p_in, self.p_out))
+
     def project(self, grads: Params) -> torch.Tensor:
         """Projected rows ``[n, k_out * k_in]`` from parameter gradients with a leading row dimension."""
         matrix = vmap(self.as_matrix)(grads[self.weight])

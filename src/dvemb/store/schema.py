@@ -38,7 +38,7 @@ import torch
 from .._version import __version__
 from ..projection import FactorProjection
 from ..projection import from_dict as projection_from_dict
-from ..update import SGD, UpdateRule  # noqa: F401  (SGD: StoreConfig's default rule)
+from ..update import SGD, Adam, UpdateRule  # noqa: F401  (SGD: StoreConfig's default rule)
 
 FORMAT_VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)  # 1: update rule as 'sgd' and 'adam'; 1-2: old layer kind names
@@ -178,6 +178,11 @@ class LayerSpec:
         """Projected size of this layer's per-sample gradient (k_out * k_in)."""
         return self.proj_in.k * self.proj_out.k
 
+    @property
+    def exact(self) -> bool:
+        """Whether the rows are the exact per-sample gradients (no projection on either side)."""
+        return self.proj_in.is_identity and self.proj_out.is_identity
+
     def to_dict(self) -> dict:
         """JSON form for the manifest."""
         return {
@@ -214,7 +219,14 @@ class StoreConfig:
     projection: str = "gaussian"
     seed: int = 0
     update: UpdateRule = SGD()
-    whitening: bool = False  # rows whitened by Adam's factored preconditioner; one factor row per layer and step
+    whitening: bool = False  # projected rows whitened by Adam's factored preconditioner; a factor row per layer and step
+    whitened_exact: bool = False  # exact layers' rows whitened too (stores recorded before this flag existed)
+
+    def elementwise(self, layer: int) -> bool:
+        """Whether a layer follows Adam's per-parameter linearisation: Adam, exact rows, not whitened. Exact
+        layers of a whitened store keep identity factor rows (zeros) and follow it too."""
+        return isinstance(self.update, Adam) and self.layers[layer].exact and not (
+            self.whitening and self.whitened_exact)
 
 
 @dataclass(frozen=True)
@@ -270,8 +282,9 @@ def read_config(manifest: dict, layers: Sequence[LayerSpec]) -> StoreConfig:
 
     m = manifest
     update = rule_from_dict(m["update"]) if "update" in m else legacy_rule(m)
+    whitening = bool(m.get("whitening", False))
     return StoreConfig(tuple(layers), m["dtype"], m["reduction"], m["curvature"], m["projection"], m["seed"], update,
-                       bool(m.get("whitening", False)))
+                       whitening, bool(m.get("whitened_exact", whitening)))  # older stores whitened every layer
 
 
 MAX_SIZE = 1 << 40  # largest layer size or count a manifest may state
@@ -381,6 +394,7 @@ def validate_manifest(manifest: object, source: str | os.PathLike) -> dict:
     f.number("created", optional=True)
     f.number("updated", optional=True)
     f.flag("whitening", optional=True)
+    f.flag("whitened_exact", optional=True)
     f.integer("curvature_passes", 0, 1 << 20, optional=True)
     f.integer("world_size", 1, 1 << 20, optional=True)
     for key in ("update", "sgd", "adam"):  # the update rule (format 1: 'sgd' and 'adam')
@@ -391,7 +405,7 @@ def validate_manifest(manifest: object, source: str | os.PathLike) -> dict:
 # What identifies a recording: its creation time and the settings its rows depend on (not the counts, nor
 # metadata added later, such as the final parameters' digest).
 _IDENTITY_KEYS = ("format_version", "created", "dtype", "reduction", "curvature", "projection", "seed", "update",
-                  "whitening", "layers", "curvature_passes", "world_size", "sgd", "adam")
+                  "whitening", "whitened_exact", "layers", "curvature_passes", "world_size", "sgd", "adam")
 
 
 def store_fingerprint(manifest: dict) -> str:
@@ -540,6 +554,7 @@ def new_manifest(config: StoreConfig) -> dict:
         "seed": config.seed,
         "update": config.update.to_dict(),
         "whitening": config.whitening,
+        "whitened_exact": config.whitened_exact,
         "layers": [s.to_dict() for s in config.layers],
         "committed_steps": 0,
         "committed_records": 0,

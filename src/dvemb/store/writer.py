@@ -161,8 +161,8 @@ class StoreWriter(_Committed):
         if len(found.layers) != len(wanted.layers):
             names = {s.name for s in found.layers} ^ {s.name for s in wanted.layers}
             raise StoreError(f"cannot resume: tracked layers differ ({sorted(names)})")
-        exact = all(spec.proj_in.is_identity and spec.proj_out.is_identity for spec in found.layers)
-        for key in ("dtype", "reduction", "curvature", "projection", "seed", "whitening"):
+        exact = all(spec.exact for spec in found.layers)
+        for key in ("dtype", "reduction", "curvature", "projection", "seed", "whitening", "whitened_exact"):
             if key in ("projection", "seed") and exact:  # no projection: its kind and seed do not matter
                 continue
             if getattr(found, key) != getattr(wanted, key):

@@ -137,7 +137,11 @@ class WhitenedAdam(UpdateRule):
     rows, test gradients) are whitened *before* projection, where R is a rank-1 (row x column) factor
     per layer that the Kronecker trick can apply, and rho_t is taken as one number per layer and
     step (``"ratio"``, a [dim] vector constant within layers). The second moment's own path is dropped.
-    Coefficients: ``"precondition"`` = s_t per coordinate, ``"ratio"``, and the lr's decoupled decay.
+
+    Exact layers of the same store keep R = 1 and :class:`Adam`'s own linearisation: their coordinates
+    have ratio 1 and Adam's P_t as ``"precondition"``, and with ``second_moment="full"`` the v path
+    through ``"second"`` (Q_t) and ``"gradient"`` (d_t), zero on whitened coordinates.
+    Coefficients: ``"precondition"`` per coordinate, ``"ratio"``, and the lr's decoupled decay.
     """
 
     kind = "whitened_adam"
@@ -145,35 +149,38 @@ class WhitenedAdam(UpdateRule):
     beta2: float = 0.999
     eps: float = 1e-8
     weight_decay: float = 0.0
+    second_moment: SecondMoment = "frozen"  # "full": exact layers' coordinates follow v's path
 
     @property
     def buffers(self) -> tuple[str, ...]:
-        """The (whitened) first moment."""
-        return (EXP_AVG,)
+        """The (whitened) first moment, and with ``second_moment="full"`` the second."""
+        return (EXP_AVG, EXP_AVG_SQ) if self.second_moment == "full" else (EXP_AVG,)
 
     def describe(self) -> str:
         """One line."""
         return (f"AdamW, betas ({self.beta1:g}, {self.beta2:g}), eps {self.eps:g}, weight decay {self.weight_decay:g}"
-                " (whitened, second moments frozen)")
+                " (whitened, second moments frozen" + (" in projected layers)" if self.second_moment == "full"
+                                                       else ")"))
 
     def to_dict(self) -> dict:
         """JSON form."""
         return {"kind": self.kind, **asdict(self)}
 
+    def _adam(self) -> Adam:
+        return Adam(self.beta1, self.beta2, self.eps, self.weight_decay, True, self.second_moment)
+
     def step(self, params: Params, grads: Params, state: Params, lr: float, t: int) -> tuple[Params, Params]:
         """The forward step is AdamW's."""
-        return Adam(self.beta1, self.beta2, self.eps, self.weight_decay, True).step(params, grads, state, lr, t)
+        return self._adam().step(params, grads, state, lr, t)
 
     def mix(self, adjoints: list[torch.Tensor], c: StepCoefficients) -> Gamma:
-        """W = V - s_t U (in place), gamma = (1 - beta1) W."""
-        w = adjoints[1].addcmul_(adjoints[0], c.diagonals["precondition"], value=-1.0)
-        return Gamma(adjoints[0], [(1.0 - self.beta1, w, None)])
+        """W_m = V_m - U P_t, W_v = V_v + U Q_t (in place); gamma as :meth:`Adam.mix`."""
+        return self._adam().mix(adjoints, c)
 
     def settle(self, adjoints: list[torch.Tensor], gamma: Gamma, c: StepCoefficients) -> None:
-        """U *= 1 - eta lambda, V = beta1 / rho_t W."""
-        if self.weight_decay:
-            adjoints[0].mul_(1.0 - c.lr * self.weight_decay)
-        adjoints[1].mul_(self.beta1 / c.diagonals["ratio"])
+        """U *= 1 - eta lambda, V_m = beta1 / rho_t W_m, V_v = beta2 W_v."""
+        self._adam().settle(adjoints, gamma, c)
+        adjoints[1].div_(c.diagonals["ratio"])
 
     def finish(self, adjoints: list[torch.Tensor], c: StepCoefficients) -> None:
         """U = (a U + gamma H~) rho_t."""
