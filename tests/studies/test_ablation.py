@@ -95,6 +95,14 @@ def test_quick_mlp_ablation_runs_the_named_cells(tmp_path):
     assert [m["method"] for m in result["summary"]["all-epoch"]] == [*cells.split(","), "tracin-cp"]
 
 
+def test_quick_cnn_ablation_runs_on_the_fidelity_studys_cnn(tmp_path):
+    cells = "ggn/global/exact,hessian/global/exact"
+    assert main(["evaluate", "ablation", "--quick", "--arch", "cnn", "--cells", cells, "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "ablation-digits-gelu-cnn-sgd.json").read_text())
+    assert result["options"]["arch"] == "cnn" and result["options"]["depth"] == 2
+    assert [m["method"] for m in result["summary"]["single-record"]] == [*cells.split(","), "tracin-cp"]
+
+
 def test_restrict_names_unknown_cells():
     cells = variants(64, False, ("ggn",))
     assert list(restrict(cells, ["ggn/global/exact"])) == ["ggn/global/exact"]

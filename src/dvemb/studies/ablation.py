@@ -148,6 +148,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --lm: a .tar.gz of plain-text files, e.g. the Shakespeare plays (default: pydoc topics)")
     parser.add_argument("--dataset", choices=("digits", "mnist"), default="digits")
     parser.add_argument("--data-dir", metavar="PATH", default=None, help="folder with MNIST's idx(.gz) files")
+    parser.add_argument("--arch", choices=("mlp", "cnn"), default="mlp",
+                        help="the fidelity study's net: the MLP, or its CNN (2 stride-2 3x3 convolutions, a classifier)")
     parser.add_argument("--activation", choices=("relu", "gelu", "tanh"), default="gelu")
     parser.add_argument("--training", choices=sorted(OPTIMIZERS), default="sgd",
                         help="sgd (lr 0.1), momentum (0.9, lr 0.01) or adamw (lr 1e-3, weight decay 0.01); "
@@ -155,7 +157,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--records", type=positive_int, default=None, metavar="N",
                         help="samples whose removal is scored, per seed (default: 100; --lm: 64)")
     parser.add_argument("--seeds", type=positive_int, default=3, metavar="N")
-    parser.add_argument("--hidden", type=positive_int, default=None, metavar="N")
+    parser.add_argument("--hidden", type=positive_int, default=None, metavar="N",
+                        help="hidden units (default: 128 on MNIST, 32 on digits); --arch cnn: first channels (8)")
     parser.add_argument("--projection-dim", type=projection_dim, default=1024, metavar="K")
     parser.add_argument("--curvatures", default=",".join(CURVATURE_NAMES),
                         help=f"comma-separated subset of {', '.join(CURVATURE_NAMES)}")
@@ -178,17 +181,17 @@ def main(args: argparse.Namespace) -> int:
         from .lm_ablation import main as lm_main  # it builds on this module
 
         return lm_main(args, curvatures, only)
-    mnist = args.dataset == "mnist"
-    options = FidelityOptions(dataset=args.dataset, data_dir=args.data_dir, activation=args.activation,
+    mnist, cnn = args.dataset == "mnist", args.arch == "cnn"
+    options = FidelityOptions(dataset=args.dataset, data_dir=args.data_dir, arch=args.arch, activation=args.activation,
                               records=args.records or 100, seeds=args.seeds, train_size=1000 if mnist else 640,
-                              val_size=1000 if mnist else 297, hidden=args.hidden or (128 if mnist else 32),
-                              projection_dim=args.projection_dim, curvature_variant=False,
+                              val_size=1000 if mnist else 297, hidden=args.hidden or (8 if cnn else 128 if mnist else 32),
+                              depth=2 if cnn else 1, projection_dim=args.projection_dim, curvature_variant=False,
                               **OPTIMIZERS[args.training])
     if args.quick:
         options = replace(options, records=12, seeds=1, train_size=96, val_size=64, hidden=8, resamples=100)
     result = run_ablation(options, curvatures, projections=args.projections, only=only)
-    stem = f"ablation-{options.dataset}-{options.activation}-{args.training}" + ("-projections" if args.projections
-                                                                                else "")
+    stem = (f"ablation-{options.dataset}-{options.activation}{'-cnn' if cnn else ''}-{args.training}"
+            + ("-projections" if args.projections else ""))
     write_outputs(result, format_table(result), Path(args.out), stem)
     return 0
 
