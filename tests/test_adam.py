@@ -92,6 +92,7 @@ def test_exact_layers_of_a_projected_store_follow_adam_elementwise(tmp_path):
     store = Store(tmp_path / "s")
     assert store.config.whitening and [s.exact for s in store.layers] == [False, True]
     assert store.config.elementwise(1) and not store.config.elementwise(0)
+    assert "exact layers followed elementwise" in store.summary()
     np.testing.assert_array_equal(store.whitening(1), 0.0)  # identity factors: the rows are the gradients
     dvemb.compute_embeddings(tmp_path / "s", blocking="layer", show_progress=False)
     got = np.array(final_arrays(store, "float64")[1].read(store.n_records))

@@ -237,7 +237,7 @@ class Store:
             f"records    {self.n_records}  ({len(np.unique(self.records['sample_id'])) if self.n_records else 0} distinct samples)",
             f"dtype      {self.dtype}   reduction {m['reduction']}   curvature {m['curvature']}   "
             f"projection {m['projection']} (seed {m['seed']})",
-            f"update     {self.config.update.describe()}",
+            f"update     {self.config.update.describe()}" + self._whitening_summary(),
             f"layers     {len(self.layers)}, {sum(s.dim for s in self.layers)} values per record",
         ]
         for s in self.layers:
@@ -246,6 +246,12 @@ class Store:
         lines.append(f"embeddings {self._embeddings_summary(check_embeddings)}")
         lines.append(f"bytes      {self.nbytes():,} on disk, {per_record:,} per record")
         return "\n".join(lines)
+
+    def _whitening_summary(self) -> str:
+        if not self.config.whitening:
+            return ""
+        return "; rows whitened" + (" (exact layers too)" if self.config.whitened_exact else
+                                    " in projected layers, exact layers followed elementwise")
 
     def _embeddings_summary(self, check: Callable[["Store", dict], None] | None) -> str:
         """The embeddings line of :meth:`summary`: up to date, stale (why), unusable (why) or not computed."""
