@@ -38,7 +38,7 @@ from ..evaluate.fidelity import ALL_EPOCH, SINGLE, evaluate_fidelity
 from ..evaluate.functions import LayerProjection, RunFunctions, layer_projections
 from ..evaluate.replay import Params, Trajectory
 from ..cli import positive_int, projection_dim
-from .fidelity import SETTING_LABELS, FidelityOptions, StudyRun, build_run, summarise
+from .fidelity import SETTING_LABELS, FidelityOptions, StudyRun, build_run, net_description, summarise
 
 CURVATURE_NAMES = {"gradient_outer": "gradient outer product (paper)", "fisher": "Fisher, 1 sampled label",
                    "ggn": "Gauss-Newton", "hessian": "exact Hessian"}
@@ -126,10 +126,11 @@ def score_runs(runs: Iterable[StudyRun], cells: Mapping[str, AdjointOptions], es
 
 def format_table(result: dict, title: str | None = None) -> str:
     """Markdown: one row per variant, Spearman single-epoch / all-epoch (mean over seeds); ``title`` above it
-    (default: the MLP run's description)."""
+    (default: the run's description)."""
     o = result["options"]
     if title is None:
-        title = (f"{o['dataset']} MLP {o['hidden']} hidden {o['activation']}, optimizer {o['optimizer']} lr {o['lr']}"
+        net = net_description(o.get("arch", "mlp"), o.get("depth", 1), o["hidden"])
+        title = (f"{o['dataset']} {net} {o['activation']}, optimizer {o['optimizer']} lr {o['lr']}"
                  f" momentum {o['momentum']} weight decay {o['weight_decay']}; {o['records']} samples x {o['seeds']} seeds")
     by_setting = {s: {m["method"]: m for m in methods} for s, methods in result["summary"].items()}
     lines = [title, "", f"| variant | {SETTING_LABELS[SINGLE]} | {SETTING_LABELS[ALL_EPOCH]} |", "| --- | --- | --- |"]

@@ -242,11 +242,16 @@ def summarise(results: Sequence[FidelityResult], resamples: int) -> dict[str, tu
     return summary
 
 
+def net_description(arch: str, depth: int, hidden: int) -> str:
+    """The study's net in words, e.g. ``MLP 1 x 128 hidden``."""
+    return (f"CNN {depth} stride-2 3x3 convolutions from {hidden} channels" if arch == "cnn"
+            else f"MLP {depth} x {hidden} hidden")
+
+
 def format_table(study: FidelityStudy) -> str:
     """The summary as a text table: method x setting, Spearman and Pearson with 95% intervals."""
     o = study.options
-    net = (f"CNN {o.depth} stride-2 3x3 convolutions from {o.hidden} channels" if o.arch == "cnn"
-           else f"MLP {o.depth} x {o.hidden} hidden")
+    net = net_description(o.arch, o.depth, o.hidden)
     lines = [f"{o.dataset} {net} {o.activation}, {o.train_size} training samples, "
              f"{o.update.describe()} lr {o.lr}, "
              f"batch {o.batch_size}, {o.epochs} epochs; {o.records} samples x {o.seeds} seeds; "
