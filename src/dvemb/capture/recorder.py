@@ -69,7 +69,7 @@ class Recorder:
 
     The defaults are the most faithful configuration that scales (docs/results.md): each layer's
     per-sample gradient projected to ``projection_dim`` values on bases fitted to its factors during
-    the first steps (a layer of at most twice that many values is kept exact) (``projection="fitted"``; ``"gaussian"`` etc. for seeded random projections,
+    the first steps (``projection="fitted"``; ``"gaussian"`` etc. for seeded random projections,
     ``projection_dim=None`` for exact gradients), and the Gauss-Newton curvature in 3 passes per
     sample: its 2 leading factors and a random-sign sum of the others (``curvature="ggn"``; the
     paper's ``"gradient_outer"`` needs no extra pass). Under Adam / AdamW (``optimizer=``) projected
