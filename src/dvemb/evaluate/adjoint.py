@@ -294,8 +294,9 @@ class _Whitening:
             if clip is not None:
                 log_r = unflatten(self._clipped(log_r, clip), like)
             logs.append(log_r if mode == "whitened-elementwise" else self._factored(log_r))
-            self.elementwise.append({k: coords.project_flat(c.diagonals[k][None])[0] for k in ("precondition", "second",
-                                                                                                "gradient")})
+            if self.exact.any():  # Adam's own coefficients, read on the exact layers' coordinates
+                self.elementwise.append({k: coords.project_flat(c.diagonals[k][None])[0]
+                                         for k in ("precondition", "second", "gradient")})
         self.factors = [{n: x.exp() for n, x in log.items()} for log in logs]
         means = [torch.stack([self._layer_mean(log, p) for p in coords.projections]) for log in logs]
         self.ratios = [torch.ones(coords.dim, dtype=self.spec.dtype)] + [
@@ -345,6 +346,6 @@ class _Whitening:
             diagonals.update(second=torch.zeros(self.coords.dim, dtype=self.spec.dtype), gradient=torch.zeros(
                 self.coords.dim, dtype=self.spec.dtype))
         for name, values in diagonals.items():
-            if name != "ratio":
+            if name != "ratio" and self.elementwise:
                 values[self.exact] = self.elementwise[t][name][self.exact]
         return StepCoefficients(self.spec.lr(t), t, diagonals)
