@@ -143,6 +143,26 @@ def test_auto_blocking_keeps_exact_gradient_adam_out_of_sketches(tmp_path):
     dvemb.compute_embeddings(tmp_path / "s", show_progress=False)  # the default 'auto' runs
 
 
+def test_auto_blocking_keeps_exact_adam_layers_coupled_when_they_crowd_out_the_coarse_space(tmp_path):
+    """Six projected layers and an exact output layer of as many values: a hierarchical plan would hold the
+    exact layer whole in its global block, which leaves the coarse space under MIN_COARSE within the time
+    budget; 'auto' then keeps one global propagator (it fits the memory) instead of one per layer."""
+    from dvemb.embed.plan import make_plan
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(6)], nn.Linear(7, 2))
+    model[5] = nn.Linear(8, 7)
+    with dvemb.Recorder(model, tmp_path / "s", projection_dim=16, curvature="gradient_outer", projection="gaussian",
+                        optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3)) as rec, rec.step(range(4)):
+        F.cross_entropy(model(torch.randn(4, 8)), torch.tensor([0, 1, 1, 0])).backward()
+    store = Store(tmp_path / "s")
+    assert [s.dim for s in store.layers] == [16] * 7 and [s.exact for s in store.layers] == [False] * 6 + [True]
+    # (7 x 16)^2 = 12544 > 3 x 7 x 16^2 = 5376: over the time budget; (16 + 6 q)^2 + 6 q^2 <= 7 x 16^2: q = 4 < 16
+    assert make_plan(store, "auto", matrices=3).kind == "global"
+    assert make_plan(store, "auto", matrices=3, memory=1000).kind == "layer"  # global does not fit 1000 bytes
+    dvemb.compute_embeddings(tmp_path / "s", show_progress=False)
+
+
 def _adamw_run(path, steps=4, **recorder):
     """A small float64 MLP trained with AdamW under a Recorder that projects (so rows are whitened); returns the
     model at the start of each step, the optimizer's second moments before it, and the data."""

@@ -127,7 +127,8 @@ def make_plan(store: Store, blocking: Blocking = "auto", memory: int = DEFAULT_M
     """The plan for ``blocking``. ``"auto"`` is global when its propagators fit ``memory`` bytes beyond one per
     layer (``matrices`` per block: the update rule's parts; ``itemsize``: the recursion's float size) and its
     arithmetic TIME_BUDGET times the per-layer plan's; else hierarchical with the largest coarse space that
-    fits both, or per layer when that space would be tiny."""
+    fits both, or per layer when that space would be tiny (global instead, if it fits ``memory``, when the
+    space is taken by layers that follow Adam elementwise, which a hierarchical plan keeps whole)."""
     if blocking not in BLOCKINGS:
         raise ValueError(f"blocking must be one of {BLOCKINGS}, got {blocking!r}")
     if step_rank is not None and not 0 < step_rank <= 1:
@@ -138,21 +139,24 @@ def make_plan(store: Store, blocking: Blocking = "auto", memory: int = DEFAULT_M
     if blocking == "layer" or len(dims) == 1:
         return per_layer
     squares = sum(d * d for d in dims)
-    fits = matrices * itemsize * (sum(dims) ** 2 - squares) <= memory and sum(dims) ** 2 <= TIME_BUDGET * squares
-    if blocking == "global" or (blocking == "auto" and fits):
-        return Plan("global", whole, (tuple(range(len(dims))),), step_rank)
-    whole = [i for i in range(len(dims)) if store.config.elementwise(i)]
-    if len(whole) == len(dims):
+    in_memory = matrices * itemsize * (sum(dims) ** 2 - squares) <= memory
+    global_plan = Plan("global", whole, (tuple(range(len(dims))),), step_rank)
+    if blocking == "global" or (blocking == "auto" and in_memory and sum(dims) ** 2 <= TIME_BUDGET * squares):
+        return global_plan
+    elementwise = [i for i in range(len(dims)) if store.config.elementwise(i)]
+    if len(elementwise) == len(dims):
         if blocking == "auto":
             return per_layer
         raise ValueError("Adam with exact gradients follows per-parameter preconditioners, which a hierarchical "
                          "plan's sketches cannot carry: use blocking='global' or 'layer', or projected gradients")
     factor = _rows_factor(store, step_rank)
-    q = coarse_size([d for i, d in enumerate(dims) if i not in whole],
+    q = coarse_size([d for i, d in enumerate(dims) if i not in elementwise],
                     min(memory // (matrices * itemsize), int(max(0.0, (TIME_BUDGET - UNCOUNTED) / factor - 1) * squares)),
-                    sum(dims[i] for i in whole))
+                    sum(dims[i] for i in elementwise))
     if blocking == "auto" and q < MIN_COARSE:
-        return per_layer
+        # exact Adam layers, kept whole, crowd the coarse space out: one global propagator past the time budget
+        # keeps the coupling between layers, whose loss costs the most (see the module's docstring)
+        return global_plan if elementwise and in_memory else per_layer
     return hierarchical(store, max(1, q), step_rank)
 
 
