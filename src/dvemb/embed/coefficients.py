@@ -91,30 +91,29 @@ def _adam_table(store: Store, rule: Adam, block: Sequence[int], start: int, stop
 def _whitened(store: Store, rule: WhitenedAdam, parts: Sequence[Part], start: int, stop: int, step_lr: list[float],
               dtype: torch.dtype, device: torch.device | None) -> CoefficientsAt:
     """Whitened parts: s_t per coordinate and rho_t = exp(level_{t-1} - level_t) per layer, from the stored
-    whitening rows. Parts of layers that follow Adam elementwise (never sketched): Adam's own coefficients."""
+    whitening rows. Parts of layers that follow Adam elementwise (never sketched): Adam's own coefficients, and
+    rho_t = 1 (their stored factor rows are zeros)."""
     layers = sorted({p.layer for p in parts})
     by_layer = {i: [whitening_level(row, store.layers[i]) for row in store.whitening(i)] for i in layers}
     levels = np.array([by_layer[p.layer] for p in parts])
     dims = [p.width(store) for p in parts]
-    adam = Adam(rule.beta1, rule.beta2, rule.eps, rule.weight_decay, True, rule.second_moment)
-    tables = {i: {k: v.to(device) for k, v in _adam_table(store, adam, [i], start, stop, step_lr, dtype).items()}
+    tables = {i: {k: v.to(device) for k, v in _adam_table(store, rule.adam, [i], start, stop, step_lr, dtype).items()}
               for i in layers if store.config.elementwise(i)}
+    offsets = np.cumsum([0] + dims)
+    exact = [(p.layer, slice(offsets[k], offsets[k + 1])) for k, p in enumerate(parts) if p.layer in tables]
     names = ["precondition"] + (["second", "gradient"] if rule.second_moment == "full" else [])
 
     def at(t: int) -> StepCoefficients:
         ratio = np.exp(levels[:, t - 1] - levels[:, t]) if t > 0 else np.ones(len(parts))
         s = step_lr[t] / (1 - rule.beta1 ** (t + 1))
-        whitened = {"precondition": s, "second": 0.0, "gradient": 0.0}
-
-        def column(name: str, part: Part, d: int, r: float) -> torch.Tensor:
-            if part.layer in tables:
-                return tables[part.layer][name][t - start] if name != "ratio" else torch.ones(d, dtype=dtype,
-                                                                                              device=device)
-            value = float(r) if name == "ratio" else whitened[name]
-            return torch.full((d,), value, dtype=dtype, device=device)
-
-        return StepCoefficients(step_lr[t], t, {name: torch.cat([column(name, p, d, r) for p, d, r in
-                                                                 zip(parts, dims, ratio)]) for name in names + ["ratio"]})
+        diagonals = {name: torch.full((sum(dims),), s if name == "precondition" else 0.0, dtype=dtype, device=device)
+                     for name in names}
+        for layer, columns in exact:
+            for name in names:
+                diagonals[name][columns] = tables[layer][name][t - start]
+        diagonals["ratio"] = torch.cat([torch.full((d,), float(r), dtype=dtype, device=device)
+                                        for d, r in zip(dims, ratio)])
+        return StepCoefficients(step_lr[t], t, diagonals)
 
     return at
 

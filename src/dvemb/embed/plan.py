@@ -174,17 +174,14 @@ def coarse_size(dims: list[int], values: int, whole: int = 0) -> int:
     ``values``, beside ``whole`` coordinates that join the global propagator unsketched: the largest q with
     (whole + n q)^2 + n q^2 <= values (0 when nothing fits)."""
     n = len(dims)
-    if whole * whole > values:
-        return 0
-    def fits(q: int) -> bool:
-        return (whole + n * q) ** 2 + n * q * q <= values
-
-    q = max(0, int((math.sqrt(n * n * whole * whole - (n * n + n) * (whole * whole - values)) - n * whole) / (n * n + n)))
-    while q > 0 and not fits(q):  # the root's float round-off, either way
-        q -= 1
-    while fits(q + 1):
-        q += 1
-    return min(q, max(dims))
+    low, high = 0, math.isqrt(max(0, values) // (n * n + n))  # (n^2 + n) q^2 <= values bounds q
+    while low < high:
+        q = (low + high + 1) // 2
+        if (whole + n * q) ** 2 + n * q * q <= values:
+            low = q
+        else:
+            high = q - 1
+    return min(low, max(dims))
 
 
 def hierarchical(store: Store, q: int, step_rank: float | None = STEP_RANK) -> Plan:

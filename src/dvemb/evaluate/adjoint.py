@@ -345,7 +345,7 @@ class _Whitening:
         if self.rule.second_moment == "full":
             diagonals.update(second=torch.zeros(self.coords.dim, dtype=self.spec.dtype), gradient=torch.zeros(
                 self.coords.dim, dtype=self.spec.dtype))
-        for name, values in diagonals.items():
-            if name != "ratio" and self.elementwise:
-                values[self.exact] = self.elementwise[t][name][self.exact]
+        for name, values in self.elementwise[t].items() if self.elementwise else ():
+            if name in diagonals:
+                diagonals[name][self.exact] = values[self.exact]
         return StepCoefficients(self.spec.lr(t), t, diagonals)

@@ -38,7 +38,7 @@ from ..evaluate.fidelity import ALL_EPOCH, SINGLE, evaluate_fidelity
 from ..evaluate.functions import LayerProjection, RunFunctions, layer_projections
 from ..evaluate.replay import Params, Trajectory
 from ..cli import positive_int, projection_dim
-from .fidelity import SETTING_LABELS, FidelityOptions, StudyRun, build_run, net_description, summarise
+from .fidelity import SETTING_LABELS, FidelityOptions, StudyRun, build_run, net_description, net_size, summarise
 
 CURVATURE_NAMES = {"gradient_outer": "gradient outer product (paper)", "fisher": "Fisher, 1 sampled label",
                    "ggn": "Gauss-Newton", "hessian": "exact Hessian"}
@@ -182,16 +182,16 @@ def main(args: argparse.Namespace) -> int:
         from .lm_ablation import main as lm_main  # it builds on this module
 
         return lm_main(args, curvatures, only)
-    mnist, cnn = args.dataset == "mnist", args.arch == "cnn"
+    mnist = args.dataset == "mnist"
+    hidden, depth = net_size(args.dataset, args.arch, args.hidden)
     options = FidelityOptions(dataset=args.dataset, data_dir=args.data_dir, arch=args.arch, activation=args.activation,
                               records=args.records or 100, seeds=args.seeds, train_size=1000 if mnist else 640,
-                              val_size=1000 if mnist else 297, hidden=args.hidden or (8 if cnn else 128 if mnist else 32),
-                              depth=2 if cnn else 1, projection_dim=args.projection_dim, curvature_variant=False,
+                              val_size=1000 if mnist else 297, hidden=hidden, depth=depth, projection_dim=args.projection_dim, curvature_variant=False,
                               **OPTIMIZERS[args.training])
     if args.quick:
         options = replace(options, records=12, seeds=1, train_size=96, val_size=64, hidden=8, resamples=100)
     result = run_ablation(options, curvatures, projections=args.projections, only=only)
-    stem = (f"ablation-{options.dataset}-{options.activation}{'-cnn' if cnn else ''}-{args.training}"
+    stem = (f"ablation-{options.dataset}-{options.activation}{'-cnn' if args.arch == 'cnn' else ''}-{args.training}"
             + ("-projections" if args.projections else ""))
     write_outputs(result, format_table(result), Path(args.out), stem)
     return 0

@@ -387,14 +387,22 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+def net_size(dataset: str, arch: str, hidden: int | None = None, depth: int | None = None) -> tuple[int, int]:
+    """(hidden, depth) with the study's defaults for what is None: 8 channels and 2 convolutions for the CNN;
+    128 (MNIST) or 32 (digits) units and 1 hidden layer for the MLP."""
+    cnn = arch == "cnn"
+    return hidden or (8 if cnn else 128 if dataset == "mnist" else 32), depth or (2 if cnn else 1)
+
+
 def options_from(args: argparse.Namespace) -> FidelityOptions:
     """Study options from parsed arguments, with the dataset's defaults and ``--quick``'s limits."""
-    mnist, cnn = args.dataset == "mnist", args.arch == "cnn"
+    mnist = args.dataset == "mnist"
+    hidden, depth = net_size(args.dataset, args.arch, args.hidden, args.depth)
     options = FidelityOptions(
         dataset=args.dataset, data_dir=args.data_dir, arch=args.arch, activation=args.activation,
         records=args.records, seeds=args.seeds, train_size=args.train_size or (1000 if mnist else 640),
         val_size=args.val_size or (1000 if mnist else 297),
-        hidden=args.hidden or (8 if cnn else 128 if mnist else 32), depth=args.depth or (2 if cnn else 1),
+        hidden=hidden, depth=depth,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer, momentum=args.momentum,
         nesterov=args.nesterov,
         weight_decay=args.weight_decay, projection_dim=args.projection_dim,

@@ -16,6 +16,7 @@ U += lambda gamma (L2), V_m = beta1 W_m, V_v = beta2 W_v.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass
 from typing import Literal
@@ -166,20 +167,22 @@ class WhitenedAdam(UpdateRule):
         """JSON form."""
         return {"kind": self.kind, **asdict(self)}
 
-    def _adam(self) -> Adam:
+    @functools.cached_property
+    def adam(self) -> Adam:
+        """The AdamW rule whose linearisation the coordinates follow (built once: mix and settle run every step)."""
         return Adam(self.beta1, self.beta2, self.eps, self.weight_decay, True, self.second_moment)
 
     def step(self, params: Params, grads: Params, state: Params, lr: float, t: int) -> tuple[Params, Params]:
         """The forward step is AdamW's."""
-        return self._adam().step(params, grads, state, lr, t)
+        return self.adam.step(params, grads, state, lr, t)
 
     def mix(self, adjoints: list[torch.Tensor], c: StepCoefficients) -> Gamma:
         """W_m = V_m - U P_t, W_v = V_v + U Q_t (in place); gamma as :meth:`Adam.mix`."""
-        return self._adam().mix(adjoints, c)
+        return self.adam.mix(adjoints, c)
 
     def settle(self, adjoints: list[torch.Tensor], gamma: Gamma, c: StepCoefficients) -> None:
         """U *= 1 - eta lambda, V_m = beta1 / rho_t W_m, V_v = beta2 W_v."""
-        self._adam().settle(adjoints, gamma, c)
+        self.adam.settle(adjoints, gamma, c)
         adjoints[1].div_(c.diagonals["ratio"])
 
     def finish(self, adjoints: list[torch.Tensor], c: StepCoefficients) -> None:
