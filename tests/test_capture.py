@@ -124,12 +124,13 @@ def test_fitted_bases_are_fitted_early_when_held_factors_reach_the_byte_cap(tmp_
     check_against_reference(Store(tmp_path / "cap1"), model, x, y, TOL32)  # rows on the bases fitted early
 
 
-@pytest.mark.parametrize("conv, batch", [(False, 3), (False, 40), (True, 4)])
-def test_fitted_bases_wait_for_enough_tokens_per_direction(tmp_path, conv, batch):
+@pytest.mark.parametrize("conv, batch, dim", [(False, 1, 48), (False, 2, 36), (False, 40, 24), (True, 4, 24)])
+def test_fitted_bases_wait_for_enough_tokens_per_direction(tmp_path, conv, batch, dim):
     """By default the bases are fitted once the held steps give each fitted direction of every layer
-    TOKENS_PER_DIRECTION of that layer's tokens, after MAX_FIT_STEPS steps at most: the step count is read off
-    the store's fitted sides, independently of the Recorder's own arithmetic. With a convolution (36 positions
-    per sample) before the classifier layer (one token per sample), the classifier's tokens decide."""
+    TOKENS_PER_DIRECTION of that layer's tokens, after MIN_FIT_STEPS steps at least and MAX_FIT_STEPS at most
+    (the cases want 72, 28, 1 and 8 steps: capped, between, and twice floored): the step count is read off the
+    store's fitted sides, independently of the Recorder's own arithmetic. With a convolution (36 positions per
+    sample) before the classifier layer (one token per sample), the classifier's tokens decide."""
     from dvemb.capture import fitting
 
     torch.manual_seed(0)
@@ -138,7 +139,7 @@ def test_fitted_bases_wait_for_enough_tokens_per_direction(tmp_path, conv, batch
                                              nn.Linear(144, 5)), (1, 6, 6), [36 * batch, batch]
     else:
         model, shape, tokens = mlp(), (12,), [batch, batch]
-    with dvemb.Recorder(model, tmp_path / "s", projection_dim=24) as rec:
+    with dvemb.Recorder(model, tmp_path / "s", projection_dim=dim) as rec:
         held = 0
         for t in range(fitting.MAX_FIT_STEPS + 1):
             x, y = torch.randn(batch, *shape), torch.randint(0, 5, (batch,))
@@ -151,7 +152,7 @@ def test_fitted_bases_wait_for_enough_tokens_per_direction(tmp_path, conv, batch
     fitted = [max([side.k for side in (spec.proj_in, spec.proj_out) if side.kind == "fitted"], default=0)
               for spec in Store(tmp_path / "s").layers]
     wanted = max(-(-fitting.TOKENS_PER_DIRECTION * k // n) for k, n in zip(fitted, tokens))
-    assert held + 1 == min(fitting.MAX_FIT_STEPS, wanted)  # the fitting step empties the held steps
+    assert held + 1 == max(fitting.MIN_FIT_STEPS, min(fitting.MAX_FIT_STEPS, wanted))  # the fitting step empties them
 
 
 @pytest.mark.parametrize("kind", ["gaussian", "rademacher", "orthogonal"])

@@ -12,9 +12,10 @@ projection onto the leading eigenvectors of the factors' second moments,
 (the factors of sum_i G_i^T G_i and sum_i G_i G_i^T, exact for one token per sample; tokens
 without gradient, such as padding, weigh nothing), keeps those inner products almost exactly
 (0.95 on the same study). The bases
-are fitted on the first steps of the run (:data:`MAX_FIT_STEPS` at most, fewer when they already
-hold enough tokens), whose rows are projected once the bases exist; later steps are projected as
-they come. Under torch.distributed the ranks sum their moments, so every rank fits the same bases.
+are fitted on the first steps of the run (at least :data:`MIN_FIT_STEPS`, since under adaptive
+optimizers the gradients' subspace drifts early in training whatever the batch size; more when
+those steps hold too few tokens, :data:`MAX_FIT_STEPS` at most), whose rows are projected once the
+bases exist; later steps are projected as they come. Under torch.distributed the ranks sum their moments, so every rank fits the same bases.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ import torch
 from ..projection import FactorProjection, fitted_projection
 from ..store import LayerSpec
 
+MIN_FIT_STEPS = 24
+"""The fewest steps the default fit waits for (fewer when the run ends or MAX_FIT_BYTES is reached first)."""
 MAX_FIT_STEPS = 32
 """The most steps whose raw factors are held for the fit."""
 TOKENS_PER_DIRECTION = 8
@@ -67,11 +70,11 @@ class BasisFit:
 
     def steps_wanted(self, tokens: Sequence[float]) -> int:
         """How many steps to fit on, from each layer's tokens in the first step: enough for every layer that saw
-        tokens to give each of its fitted directions TOKENS_PER_DIRECTION tokens, at most MAX_FIT_STEPS (a
-        convolution's many positions do not stand in for a classifier layer's one token per sample)."""
+        tokens to give each of its fitted directions TOKENS_PER_DIRECTION tokens (a convolution's many positions
+        do not stand in for a classifier layer's one token per sample), between MIN_FIT_STEPS and MAX_FIT_STEPS."""
         wanted = [math.ceil(TOKENS_PER_DIRECTION * _fitted_k(spec) / n)
                   for spec, n in zip(self.specs, tokens) if n > 0]
-        return max(1, min(MAX_FIT_STEPS, max(wanted, default=1)))
+        return max(MIN_FIT_STEPS, min(MAX_FIT_STEPS, max(wanted, default=1)))
 
     def reduce(self, all_reduce) -> None:
         """Sum the moments over ranks with ``all_reduce(tensor)`` (in place), in layer order."""
