@@ -48,7 +48,7 @@ from ..projection import DEFAULT_PROJECTION_DIM
 from ..cli import positive_int, projection_dim
 
 ACTIVATIONS: Mapping[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
-"""Per-layer projected size of the ``dvemb`` configuration."""
+"""The hidden activations the study offers, by name."""
 SWEEP_DIMS = tuple(2**k for k in range(5, 13))
 """Per-layer projected sizes of ``--projection-sweep``: 32 .. 4096."""
 UNPROJECTED_LIMIT = 4096
