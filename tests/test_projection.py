@@ -11,6 +11,8 @@ from dvemb.projection import FactorProjection, derive_seed, layer_projections, s
 def test_budget_split_never_projects_up_and_fits_the_budget():
     assert split_budget(785, 512, None) == (785, 512)
     assert split_budget(11, 10, 1024) == (11, 10)  # whole layer fits: exact
+    assert split_budget(129, 10, 1024) == (129, 10)  # 1,290 values, within 2 x 1024: kept exact
+    assert split_budget(129, 16, 1024) == (64, 16)  # 2,064 values: projected
     for d_in, d_out, budget in [(785, 512, 1024), (257, 10, 1024), (65, 10, 256), (4097, 4096, 4096), (3, 900, 64)]:
         k_in, k_out = split_budget(d_in, d_out, budget)
         assert 1 <= k_in <= d_in and 1 <= k_out <= d_out and k_in * k_out <= budget

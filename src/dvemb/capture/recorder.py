@@ -69,8 +69,9 @@ class Recorder:
 
     The defaults are the most faithful configuration that scales (docs/results.md): each layer's
     per-sample gradient projected to ``projection_dim`` values on bases fitted to its factors during
-    the first steps (``projection="fitted"``; ``"gaussian"`` etc. for seeded random projections,
-    ``projection_dim=None`` for exact gradients), and the Gauss-Newton curvature in 3 passes per
+    the first steps (``projection="fitted"``; ``"gaussian"`` etc. for seeded random projections;
+    ``projection_dim=None`` for exact gradients; a layer of at most twice ``projection_dim`` values is
+    kept exact), and the Gauss-Newton curvature in 3 passes per
     sample: its 2 leading factors and a random-sign sum of the others (``curvature="ggn"``; the
     paper's ``"gradient_outer"`` needs no extra pass). Under Adam / AdamW (``optimizer=``) projected
     rows are whitened by the optimizer's factored preconditioner.
