@@ -163,6 +163,48 @@ def test_auto_blocking_keeps_exact_adam_layers_coupled_when_they_crowd_out_the_c
     dvemb.compute_embeddings(tmp_path / "s", show_progress=False)
 
 
+def test_auto_blocking_joins_the_smallest_exact_adam_layers_when_one_global_propagator_does_not_fit(tmp_path):
+    """Two projected layers (8 x 8 of 16 x 17) and two exact ones (102 and 14 values) under AdamW, whose whole
+    layers leave too little coarse space and whose global propagator exceeds ``memory``: 'auto' joins only the
+    smallest exact layer to the hierarchical plan's global block and gives the other a propagator of its own.
+    That layer's embeddings then equal the per-layer plan's (the same K over the same rows, float64), while the
+    joined layer's differ from them (it is coupled)."""
+    import shutil
+
+    from dvemb.embed.plan import make_plan
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 6), nn.Tanh(),
+                          nn.Linear(6, 2)).double()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1)
+    with dvemb.Recorder(model, tmp_path / "s", projection_dim=64, curvature="gradient_outer", dtype=torch.float64,
+                        optimizer=opt, fit_steps=1) as rec:
+        for t in range(5):
+            x, y = torch.randn(6, 16, dtype=torch.float64), torch.randint(0, 2, (6,))
+            with rec.step(range(6 * t, 6 * t + 6), lr=0.05):
+                F.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+    store = Store(tmp_path / "s")
+    assert [s.dim for s in store.layers] == [64, 64, 102, 14] and [s.exact for s in store.layers] == [0, 0, 1, 1]
+    # over the time budget (244^2 > 3 x 18792); all exact layers whole leave q = 10 < MIN_COARSE; the global
+    # propagators need 3 x 8 B x (244^2 - 18792) = 978 kB > 500 kB; half the side isqrt(18792) / 2 = 68 takes the
+    # 14-value layer only, which leaves q = 51
+    assert make_plan(store, "auto", matrices=3, itemsize=8).kind == "global"
+    plan = make_plan(store, "auto", matrices=3, itemsize=8, memory=500_000)
+    assert [(p.layer, p.sketch) for p in plan.parts] == [(0, None), (1, None), (2, None), (0, 51), (1, 51), (3, None),
+                                                        (0, 51), (1, 51)]
+    assert plan.blocks == ((0,), (1,), (2,), (3, 4, 5), (6,), (7,))
+    shutil.copytree(tmp_path / "s", tmp_path / "l")
+    info = dvemb.compute_embeddings(tmp_path / "s", memory=500_000, show_progress=False)
+    assert info.blocking == "hierarchical" and info.precision == "float64"
+    dvemb.compute_embeddings(tmp_path / "l", blocking="layer", show_progress=False)
+    got, per_layer = ([np.array(a.read(store.n_records)) for a in final_arrays(Store(p), "float64")]
+                      for p in (tmp_path / "s", tmp_path / "l"))
+    np.testing.assert_allclose(got[2], per_layer[2], rtol=1e-10, atol=1e-12 * np.abs(per_layer[2]).max())
+    assert np.abs(got[3] - per_layer[3]).max() > 1e-3 * np.abs(per_layer[3]).max()
+
+
 def _adamw_run(path, steps=4, **recorder):
     """A small float64 MLP trained with AdamW under a Recorder that projects (so rows are whitened); returns the
     model at the start of each step, the optimizer's second moments before it, and the data."""

@@ -127,8 +127,10 @@ def make_plan(store: Store, blocking: Blocking = "auto", memory: int = DEFAULT_M
     """The plan for ``blocking``. ``"auto"`` is global when its propagators fit ``memory`` bytes beyond one per
     layer (``matrices`` per block: the update rule's parts; ``itemsize``: the recursion's float size) and its
     arithmetic TIME_BUDGET times the per-layer plan's; else hierarchical with the largest coarse space that
-    fits both, or per layer when that space would be tiny (global instead, if it fits ``memory``, when the
-    space is taken by layers that follow Adam elementwise, which a hierarchical plan keeps whole)."""
+    fits both, or per layer when that space would be tiny. Layers that follow Adam elementwise join a
+    hierarchical plan's global propagator whole; where they leave it too little coarse space, ``"auto"`` keeps
+    one global propagator if it fits ``memory``, and else joins only the smallest of them (:func:`joinable`),
+    leaving the others a propagator of their own."""
     if blocking not in BLOCKINGS:
         raise ValueError(f"blocking must be one of {BLOCKINGS}, got {blocking!r}")
     if step_rank is not None and not 0 < step_rank <= 1:
@@ -150,14 +152,19 @@ def make_plan(store: Store, blocking: Blocking = "auto", memory: int = DEFAULT_M
         raise ValueError("Adam with exact gradients follows per-parameter preconditioners, which a hierarchical "
                          "plan's sketches cannot carry: use blocking='global' or 'layer', or projected gradients")
     factor = _rows_factor(store, step_rank)
-    q = coarse_size([d for i, d in enumerate(dims) if i not in elementwise],
-                    min(memory // (matrices * itemsize), int(max(0.0, (TIME_BUDGET - UNCOUNTED) / factor - 1) * squares)),
-                    sum(dims[i] for i in elementwise))
-    if blocking == "auto" and q < MIN_COARSE:
+    values = min(memory // (matrices * itemsize), int(max(0.0, (TIME_BUDGET - UNCOUNTED) / factor - 1) * squares))
+    sketched = [d for i, d in enumerate(dims) if i not in elementwise]
+    q = coarse_size(sketched, values, sum(dims[i] for i in elementwise))
+    if blocking != "auto" or q >= MIN_COARSE:
+        return hierarchical(store, max(1, q), step_rank)
+    if elementwise and in_memory:
         # exact Adam layers, kept whole, crowd the coarse space out: one global propagator past the time budget
         # keeps the coupling between layers, whose loss costs the most (see the module's docstring)
-        return global_plan if elementwise and in_memory else per_layer
-    return hierarchical(store, max(1, q), step_rank)
+        return global_plan
+    order = sorted(elementwise, key=lambda i: (dims[i], i))
+    joined = order[:joinable([dims[i] for i in order], values)]
+    q = coarse_size(sketched, values, sum(dims[i] for i in joined))
+    return hierarchical(store, q, step_rank, frozenset(joined)) if q >= MIN_COARSE else per_layer
 
 
 def _rows_factor(store: Store, step_rank: float | None) -> float:
@@ -184,19 +191,35 @@ def coarse_size(dims: list[int], values: int, whole: int = 0) -> int:
     return min(low, max(dims))
 
 
-def hierarchical(store: Store, q: int, step_rank: float | None = STEP_RANK) -> Plan:
+def joinable(whole: list[int], values: int) -> int:
+    """How many of the layers of ``whole`` coordinates, smallest first, join a global propagator of ``values``
+    whole: as many as fill at most half of its side, so that the sketched layers keep the other half."""
+    side, total, count = math.isqrt(max(0, values)) // 2, 0, 0
+    for d in sorted(whole):
+        if total + d > side:
+            break
+        total, count = total + d, count + 1
+    return count
+
+
+def hierarchical(store: Store, q: int, step_rank: float | None = STEP_RANK, joined: frozenset[int] | None = None
+                 ) -> Plan:
     """Fine parts (whole layers, one K each), coarse parts (each layer sketched to q coordinates) in one global
     K, and the same coarse parts again, one K each, subtracted. A layer that follows Adam elementwise (its
-    per-parameter scalings cannot pass a sketch) joins the global K whole instead, with no part of its own."""
+    per-parameter scalings cannot pass a sketch) joins the global K whole instead, with no part of its own,
+    if it is in ``joined`` (None: all of them); else it keeps a K of its own and no coupling."""
     fine, coarse_global, coarse_layer = [], [], []
     for i, spec in enumerate(store.layers):
-        if store.config.elementwise(i):
+        elementwise = store.config.elementwise(i)
+        if elementwise and (joined is None or i in joined):
             coarse_global.append(Part(i, None, 0, 1.0, f"{spec.name}.global"))
             continue
         fine.append(Part(i, None, 0, 1.0, f"{spec.name}.fine"))
+        if elementwise:
+            continue
         size, seed = min(q, spec.dim), derive_seed(store.config.seed, spec.name, "coarse")
         coarse_global.append(Part(i, size, seed, 1.0, f"{spec.name}.coarse-global"))
         coarse_layer.append(Part(i, size, seed, -1.0, f"{spec.name}.coarse-layer"))
     n, m = len(fine), len(coarse_global)
-    blocks = [(i,) for i in range(n)] + [tuple(range(n, n + m))] + [(n + m + i,) for i in range(n)]
+    blocks = [(i,) for i in range(n)] + [tuple(range(n, n + m))] + [(n + m + i,) for i in range(len(coarse_layer))]
     return Plan("hierarchical", tuple(fine + coarse_global + coarse_layer), tuple(blocks), step_rank)
