@@ -11,11 +11,11 @@ projection onto the leading eigenvectors of the factors' second moments,
 
 (the factors of sum_i G_i^T G_i and sum_i G_i G_i^T, exact for one token per sample; tokens
 without gradient, such as padding, weigh nothing), keeps those inner products almost exactly
-(0.95 on the same study). The bases
-are fitted on the first steps of the run (at least :data:`MIN_FIT_STEPS`, since under adaptive
-optimizers the gradients' subspace drifts early in training whatever the batch size; more when
-those steps hold too few tokens, :data:`MAX_FIT_STEPS` at most), whose rows are projected once the
-bases exist; later steps are projected as they come. Under torch.distributed the ranks sum their moments, so every rank fits the same bases.
+(0.95 on the same study). The bases are fitted on the first steps of the run (at least
+:data:`MIN_FIT_STEPS`, since under adaptive optimizers the gradients' subspace drifts early in
+training whatever the batch size; more when those steps hold too few tokens, :data:`MAX_FIT_STEPS`
+at most), whose rows are projected once the bases exist; later steps are projected as they come.
+Under torch.distributed the ranks sum their moments, so every rank fits the same bases.
 """
 
 from __future__ import annotations
