@@ -101,6 +101,7 @@ def _whitened(store: Store, rule: WhitenedAdam, parts: Sequence[Part], start: in
               for i in layers if store.config.elementwise(i)}
     offsets = np.cumsum([0] + dims)
     exact = [(p.layer, slice(offsets[k], offsets[k + 1])) for k, p in enumerate(parts) if p.layer in tables]
+    widths = torch.tensor(dims, device=device)
     names = ["precondition"] + (["second", "gradient"] if rule.second_moment == "full" else [])
 
     def at(t: int) -> StepCoefficients:
@@ -111,8 +112,7 @@ def _whitened(store: Store, rule: WhitenedAdam, parts: Sequence[Part], start: in
         for layer, columns in exact:
             for name in names:
                 diagonals[name][columns] = tables[layer][name][t - start]
-        diagonals["ratio"] = torch.cat([torch.full((d,), float(r), dtype=dtype, device=device)
-                                        for d, r in zip(dims, ratio)])
+        diagonals["ratio"] = torch.as_tensor(ratio, dtype=dtype, device=device).repeat_interleave(widths)
         return StepCoefficients(step_lr[t], t, diagonals)
 
     return at

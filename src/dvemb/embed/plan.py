@@ -192,10 +192,10 @@ def coarse_size(dims: list[int], values: int, whole: int = 0) -> int:
 
 
 def joinable(whole: list[int], values: int) -> int:
-    """How many of the layers of ``whole`` coordinates, smallest first, join a global propagator of ``values``
-    whole: as many as fill at most half of its side, so that the sketched layers keep the other half."""
+    """How many of the layers of ``whole`` coordinates (ascending), smallest first, join a global propagator of
+    ``values`` whole: as many as fill at most half of its side, so that the sketched layers keep the other half."""
     side, total, count = math.isqrt(max(0, values)) // 2, 0, 0
-    for d in sorted(whole):
+    for d in whole:
         if total + d > side:
             break
         total, count = total + d, count + 1

@@ -345,7 +345,7 @@ class _Whitening:
         if self.rule.second_moment == "full":
             diagonals.update(second=torch.zeros(self.coords.dim, dtype=self.spec.dtype), gradient=torch.zeros(
                 self.coords.dim, dtype=self.spec.dtype))
-        for name, values in self.elementwise[t].items() if self.elementwise else ():
-            if name in diagonals:
-                diagonals[name][self.exact] = values[self.exact]
+        if self.elementwise:  # the exact layers' coordinates take Adam's own coefficients
+            for name in diagonals.keys() - {"ratio"}:
+                diagonals[name][self.exact] = self.elementwise[t][name][self.exact]
         return StepCoefficients(self.spec.lr(t), t, diagonals)

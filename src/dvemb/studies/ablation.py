@@ -186,8 +186,8 @@ def main(args: argparse.Namespace) -> int:
     hidden, depth = net_size(args.dataset, args.arch, args.hidden)
     options = FidelityOptions(dataset=args.dataset, data_dir=args.data_dir, arch=args.arch, activation=args.activation,
                               records=args.records or 100, seeds=args.seeds, train_size=1000 if mnist else 640,
-                              val_size=1000 if mnist else 297, hidden=hidden, depth=depth, projection_dim=args.projection_dim, curvature_variant=False,
-                              **OPTIMIZERS[args.training])
+                              val_size=1000 if mnist else 297, hidden=hidden, depth=depth,
+                              projection_dim=args.projection_dim, curvature_variant=False, **OPTIMIZERS[args.training])
     if args.quick:
         options = replace(options, records=12, seeds=1, train_size=96, val_size=64, hidden=8, resamples=100)
     result = run_ablation(options, curvatures, projections=args.projections, only=only)
