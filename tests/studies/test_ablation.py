@@ -95,6 +95,19 @@ def test_quick_mlp_ablation_runs_the_named_cells(tmp_path):
     assert [m["method"] for m in result["summary"]["all-epoch"]] == [*cells.split(","), "tracin-cp"]
 
 
+def test_ablation_options_override_the_training_preset_and_name_the_outputs(tmp_path, capsys):
+    cells = "ggn/global/exact"
+    assert main(["evaluate", "ablation", "--quick", "--training", "momentum", "--lr", "0.05", "--nesterov",
+                 "--depth", "2", "--cells", cells, "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "ablation-digits-gelu-momentum-depth2-h32-nesterov.json").read_text())
+    o = result["options"]
+    assert (o["depth"], o["lr"], o["momentum"], o["nesterov"]) == (2, 0.05, 0.9, True)
+    assert "(Nesterov)" in (tmp_path / "ablation-digits-gelu-momentum-depth2-h32-nesterov.md").read_text()
+    capsys.readouterr()
+    assert main(["evaluate", "ablation", "--quick", "--training", "adamw", "--nesterov", "--out", str(tmp_path)]) != 0
+    assert "are SGD options" in capsys.readouterr().err
+
+
 def test_quick_cnn_ablation_runs_on_the_fidelity_studys_cnn(tmp_path):
     cells = "ggn/global/exact,hessian/global/exact"
     assert main(["evaluate", "ablation", "--quick", "--arch", "cnn", "--cells", cells, "--out", str(tmp_path)]) == 0

@@ -131,7 +131,7 @@ def format_table(result: dict, title: str | None = None) -> str:
     if title is None:
         net = net_description(o.get("arch", "mlp"), o.get("depth", 1), o["hidden"])
         title = (f"{o['dataset']} {net} {o['activation']}, optimizer {o['optimizer']} lr {o['lr']}"
-                 f" momentum {o['momentum']} weight decay {o['weight_decay']}; {o['records']} samples x {o['seeds']} seeds")
+                 f" momentum {o['momentum']}{' (Nesterov)' if o.get('nesterov') else ''} weight decay {o['weight_decay']}; {o['records']} samples x {o['seeds']} seeds")
     by_setting = {s: {m["method"]: m for m in methods} for s, methods in result["summary"].items()}
     lines = [title, "", f"| variant | {SETTING_LABELS[SINGLE]} | {SETTING_LABELS[ALL_EPOCH]} |", "| --- | --- | --- |"]
     for name in by_setting[SINGLE]:
@@ -160,6 +160,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=positive_int, default=3, metavar="N")
     parser.add_argument("--hidden", type=positive_int, default=None, metavar="N",
                         help="hidden units (default: 128 on MNIST, 32 on digits); --arch cnn: first channels (8)")
+    parser.add_argument("--depth", type=positive_int, default=None, metavar="N",
+                        help="hidden layers (default: 1); --arch cnn: convolutions (2)")
+    parser.add_argument("--lr", type=float, default=None, help="learning rate (default: --training's)")
+    parser.add_argument("--momentum", type=float, default=None, help="SGD momentum (default: --training's)")
+    parser.add_argument("--nesterov", action="store_true", help="Nesterov momentum (SGD with --momentum)")
     parser.add_argument("--projection-dim", type=projection_dim, default=1024, metavar="K")
     parser.add_argument("--curvatures", default=",".join(CURVATURE_NAMES),
                         help=f"comma-separated subset of {', '.join(CURVATURE_NAMES)}")
@@ -183,18 +188,26 @@ def main(args: argparse.Namespace) -> int:
 
         return lm_main(args, curvatures, only)
     mnist = args.dataset == "mnist"
-    hidden, depth = net_size(args.dataset, args.arch, args.hidden)
+    hidden, depth = net_size(args.dataset, args.arch, args.hidden, args.depth)
     options = FidelityOptions(dataset=args.dataset, data_dir=args.data_dir, arch=args.arch, activation=args.activation,
                               records=args.records or 100, seeds=args.seeds, train_size=1000 if mnist else 640,
                               val_size=1000 if mnist else 297, hidden=hidden, depth=depth,
-                              projection_dim=args.projection_dim, curvature_variant=False, **OPTIMIZERS[args.training])
+                              projection_dim=args.projection_dim, curvature_variant=False,
+                              **training_options(args))
     if args.quick:
         options = replace(options, records=12, seeds=1, train_size=96, val_size=64, hidden=8, resamples=100)
     result = run_ablation(options, curvatures, projections=args.projections, only=only)
     stem = (f"ablation-{options.dataset}-{options.activation}{'-cnn' if args.arch == 'cnn' else ''}-{args.training}"
-            + ("-projections" if args.projections else ""))
+            + (f"-depth{depth}-h{hidden}" if args.depth or args.hidden else "")
+            + ("-nesterov" if args.nesterov else "") + ("-projections" if args.projections else ""))
     write_outputs(result, format_table(result), Path(args.out), stem)
     return 0
+
+
+def training_options(args: argparse.Namespace) -> dict:
+    """The optimizer's options: ``--training``'s preset with ``--lr``, ``--momentum`` and ``--nesterov`` over it."""
+    chosen = {"lr": args.lr, "momentum": args.momentum, "nesterov": args.nesterov or None}
+    return {**OPTIMIZERS[args.training], **{k: v for k, v in chosen.items() if v is not None}}
 
 
 def write_outputs(result: dict, table: str, out: Path, stem: str) -> None:
