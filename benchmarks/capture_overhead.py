@@ -20,7 +20,7 @@ process's CPU time (user + system), which other work on a shared machine disturb
 in SPANS with timers, alternating with plain steps) and prints where the time goes.
 
     python benchmarks/capture_overhead.py [--runs 7] [--dims 256 1024 4096 none] [--profile]
-        [--threads 2] [--suffix _threads2] [--note "..."]
+        [--threads 2] [--suffix _quiet] [--note "..."]
 
 At torch's default thread count on a 2-CPU machine (2 threads; issue 14 item 7), measured with
 OPENBLAS_NUM_THREADS=1 at 1024 values per layer (results/capture_overhead_threads2_quiet.json,
@@ -292,7 +292,6 @@ def main() -> None:
     parser.add_argument("--tmpfs-dir", default="/dev/shm" if os.path.isdir("/dev/shm") else "",
                         help="tmpfs directory for the recorded_tmpfs variant ('' to skip it)")
     parser.add_argument("--profile", action="store_true", help="also time the parts of the recorded step")
-    parser.add_argument("--suffix", default="", help="results file benchmarks/results/capture_overhead<suffix>.json")
     parser.add_argument("--note", default="", help="a remark stored with the results (e.g. what else ran)")
     args = parser.parse_args()
     configure(args)
@@ -313,7 +312,7 @@ def main() -> None:
                      for s in next(iter(payload["profile_ms_per_step"].values()))])
     payload["note"] = args.note
     payload["load_after"] = os.getloadavg()  # 1, 5, 15-minute load averages: other work on the machine
-    write_results("capture_overhead" + args.suffix, args, payload)
+    write_results("capture_overhead", args, payload)
 
 
 if __name__ == "__main__":

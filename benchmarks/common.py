@@ -45,10 +45,11 @@ R = TypeVar("R")
 
 
 def base_parser(description: str, runs: int = 7) -> argparse.ArgumentParser:
-    """Argument parser with the options every benchmark shares (--runs, --threads)."""
+    """Argument parser with the options every benchmark shares (--runs, --threads, --suffix)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--runs", type=int, default=runs, help=f"repetitions whose median is reported (>= {MIN_RUNS})")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine may be shared)")
+    parser.add_argument("--suffix", default="", help="appended to the results file's name, e.g. _run2")
     return parser
 
 
@@ -167,9 +168,11 @@ def environment(args: argparse.Namespace) -> dict:
 
 
 def write_results(name: str, args: argparse.Namespace, payload: dict) -> Path:
-    """Write ``payload`` with the environment to benchmarks/results/<name>.json; return the path."""
+    """Write ``payload`` with the environment to benchmarks/results/<name>[_threads<N>]<suffix>.json (``_threadsN``
+    unless 1 thread, so that runs at other thread counts do not overwrite each other); return the path."""
     RESULTS_DIR.mkdir(exist_ok=True)
-    path = RESULTS_DIR / f"{name}.json"
+    threads = getattr(args, "threads", 1)
+    path = RESULTS_DIR / f"{name}{'' if threads == 1 else f'_threads{threads}'}{getattr(args, 'suffix', '')}.json"
     path.write_text(json.dumps({"benchmark": name, "environment": environment(args), **payload}, indent=1))
     print(f"written {path}")
     return path

@@ -151,8 +151,7 @@ def main() -> None:
                   c["bandwidth_gb_per_s"], c["scorer_vs_bandwidth"], c["scorer_first_vs_bandwidth"],
                   c["score_vs_bandwidth"], c["influence_vs_bandwidth"], c["top_k_vs_bandwidth"],
                   c["scorer_vs_roofline"], c["matmul_vs_mkl"]] for c in cases])
-    name = "scoring_efficiency" if args.threads == 1 else f"scoring_efficiency_threads{args.threads}"
-    write_results(name, args, {
+    write_results("scoring_efficiency", args, {
         "model": "mnist_mlp", "sizes": MLP_SIZES, "batch": BATCH, "layer_dims": dims, "records": store.n_records,
         "embedding_bytes": in_memory.nbytes, "chunk_bytes": CHUNK_BYTES, "mapped_chunk_bytes": MAPPED_CHUNK_BYTES,
         "onednn": gemm.onednn_available(), "cases": cases,
