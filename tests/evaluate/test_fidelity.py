@@ -108,8 +108,8 @@ def test_reduced_fidelity_study_on_digits_dvemb_beats_the_influence_function(tmp
     assert study.main(args) == 0
     printed = capsys.readouterr().out
     assert "single-epoch removal" in printed and "influence-function" in printed
-    report = json.loads((tmp_path / "fidelity-digits-relu.json").read_text())
-    for figure in ("scatter-digits-relu.png", "projection-sweep-digits-relu.png"):
+    report = json.loads((tmp_path / "fidelity-digits-relu-hidden16.json").read_text())  # --quick: 16 hidden units
+    for figure in ("scatter-digits-relu-hidden16.png", "projection-sweep-digits-relu-hidden16.png"):
         assert (tmp_path / figure).stat().st_size > 0
     single = {m["method"]: m["spearman"]["value"] for m in report["summary"][SINGLE]}
     print(f"\nquick digits study, single-epoch Spearman: {single}")
@@ -135,6 +135,20 @@ def test_reduced_cnn_fidelity_study_on_digits(tmp_path):
     assert single["dvemb"] > single["influence-function"]
     with pytest.raises(ValueError, match="square images"):
         study._cnn_factory(10, 4, 1, 3, "relu", 0)
+
+
+def test_output_names_say_what_differs_from_the_studys_defaults():
+    parser = argparse.ArgumentParser()
+    study.add_arguments(parser)
+
+    def stem(*argv: str) -> str:
+        return study.output_stem(study.options_from(parser.parse_args(list(argv))))
+
+    assert stem() == "digits-relu"
+    assert stem("--hidden", "32", "--depth", "1", "--optimizer", "adamw") == "digits-relu-adamw"
+    assert (stem("--activation", "gelu", "--momentum", "0.9", "--nesterov", "--depth", "2", "--hidden", "64")
+            == "digits-gelu-momentum0.9-nesterov-depth2-hidden64")
+    assert stem("--arch", "cnn", "--depth", "2", "--hidden", "16") == "digits-relu-cnn-hidden16"
 
 
 def test_config_argument_is_validated():

@@ -374,9 +374,7 @@ def main(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     study = run_study(options, show_progress=not args.no_progress)
     print(format_table(study))
-    stem = (f"{options.dataset}-{options.activation}" + ("-cnn" if options.arch == "cnn" else "")
-            + (f"-momentum{options.momentum:g}" if options.momentum else "")
-            + ("-adamw" if options.optimizer == "adamw" else ""))
+    stem = output_stem(options)
     written = [out / f"fidelity-{stem}.json", out / f"scatter-{stem}.png"]
     written[0].write_text(json.dumps(study.to_dict(), indent=1))
     plot_scatter(study, written[1])
@@ -385,6 +383,17 @@ def main(args: argparse.Namespace) -> int:
         plot_sweep(study, written[-1])
     print(f"\nwall time {study.seconds:.0f} s; wrote " + ", ".join(str(p) for p in written))
     return 0
+
+
+def output_stem(options: FidelityOptions) -> str:
+    """The outputs' name: data, activation, and what differs from the study's defaults (net, optimizer), e.g.
+    ``digits-gelu-momentum0.9-nesterov-depth2-hidden64``."""
+    hidden, depth = net_size(options.dataset, options.arch)
+    return (f"{options.dataset}-{options.activation}" + ("-cnn" if options.arch == "cnn" else "")
+            + (f"-momentum{options.momentum:g}" if options.momentum else "") + ("-nesterov" if options.nesterov else "")
+            + ("-adamw" if options.optimizer == "adamw" else "")
+            + (f"-depth{options.depth}" if options.depth != depth else "")
+            + (f"-hidden{options.hidden}" if options.hidden != hidden else ""))
 
 
 def net_size(dataset: str, arch: str, hidden: int | None = None, depth: int | None = None) -> tuple[int, int]:
