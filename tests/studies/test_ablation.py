@@ -91,7 +91,7 @@ def test_quick_mlp_ablation_runs_the_named_cells(tmp_path):
     cells = "ggn/global/exact/frozen-v,hessian/layer/k1024"
     assert main(["evaluate", "ablation", "--quick", "--training", "adamw", "--cells", cells,
                  "--out", str(tmp_path)]) == 0
-    result = json.loads((tmp_path / "ablation-digits-gelu-adamw.json").read_text())
+    result = json.loads((tmp_path / "ablation-digits-gelu-adamw-hidden8.json").read_text())  # --quick: 8 hidden units
     assert [m["method"] for m in result["summary"]["all-epoch"]] == [*cells.split(","), "tracin-cp"]
 
 
@@ -99,10 +99,10 @@ def test_ablation_options_override_the_training_preset_and_name_the_outputs(tmp_
     cells = "ggn/global/exact"
     assert main(["evaluate", "ablation", "--quick", "--training", "momentum", "--lr", "0.05", "--nesterov",
                  "--depth", "2", "--cells", cells, "--out", str(tmp_path)]) == 0
-    result = json.loads((tmp_path / "ablation-digits-gelu-momentum-depth2-h32-nesterov.json").read_text())
+    result = json.loads((tmp_path / "ablation-digits-gelu-momentum-lr0.05-nesterov-depth2-hidden8.json").read_text())
     o = result["options"]
     assert (o["depth"], o["lr"], o["momentum"], o["nesterov"]) == (2, 0.05, 0.9, True)
-    assert "(Nesterov)" in (tmp_path / "ablation-digits-gelu-momentum-depth2-h32-nesterov.md").read_text()
+    assert "(Nesterov)" in (tmp_path / "ablation-digits-gelu-momentum-lr0.05-nesterov-depth2-hidden8.md").read_text()
     capsys.readouterr()
     assert main(["evaluate", "ablation", "--quick", "--training", "adamw", "--nesterov", "--out", str(tmp_path)]) != 0
     assert "are SGD options" in capsys.readouterr().err

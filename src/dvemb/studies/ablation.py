@@ -197,11 +197,22 @@ def main(args: argparse.Namespace) -> int:
     if args.quick:
         options = replace(options, records=12, seeds=1, train_size=96, val_size=64, hidden=8, resamples=100)
     result = run_ablation(options, curvatures, projections=args.projections, only=only)
-    stem = (f"ablation-{options.dataset}-{options.activation}{'-cnn' if args.arch == 'cnn' else ''}-{args.training}"
-            + (f"-depth{depth}-h{hidden}" if args.depth or args.hidden else "")
-            + ("-nesterov" if args.nesterov else "") + ("-projections" if args.projections else ""))
-    write_outputs(result, format_table(result), Path(args.out), stem)
+    write_outputs(result, format_table(result), Path(args.out), output_stem(options, args.training, args.projections))
     return 0
+
+
+def output_stem(options: FidelityOptions, training: str, projections: bool) -> str:
+    """The outputs' name: data, activation, net, ``--training`` and what differs from its preset and the
+    study's net, e.g. ``ablation-digits-gelu-momentum-lr0.05-nesterov-depth2-hidden64``."""
+    preset = OPTIMIZERS[training]
+    hidden, depth = net_size(options.dataset, options.arch)
+    return (f"ablation-{options.dataset}-{options.activation}{'-cnn' if options.arch == 'cnn' else ''}-{training}"
+            + (f"-lr{options.lr:g}" if options.lr != preset["lr"] else "")
+            + (f"-momentum{options.momentum:g}" if options.momentum != preset.get("momentum", 0.0) else "")
+            + ("-nesterov" if options.nesterov else "")
+            + (f"-depth{options.depth}" if options.depth != depth else "")
+            + (f"-hidden{options.hidden}" if options.hidden != hidden else "")
+            + ("-projections" if projections else ""))
 
 
 def training_options(args: argparse.Namespace) -> dict:
