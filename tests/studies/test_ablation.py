@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from dvemb.capture.curvature import logit_gradients, logits_of
 from dvemb.cli import main
 from dvemb.evaluate.baselines import exact_first_order
 from dvemb.evaluate.fidelity import _mean_loss
@@ -47,6 +48,9 @@ def test_the_exact_lm_cell_is_the_lm_studys_exact_first_order_estimator(lm_run):
     assert set(skipped) == {"fisher/*"} and not any(n.startswith("fisher") for n in cells)
     assert cells["ggn/layer/k32/fitted"] == cells["ggn/layer/k32"]
     assert cells["ggn/global/exact/frozen-v"].second_moment == "frozen"
+    assert cells["ggn/global/k32/fitted/sampled"] == replace(cells["ggn/global/k32"], ggn_rank=3)
+    assert "ggn/layer/exact/frozen-v/sampled" in cells and not any(
+        n.endswith("/sampled") for n in cells if not n.startswith("ggn/"))
 
 
 def test_gauss_newton_products_of_a_sequence_loss_are_symmetric_and_positive(lm_run):
@@ -61,6 +65,34 @@ def test_gauss_newton_products_of_a_sequence_loss_are_symmetric_and_positive(lm_
     assert v @ gv > 0 and u @ gu > 0
     hv = run.hessian_vector_products(2, params, v[None])[0]
     assert not torch.allclose(gv, hv)  # the model is not linear in its parameters: G != H
+
+
+def test_sampled_gauss_newton_products_of_a_sequence_loss_are_the_recorders_passes(lm_run):
+    """``rank=k`` on a sequence loss: G v = sum_{k,b} c_kb (c_kb . v), c_kb the gradient of <u_kb, logits_b> for the
+    Recorder's pass vectors u (logit_gradients, seeded by the step), computed here sample by sample by autograd."""
+    _, spec, _, _, trajectory = lm_run
+    run, step = RunFunctions(trajectory), 2
+    params = trajectory.params_at(step)
+    x, y = spec.step_data(step)
+    w = spec.weights(step)
+    logits = logits_of(run._forward(params, x)).detach().requires_grad_(True)
+    loss_grad, = torch.autograd.grad((w * spec.loss(logits, y)).sum(), logits)
+    passes = logit_gradients(logits.detach(), loss_grad, "ggn", 3, torch.Generator().manual_seed(step))
+    assert passes.shape == (3, *logits.shape)
+    names = list(params)
+    rows = []
+    for k in range(3):
+        for b in range(x.shape[0]):
+            leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+            out = (passes[k, b] * logits_of(run._forward(leaves, x[b:b + 1]))[0]).sum()
+            rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(out, [leaves[n] for n in names])]))
+    rows = torch.stack(rows)
+    v = torch.randn(2, rows.shape[1], generator=torch.Generator().manual_seed(1), dtype=spec.dtype)
+    ours = run.gauss_newton_vector_products(step, params, v, rank=3)
+    # float64 both ways, the same products in another order: rounding only
+    torch.testing.assert_close(ours, (v @ rows.T) @ rows, rtol=1e-9, atol=1e-12)
+    exact = run.gauss_newton_vector_products(step, params, v)
+    assert not torch.allclose(ours, exact, rtol=1e-3)  # 3 random-sign passes over 11 tokens: not the exact GGN
 
 
 def test_store_projections_are_the_recorders(lm_run, tmp_path):

@@ -98,7 +98,9 @@ class RunFunctions:
                                      rank: int | None = None) -> torch.Tensor:
         """``G_t(params) v`` for each row of ``vectors [n, P]``: G_t = sum_i w_i J_i^T Lambda_i J_i, the Gauss-Newton
         matrix of step's batch loss (J_i: the model output's Jacobian, Lambda_i: the loss's Hessian in the output).
-        ``rank=k``: Lambda_i of softmax cross-entropy replaced by the Recorder's rank-k factors (``curvature_samples``)."""
+        ``rank=k``: Lambda_i of softmax cross-entropy replaced by rank-k factors: for one prediction per sample its
+        best rank-k part; for sequences the Recorder's own k passes (:func:`~dvemb.capture.curvature.logit_gradients`:
+        each token's rank-k part, summed over a sample's tokens with random signs, seeded by ``step``)."""
         x, y = self.spec.step_data(step)
         w = self.spec.weights(step)
         outputs, pullback = vjp(lambda p: logits_of(self._forward(p, x)), params)
@@ -106,19 +108,27 @@ class RunFunctions:
         def output_gradient(out: torch.Tensor) -> torch.Tensor:
             return grad(lambda o: (w * self.spec.loss(o, y)).sum())(out)
 
-        factors = None
-        if rank is not None:
-            from ..capture.curvature import _ggn_factors
-            factors = _ggn_factors(torch.softmax(outputs.detach(), -1), rank)  # [k, B, C]
+        passes = None if rank is None else self._output_factors(step, outputs.detach(), output_gradient, rank)
         rows = []
         for v in vectors:
             _, jv = jvp(lambda p: logits_of(self._forward(p, x)), (params,), (unflatten(v, params),))
-            if factors is None:
+            if passes is None:
                 _, curved = jvp(output_gradient, (outputs,), (jv,))  # Lambda J v, weighted
-            else:
-                curved = w[:, None] * torch.einsum("kbc,kb->bc", factors, torch.einsum("kbc,bc->kb", factors, jv))
+            else:  # sum_k u_k <u_k, J v> per sample, the passes' vectors u_k weighted
+                coefficients = (passes * jv).flatten(2).sum(-1)  # [k, B]
+                curved = (passes * coefficients.reshape(*coefficients.shape, *[1] * (jv.dim() - 1))).sum(0)
             rows.append(flatten(pullback(curved)[0], 0))
         return torch.stack(rows).detach()
+
+    def _output_factors(self, step: int, outputs: torch.Tensor, output_gradient: Callable, rank: int) -> torch.Tensor:
+        """The rank-``rank`` factors [k, *outputs.shape] of the loss's Hessian in the logits, times sqrt(weight)."""
+        from ..capture.curvature import _ggn_factors, logit_gradients
+
+        if outputs.dim() > 2:
+            generator = torch.Generator(outputs.device).manual_seed(step)
+            return logit_gradients(outputs, output_gradient(outputs), "ggn", rank, generator)
+        w = self.spec.weights(step)
+        return _ggn_factors(torch.softmax(outputs, -1), rank) * w.sqrt()[:, None]  # [k, B, C]
 
     def gauss_newton_rows(self, step: int, params: Params, rank: int | None) -> tuple[Params, torch.Tensor]:
         """Rows c_is (parameter-shaped, [B * passes, *shape]) with G_t = sum_i w_i sum_s c_is c_is^T for softmax

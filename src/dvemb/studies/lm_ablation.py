@@ -6,7 +6,9 @@ each seed's run comes from :func:`dvemb.studies.lm_fidelity.build_run`. The cell
 :func:`dvemb.studies.ablation.variants` (curvature x blocking x projection x Adam's second moment),
 plus, for every projected cell, its twin on the Recorder's own fitted bases (``.../fitted``: the run
 recorded by the Recorder with its defaults at ``--projection-dim``, the bases read back from the
-store), which is the projection `dvemb`'s defaults use. Cells that cannot be computed on a sequence
+store), which is the projection `dvemb`'s defaults use, and for every Gauss-Newton cell its twin on the
+Recorder's sampled curvature (``.../sampled``: each token's rank-3 part, summed over a window's tokens
+with random signs, as ``curvature_samples=3`` records it). Cells that cannot be computed on a sequence
 loss are skipped, each with its reason in the table and the JSON.
 """
 
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..capture.options import DEFAULT_GGN_RANK
 from ..evaluate.adjoint import AdjointOptions, adjoint_estimate
 from ..evaluate.baselines import Estimator
 from ..evaluate.functions import LayerProjection, Target, spec_projections
@@ -70,14 +73,15 @@ def lm_cells(options: LMFidelityOptions, curvatures: Sequence[str],
     """The cells to run (``only``: those named), their estimators, and the skipped cells with their reasons."""
     cells: dict[str, AdjointOptions] = {}
     for name, cell in variants(options.projection_dim, True, curvatures).items():
-        cells[name] = cell
-        if cell.projection_dim is not None:
-            cells[f"{name}/fitted"] = cell
+        twins = [name] + ([f"{name}/fitted"] if cell.projection_dim is not None else [])
+        cells.update((twin, cell) for twin in twins)
+        if cell.curvature == "ggn":  # the Recorder's sampled rows instead of exact GGN products
+            cells.update((f"{twin}/sampled", replace(cell, ggn_rank=DEFAULT_GGN_RANK)) for twin in twins)
     skipped = {f"{c}/*": UNSUPPORTED[c] for c in curvatures if c in UNSUPPORTED}
     cells = restrict({n: c for n, c in cells.items() if c.curvature not in UNSUPPORTED},
                      None if only is None else [n for n in only if n.split("/")[0] not in UNSUPPORTED])
     bases = FittedBases(options.projection_dim)
-    estimators = {name: partial(fitted_estimate, bases, c) if name.endswith("/fitted")
+    estimators = {name: partial(fitted_estimate, bases, c) if "/fitted" in name
                   else partial(adjoint_estimate, options=c) for name, c in cells.items()}
     return cells, estimators, skipped
 
