@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
-from ..capture.curvature import logits_of
+from ..capture.curvature import _ggn_factors, logit_gradients, logits_of
 from ..capture.layers import rule_for
 from ..capture.selection import layer_spec, match_specs, select_modules
 from ..store import LayerSpec
@@ -122,8 +122,6 @@ class RunFunctions:
 
     def _output_factors(self, step: int, outputs: torch.Tensor, output_gradient: Callable, rank: int) -> torch.Tensor:
         """The rank-``rank`` factors [k, *outputs.shape] of the loss's Hessian in the logits, times sqrt(weight)."""
-        from ..capture.curvature import _ggn_factors, logit_gradients
-
         if outputs.dim() > 2:
             generator = torch.Generator(outputs.device).manual_seed(step)
             return logit_gradients(outputs, output_gradient(outputs), "ggn", rank, generator)
@@ -133,8 +131,6 @@ class RunFunctions:
     def gauss_newton_rows(self, step: int, params: Params, rank: int | None) -> tuple[Params, torch.Tensor]:
         """Rows c_is (parameter-shaped, [B * passes, *shape]) with G_t = sum_i w_i sum_s c_is c_is^T for softmax
         cross-entropy (``rank``: the Recorder's rank-k factors; None: exact), and each row's weight w_i."""
-        from ..capture.curvature import _ggn_factors
-
         x, _ = self.spec.step_data(step)
         w = self.spec.weights(step)
         probs = torch.softmax(self._forward(params, x).detach(), -1)
