@@ -107,13 +107,15 @@ def test_store_projections_are_the_recorders(lm_run, tmp_path):
 
 
 def test_quick_lm_ablation_writes_a_table_with_skipped_cells(tmp_path, capsys):
-    cells = "hessian/global/exact,ggn/layer/k32/fitted,fisher/global/exact"
-    assert main(["evaluate", "ablation", "--lm", "--quick", "--cells", cells, "--out", str(tmp_path)]) == 0
+    cells = "hessian/global/exact,ggn/layer/k32/fitted,ggn/global/exact/sampled,fisher/global/exact"
+    assert main(["evaluate", "ablation", "--lm", "--quick", "--cells", cells, "--ggn-rank", "5",
+                 "--out", str(tmp_path)]) == 0
     table = (tmp_path / "ablation-lm-adamw.md").read_text()
     for row in ("| hessian/global/exact |", "| ggn/layer/k32/fitted |", "| tracin-cp |"):
         assert row in table
     assert "Skipped fisher/*" in table and "Grid restricted" in table and "| fisher" not in table
     result = json.loads((tmp_path / "ablation-lm-adamw.json").read_text())
+    assert result["cells"]["ggn/global/exact/sampled"]["ggn_rank"] == 5
     exact = next(m for m in result["summary"]["single-record"] if m["method"] == "hessian/global/exact")
     assert exact["spearman"]["value"] > 0.5  # the ceiling ranks the 6 replayed removals well (measured 0.94)
     assert "ablation-lm-adamw" in capsys.readouterr().out

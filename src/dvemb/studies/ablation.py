@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from torch.func import vmap
 
+from ..capture.options import DEFAULT_GGN_RANK
 from ..evaluate.adjoint import AdjointOptions, adjoint_estimate
 from ..evaluate.baselines import Estimator, tracin_cp
 from ..evaluate.fidelity import ALL_EPOCH, SINGLE, evaluate_fidelity
@@ -170,6 +171,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated subset of {', '.join(CURVATURE_NAMES)}")
     parser.add_argument("--cells", default=None, metavar="NAMES",
                         help="comma-separated cells to run, e.g. ggn/global/exact (default: every cell)")
+    parser.add_argument("--ggn-rank", type=positive_int, default=DEFAULT_GGN_RANK, metavar="K",
+                        help=f"with --lm: passes of the .../sampled cells (default {DEFAULT_GGN_RANK}, as the Recorder's)")
     parser.add_argument("--projections", action="store_true",
                         help="compare projections of the first layer at the same budget (global curvature)")
     parser.add_argument("--out", metavar="DIR", default="ablation-results")

@@ -68,15 +68,16 @@ def fitted_estimate(bases: FittedBases, options: AdjointOptions, trajectory: Tra
     return adjoint_estimate(trajectory, records, target, options, projections=bases(trajectory))
 
 
-def lm_cells(options: LMFidelityOptions, curvatures: Sequence[str],
-             only: Sequence[str] | None = None) -> tuple[dict[str, AdjointOptions], dict[str, Estimator], dict[str, str]]:
-    """The cells to run (``only``: those named), their estimators, and the skipped cells with their reasons."""
+def lm_cells(options: LMFidelityOptions, curvatures: Sequence[str], only: Sequence[str] | None = None,
+             ggn_rank: int = DEFAULT_GGN_RANK) -> tuple[dict[str, AdjointOptions], dict[str, Estimator], dict[str, str]]:
+    """The cells to run (``only``: those named), their estimators, and the skipped cells with their reasons;
+    ``ggn_rank``: the sampled cells' passes (the Recorder's ``curvature_samples``)."""
     cells: dict[str, AdjointOptions] = {}
     for name, cell in variants(options.projection_dim, True, curvatures).items():
         twins = [name] + ([f"{name}/fitted"] if cell.projection_dim is not None else [])
         cells.update((twin, cell) for twin in twins)
         if cell.curvature == "ggn":  # the Recorder's sampled rows instead of exact GGN products
-            cells.update((f"{twin}/sampled", replace(cell, ggn_rank=DEFAULT_GGN_RANK)) for twin in twins)
+            cells.update((f"{twin}/sampled", replace(cell, ggn_rank=ggn_rank)) for twin in twins)
     skipped = {f"{c}/*": UNSUPPORTED[c] for c in curvatures if c in UNSUPPORTED}
     cells = restrict({n: c for n, c in cells.items() if c.curvature not in UNSUPPORTED},
                      None if only is None else [n for n in only if n.split("/")[0] not in UNSUPPORTED])
@@ -87,9 +88,10 @@ def lm_cells(options: LMFidelityOptions, curvatures: Sequence[str],
 
 
 def run_lm_ablation(options: LMFidelityOptions, curvatures: Sequence[str], only: Sequence[str] | None = None,
+                    ggn_rank: int = DEFAULT_GGN_RANK,
                     show_progress: bool = False) -> dict:
     """Every cell (or those in ``only``) and TracIn-CP on each seed's LM run, against replayed training."""
-    cells, estimators, skipped = lm_cells(options, curvatures, only)
+    cells, estimators, skipped = lm_cells(options, curvatures, only, ggn_rank)
     _, tokens = tokenized_windows(options.data, options.vocab_size, options.seq_len)
     runs = (StudyRun(*build_run(options, tokens, seed)) for seed in range(options.seeds))
     result = score_runs(runs, cells, estimators, options.resamples, show_progress)
@@ -120,6 +122,6 @@ def main(args: argparse.Namespace, curvatures: Sequence[str], only: Sequence[str
                                 projection_dim=args.projection_dim)
     if args.quick:
         options = replace(options, **QUICK)
-    result = run_lm_ablation(options, curvatures, only)
+    result = run_lm_ablation(options, curvatures, only, args.ggn_rank)
     write_outputs(result, format_table(result, title(result)), Path(args.out), "ablation-lm-adamw")
     return 0
