@@ -40,6 +40,7 @@ from ..evaluate.functions import LayerProjection, RunFunctions, layer_projection
 from ..evaluate.replay import Params, Trajectory
 from ..cli import positive_int, projection_dim
 from .fidelity import SETTING_LABELS, FidelityOptions, StudyRun, build_run, net_description, net_size, summarise
+from .fidelity import output_stem as fidelity_stem
 
 CURVATURE_NAMES = {"gradient_outer": "gradient outer product (paper)", "fisher": "Fisher, 1 sampled label",
                    "ggn": "Gauss-Newton", "hessian": "exact Hessian"}
@@ -131,8 +132,10 @@ def format_table(result: dict, title: str | None = None) -> str:
     o = result["options"]
     if title is None:
         net = net_description(o.get("arch", "mlp"), o.get("depth", 1), o["hidden"])
+        nesterov = " (Nesterov)" if o.get("nesterov") else ""
         title = (f"{o['dataset']} {net} {o['activation']}, optimizer {o['optimizer']} lr {o['lr']}"
-                 f" momentum {o['momentum']}{' (Nesterov)' if o.get('nesterov') else ''} weight decay {o['weight_decay']}; {o['records']} samples x {o['seeds']} seeds")
+                 f" momentum {o['momentum']}{nesterov} weight decay {o['weight_decay']}; "
+                 f"{o['records']} samples x {o['seeds']} seeds")
     by_setting = {s: {m["method"]: m for m in methods} for s, methods in result["summary"].items()}
     lines = [title, "", f"| variant | {SETTING_LABELS[SINGLE]} | {SETTING_LABELS[ALL_EPOCH]} |", "| --- | --- | --- |"]
     for name in by_setting[SINGLE]:
@@ -172,7 +175,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cells", default=None, metavar="NAMES",
                         help="comma-separated cells to run, e.g. ggn/global/exact (default: every cell)")
     parser.add_argument("--ggn-rank", type=positive_int, default=DEFAULT_GGN_RANK, metavar="K",
-                        help=f"with --lm: passes of the .../sampled cells (default {DEFAULT_GGN_RANK}, as the Recorder's)")
+                        help=f"with --lm: passes of the .../sampled cells (default {DEFAULT_GGN_RANK}, the Recorder's)")
     parser.add_argument("--projections", action="store_true",
                         help="compare projections of the first layer at the same budget (global curvature)")
     parser.add_argument("--out", metavar="DIR", default="ablation-results")
@@ -205,17 +208,14 @@ def main(args: argparse.Namespace) -> int:
 
 
 def output_stem(options: FidelityOptions, training: str, projections: bool) -> str:
-    """The outputs' name: data, activation, net, ``--training`` and what differs from its preset and the
-    study's net, e.g. ``ablation-digits-gelu-momentum-lr0.05-nesterov-depth2-hidden64``."""
+    """The outputs' name: the fidelity study's (:func:`~dvemb.studies.fidelity.output_stem`) with ``--training``
+    and what differs from its preset as the optimizer's part, e.g.
+    ``ablation-digits-gelu-momentum-lr0.05-nesterov-depth2-hidden64``."""
     preset = OPTIMIZERS[training]
-    hidden, depth = net_size(options.dataset, options.arch)
-    return (f"ablation-{options.dataset}-{options.activation}{'-cnn' if options.arch == 'cnn' else ''}-{training}"
-            + (f"-lr{options.lr:g}" if options.lr != preset["lr"] else "")
-            + (f"-momentum{options.momentum:g}" if options.momentum != preset.get("momentum", 0.0) else "")
-            + ("-nesterov" if options.nesterov else "")
-            + (f"-depth{options.depth}" if options.depth != depth else "")
-            + (f"-hidden{options.hidden}" if options.hidden != hidden else "")
-            + ("-projections" if projections else ""))
+    optimizer = (f"-{training}" + (f"-lr{options.lr:g}" if options.lr != preset["lr"] else "")
+                 + (f"-momentum{options.momentum:g}" if options.momentum != preset.get("momentum", 0.0) else "")
+                 + ("-nesterov" if options.nesterov else ""))
+    return f"ablation-{fidelity_stem(options, optimizer)}" + ("-projections" if projections else "")
 
 
 def training_options(args: argparse.Namespace) -> dict:

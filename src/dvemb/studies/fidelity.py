@@ -385,13 +385,14 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def output_stem(options: FidelityOptions) -> str:
-    """The outputs' name: data, activation, and what differs from the study's defaults (net, optimizer), e.g.
-    ``digits-gelu-momentum0.9-nesterov-depth2-hidden64``."""
+def output_stem(options: FidelityOptions, optimizer: str | None = None) -> str:
+    """The outputs' name: data, activation, the optimizer's part (``optimizer``; default: what differs from plain
+    SGD) and what differs from the study's net, e.g. ``digits-gelu-momentum0.9-nesterov-depth2-hidden64``."""
+    if optimizer is None:
+        optimizer = ((f"-momentum{options.momentum:g}" if options.momentum else "")
+                     + ("-nesterov" if options.nesterov else "") + ("-adamw" if options.optimizer == "adamw" else ""))
     hidden, depth = net_size(options.dataset, options.arch)
-    return (f"{options.dataset}-{options.activation}" + ("-cnn" if options.arch == "cnn" else "")
-            + (f"-momentum{options.momentum:g}" if options.momentum else "") + ("-nesterov" if options.nesterov else "")
-            + ("-adamw" if options.optimizer == "adamw" else "")
+    return (f"{options.dataset}-{options.activation}" + ("-cnn" if options.arch == "cnn" else "") + optimizer
             + (f"-depth{options.depth}" if options.depth != depth else "")
             + (f"-hidden{options.hidden}" if options.hidden != hidden else ""))
 

@@ -69,7 +69,8 @@ def fitted_estimate(bases: FittedBases, options: AdjointOptions, trajectory: Tra
 
 
 def lm_cells(options: LMFidelityOptions, curvatures: Sequence[str], only: Sequence[str] | None = None,
-             ggn_rank: int = DEFAULT_GGN_RANK) -> tuple[dict[str, AdjointOptions], dict[str, Estimator], dict[str, str]]:
+             ggn_rank: int = DEFAULT_GGN_RANK
+             ) -> tuple[dict[str, AdjointOptions], dict[str, Estimator], dict[str, str]]:
     """The cells to run (``only``: those named), their estimators, and the skipped cells with their reasons;
     ``ggn_rank``: the sampled cells' passes (the Recorder's ``curvature_samples``)."""
     cells: dict[str, AdjointOptions] = {}
