@@ -55,6 +55,7 @@ class _Step:
     lr: float
     rows: tuple | DeferredStep | None
     factors: list | None  # whitening factors the rows were (or will be) whitened with
+    second: list | None = None  # the second moment's factors (whitening.py), known when the step ends
     n_total: int = 0  # the step's records over all ranks
     scale: torch.Tensor | float = 1.0  # the loss scale of the step's backward (GradScaler), divided out
 
@@ -126,6 +127,7 @@ class Recorder:
         projected = not all(s.proj_in.is_identity and s.proj_out.is_identity for s in specs)
         self._whitening = whiten.Whitening(optimizer, self._modules, specs, rule) if (
             isinstance(rule, Adam) and projected) else None
+        self._second_factors = self._whitening is not None and rule.second_moment == "full"
         self._sink = sink_for(path, o.fsync)
         self._specs, self._rule = _resumed_specs(self._path, specs), rule
         self._capture = GhostCapture(model, self._modules, self._specs, curvature=o.curvature,
@@ -227,6 +229,8 @@ class Recorder:
 
     def _finish(self, step: _Step) -> None:
         """Hand a collected step on (held for the bases, or written) and count it."""
+        if self._second_factors:  # the batch gradient is complete (and unscaled, with a GradScaler) here
+            step.second = self._whitening.second(step.t)
         if isinstance(step.rows, DeferredStep):
             self._defer(step)
         else:
@@ -294,7 +298,8 @@ class Recorder:
     def _open(self, mode: Mode) -> None:
         """Create (or resume) the store; fitted bases are stored when they are known (before the first step)."""
         config = StoreConfig(tuple(self._specs), self.options.dtype, self.options.reduction, self.options.curvature,
-                             self.options.projection, self.options.seed, self._rule, self._whitening is not None)
+                             self.options.projection, self.options.seed, self._rule, self._whitening is not None,
+                             second_factors=self._second_factors)
         self._sink.open(config, mode)
         self._capture.set_specs(self._specs)
         if self._sink.committed_steps():
@@ -362,7 +367,7 @@ class Recorder:
         # the record's weight in the step's update: DDP averages the ranks' gradients, w = w_local / world
         world = self._sink.world_size
         return StepRecord(step.ids, np.broadcast_to(step.local / world, len(step.ids)), step.lr, rows, curv_rows,
-                          self._sink.rank, None if step.factors is None else whiten.rows(step.factors))
+                          self._sink.rank, None if step.factors is None else whiten.rows(step.factors, step.second))
 
     def _resolve_lr(self, lr: float | None) -> float:
         if lr is not None:

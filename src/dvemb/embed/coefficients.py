@@ -23,6 +23,7 @@ import torch
 from ..store import Store, to_torch, whitening_level
 from ..update import Adam, StepCoefficients, UpdateRule
 from ..update.adam import WhitenedAdam
+from .factored import FactoredSecondMoment
 from .plan import Part
 
 CoefficientsAt = Callable[[int], StepCoefficients]
@@ -34,8 +35,9 @@ def linearised_rule(store: Store) -> UpdateRule:
     rule, config = store.config.update, store.config
     if config.whitening and isinstance(rule, Adam):
         elementwise = any(config.elementwise(i) for i in range(len(store.layers)))
-        return WhitenedAdam(rule.beta1, rule.beta2, rule.eps, rule.weight_decay,
-                            rule.second_moment if elementwise else "frozen")
+        followed = rule.second_moment if elementwise or config.second_factors else "frozen"
+        return WhitenedAdam(rule.beta1, rule.beta2, rule.eps, rule.weight_decay, followed,
+                            config.second_factors and followed == "full")
     return rule
 
 
@@ -91,7 +93,8 @@ def _adam_table(store: Store, rule: Adam, block: Sequence[int], start: int, stop
 def _whitened(store: Store, rule: WhitenedAdam, parts: Sequence[Part], start: int, stop: int, step_lr: list[float],
               dtype: torch.dtype, device: torch.device | None) -> CoefficientsAt:
     """Whitened parts: s_t per coordinate and rho_t = exp(level_{t-1} - level_t) per layer, from the stored
-    whitening rows. Parts of layers that follow Adam elementwise (never sketched): Adam's own coefficients, and
+    whitening rows, and with second factors v's operators (embed/factored.py). Parts of layers that follow Adam
+    elementwise (never sketched): Adam's own coefficients, and
     rho_t = 1 (their stored factor rows are zeros)."""
     layers = sorted({p.layer for p in parts})
     by_layer = {i: [whitening_level(row, store.layers[i]) for row in store.whitening(i)] for i in layers}
@@ -103,6 +106,7 @@ def _whitened(store: Store, rule: WhitenedAdam, parts: Sequence[Part], start: in
     exact = [(p.layer, slice(offsets[k], offsets[k + 1])) for k, p in enumerate(parts) if p.layer in tables]
     widths = torch.tensor(dims, device=device)
     names = ["precondition"] + (["second", "gradient"] if rule.second_moment == "full" else [])
+    factored = FactoredSecondMoment(store, parts, dtype, device) if rule.factored else None
 
     def at(t: int) -> StepCoefficients:
         ratio = np.exp(levels[:, t - 1] - levels[:, t]) if t > 0 else np.ones(len(parts))
@@ -113,7 +117,7 @@ def _whitened(store: Store, rule: WhitenedAdam, parts: Sequence[Part], start: in
             for name in names:
                 diagonals[name][columns] = tables[layer][name][t - start]
         diagonals["ratio"] = torch.as_tensor(ratio, dtype=dtype, device=device).repeat_interleave(widths)
-        return StepCoefficients(step_lr[t], t, diagonals)
+        return StepCoefficients(step_lr[t], t, diagonals, factored.at(t, s) if factored else {})
 
     return at
 

@@ -11,7 +11,7 @@ import numpy as np
 from .arrays import AppendableArray, check_array, read_json, release_pages
 from .schema import (_STORAGE, EMBEDDINGS_DIR, EMBEDDINGS_LAYOUT, MANIFEST, READABLE_VERSIONS, RECORD_DTYPE,
                      WHITENING_DTYPE, LayerSpec, StoreConfig, StoreError, _show, check_embeddings_manifest,
-                     read_config, read_layers, store_fingerprint, validate_manifest)
+                     read_config, read_layers, store_fingerprint, validate_manifest, whitening_width)
 
 
 SHARDS_DIR = "shards"
@@ -95,7 +95,7 @@ class Store:
             check_array(array, self.n_records)
         if self._config.whitening:
             for spec in self.layers:
-                check_array(self.whitening_array(self.path, spec), self.n_steps)
+                check_array(self.whitening_array(self.path, spec, self._config.second_factors), self.n_steps)
         table = records.read(self.n_records)
         steps = np.asarray(table["step"])
         if self.n_records and ((np.diff(steps) < 0).any() or steps[0] != 0 or steps[-1] != self.n_steps - 1):
@@ -149,17 +149,25 @@ class Store:
         return AppendableArray(path / "curv" / f"{spec.name}.npy", _STORAGE[dtype][0], (passes * spec.dim,))
 
     @staticmethod
-    def whitening_array(path: Path, spec: LayerSpec) -> AppendableArray:
-        """One row per step: the log row and column whitening factors of one layer."""
+    def whitening_array(path: Path, spec: LayerSpec, second_factors: bool = False) -> AppendableArray:
+        """One row per step: the log row and column whitening factors of one layer (and the second moment's)."""
         return AppendableArray(path / "whitening" / f"{spec.name}.npy", WHITENING_DTYPE,
-                               (spec.d_out + spec.d_in + spec.bias,))
+                               (whitening_width(spec, second_factors),))
+
+    def _whitening_rows(self, layer: int) -> np.ndarray:
+        source = self._shards[0] if self._shards else self
+        return source.whitening_array(source.path, source.layers[layer], self.config.second_factors).read(self.n_steps)
 
     def whitening(self, layer: int) -> np.ndarray | None:
         """[n_steps, d_out + d_in (+1)] log whitening factors of a layer per step, or None without whitening."""
         if not self.config.whitening:
             return None
-        source = self._shards[0] if self._shards else self
-        return source.whitening_array(source.path, source.layers[layer]).read(self.n_steps)
+        return self._whitening_rows(layer)[:, : whitening_width(self.layers[layer], False)]
+
+    def second_factors(self, layer: int) -> np.ndarray | None:
+        """Per step, the rows whose second-moment part :func:`~dvemb.store.second_moment_factors` reads, or None
+        for stores without them."""
+        return self._whitening_rows(layer) if self.config.second_factors else None
 
     @property
     def curvature_passes(self) -> int:
@@ -250,8 +258,9 @@ class Store:
     def _whitening_summary(self) -> str:
         if not self.config.whitening:
             return ""
-        return "; rows whitened" + (" (exact layers too)" if self.config.whitened_exact else
-                                    " in projected layers, exact layers followed elementwise")
+        return ("; rows whitened" + (" (exact layers too)" if self.config.whitened_exact else
+                                     " in projected layers, exact layers followed elementwise")
+                + ("; second moment factored per layer" if self.config.second_factors else ""))
 
     def _embeddings_summary(self, check: Callable[["Store", dict], None] | None) -> str:
         """The embeddings line of :meth:`summary`: up to date, stale (why), unusable (why) or not computed."""

@@ -7,7 +7,8 @@ A store is a directory::
     records.npy            one row per record: step, sample_id, weight, lr, rank
     grads/<layer>.npy      per-layer projected per-sample gradients, rows = records
     curv/<layer>.npy       curvature rows (passes x dim per record) for curvature='fisher'/'ggn'
-    whitening/<layer>.npy  per step, the log row and column factors rows were whitened with (projected Adam)
+    whitening/<layer>.npy  per step, the log row and column factors rows were whitened with (projected Adam),
+                           then (``second_factors``) the second moment's row and column factors and sign
     embeddings/            see embeddings.py
     checkpoints/           model checkpoints (safetensors), for checkpoint queries
     shards/rank-NNNNN/     under torch.distributed: each rank's records as a store of its own
@@ -221,6 +222,7 @@ class StoreConfig:
     update: UpdateRule = SGD()
     whitening: bool = False  # projected rows whitened by Adam's factored preconditioner; a factor row per layer and step
     whitened_exact: bool = False  # exact layers' rows whitened too (stores recorded before this flag existed)
+    second_factors: bool = False  # whitening rows carry the second moment's factors too (see second_moment_factors)
 
     def elementwise(self, layer: int) -> bool:
         """Whether a layer follows Adam's per-parameter linearisation: Adam, exact rows, not whitened. Exact
@@ -234,7 +236,8 @@ class StepRecord:
     """One optimizer step as the writer appends it: records, and per layer its rows in the storage dtype.
 
     ``whitening`` (stores with whitening): per layer one row, the log row and column factors
-    [d_out + d_in (+1)] its rows were whitened with.
+    [d_out + d_in (+1)] its rows were whitened with, followed in stores with ``second_factors`` by the
+    second moment's row and column factors and sign (:func:`second_moment_factors`).
     """
 
     sample_ids: np.ndarray
@@ -249,10 +252,24 @@ class StepRecord:
 WHITENING_DTYPE = np.dtype("<f8")
 
 
+def whitening_width(spec: LayerSpec, second_factors: bool) -> int:
+    """Values in a layer's whitening row: its two log factors, and with ``second_factors`` two factors and a sign."""
+    side = spec.d_out + spec.d_in + spec.bias
+    return 2 * side + 1 if second_factors else side
+
+
 def whitening_factors(row: np.ndarray, spec: LayerSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """A whitening row's (log row factor [d_out], log column factor [d_in (+1)])."""
     row = torch.from_numpy(np.array(row, dtype=np.float64))
-    return row[: spec.d_out], row[spec.d_out:]
+    return row[: spec.d_out], row[spec.d_out: spec.d_out + spec.d_in + spec.bias]
+
+
+def second_moment_factors(row: np.ndarray, spec: LayerSpec) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """A whitening row's second-moment part: (row factor x [d_out], column factor y [d_in (+1)], sign), where
+    sign * x y^T approximates Adam's coupling between a gradient and the update through v (capture/whitening.py)."""
+    row = torch.from_numpy(np.array(row, dtype=np.float64))
+    x = row[spec.d_out + spec.d_in + spec.bias:]
+    return x[: spec.d_out], x[spec.d_out: -1], float(x[-1])
 
 
 def whitening_level(row: np.ndarray, spec: LayerSpec) -> float:
@@ -284,7 +301,8 @@ def read_config(manifest: dict, layers: Sequence[LayerSpec]) -> StoreConfig:
     update = rule_from_dict(m["update"]) if "update" in m else legacy_rule(m)
     whitening = bool(m.get("whitening", False))
     return StoreConfig(tuple(layers), m["dtype"], m["reduction"], m["curvature"], m["projection"], m["seed"], update,
-                       whitening, bool(m.get("whitened_exact", whitening)))  # older stores whitened every layer
+                       whitening, bool(m.get("whitened_exact", whitening)),  # older stores whitened every layer
+                       bool(m.get("second_factors", False)))
 
 
 MAX_SIZE = 1 << 40  # largest layer size or count a manifest may state
@@ -395,6 +413,7 @@ def validate_manifest(manifest: object, source: str | os.PathLike) -> dict:
     f.number("updated", optional=True)
     f.flag("whitening", optional=True)
     f.flag("whitened_exact", optional=True)
+    f.flag("second_factors", optional=True)
     f.integer("curvature_passes", 0, 1 << 20, optional=True)
     f.integer("world_size", 1, 1 << 20, optional=True)
     for key in ("update", "sgd", "adam"):  # the update rule (format 1: 'sgd' and 'adam')
@@ -405,7 +424,8 @@ def validate_manifest(manifest: object, source: str | os.PathLike) -> dict:
 # What identifies a recording: its creation time and the settings its rows depend on (not the counts, nor
 # metadata added later, such as the final parameters' digest).
 _IDENTITY_KEYS = ("format_version", "created", "dtype", "reduction", "curvature", "projection", "seed", "update",
-                  "whitening", "whitened_exact", "layers", "curvature_passes", "world_size", "sgd", "adam")
+                  "whitening", "whitened_exact", "second_factors", "layers", "curvature_passes", "world_size", "sgd",
+                  "adam")
 
 
 def store_fingerprint(manifest: dict) -> str:
@@ -558,4 +578,5 @@ def new_manifest(config: StoreConfig) -> dict:
         "layers": [s.to_dict() for s in config.layers],
         "committed_steps": 0,
         "committed_records": 0,
+        **({"second_factors": True} if config.second_factors else {}),  # absent: the stores recorded without it
     }

@@ -141,7 +141,8 @@ class StoreWriter(_Committed):
         self._curv: list[AppendableArray] = []
         if self.manifest.get("curvature_passes", 0):
             self._open_curvature(self.manifest["curvature_passes"])
-        self._white = [Store.whitening_array(self.path, s) for s in config.layers] if config.whitening else []
+        self._white = ([Store.whitening_array(self.path, s, config.second_factors) for s in config.layers]
+                       if config.whitening else [])
         if self._white:
             self._white[0].path.parent.mkdir(exist_ok=True)
         for arr in self._white:
@@ -162,7 +163,8 @@ class StoreWriter(_Committed):
             names = {s.name for s in found.layers} ^ {s.name for s in wanted.layers}
             raise StoreError(f"cannot resume: tracked layers differ ({sorted(names)})")
         exact = all(spec.exact for spec in found.layers)
-        for key in ("dtype", "reduction", "curvature", "projection", "seed", "whitening", "whitened_exact"):
+        for key in ("dtype", "reduction", "curvature", "projection", "seed", "whitening", "whitened_exact",
+                    "second_factors"):
             if key in ("projection", "seed") and exact:  # no projection: its kind and seed do not matter
                 continue
             if getattr(found, key) != getattr(wanted, key):

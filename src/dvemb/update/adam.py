@@ -23,7 +23,7 @@ from typing import Literal
 
 import torch
 
-from .rule import Gamma, Params, StepCoefficients, UpdateRule
+from .rule import Gamma, Params, PlusDiagonal, StepCoefficients, UpdateRule
 
 EXP_AVG, EXP_AVG_SQ = "exp_avg", "exp_avg_sq"
 SecondMoment = Literal["full", "frozen"]
@@ -92,15 +92,24 @@ class Adam(UpdateRule):
         if grad is None:
             raise ValueError("Adam's linearised step needs the batch gradient")
         d = grad if self.decoupled or not self.weight_decay else grad + self.weight_decay * params
-        state = state or {}
+        m, v = self.moments(state or {}, d)
+        s = lr / (1 - self.beta1 ** (t + 1))
+        precondition = s / (v.sqrt() / math.sqrt(1 - self.beta2 ** (t + 1)) + self.eps)
+        return StepCoefficients(lr, t, {"precondition": precondition, "second": precondition * self.coupling(m, v, t),
+                                        "gradient": d, EXP_AVG: m, EXP_AVG_SQ: v})
+
+    def moments(self, state: Params, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(m_t, v_t) from the moments before the step (``state``; none before the first) and d_t."""
         m = self.beta1 * state.get(EXP_AVG, torch.zeros_like(d)) + (1 - self.beta1) * d
-        v = self.beta2 * state.get(EXP_AVG_SQ, torch.zeros_like(d)) + (1 - self.beta2) * d * d
-        s, bc2_sqrt = lr / (1 - self.beta1 ** (t + 1)), math.sqrt(1 - self.beta2 ** (t + 1))
+        return m, self.beta2 * state.get(EXP_AVG_SQ, torch.zeros_like(d)) + (1 - self.beta2) * d * d
+
+    def coupling(self, m: torch.Tensor, v: torch.Tensor, t: int) -> torch.Tensor:
+        """r_t = m_t / (2 D_t sqrt(v_t) sqrt(1 - beta2^(t+1))) elementwise, so that Q_t = P_t r_t (0 where v_t = 0,
+        where every d so far, and so m_t, was 0)."""
+        bc2_sqrt = math.sqrt(1 - self.beta2 ** (t + 1))
         root = v.sqrt()
-        denominator = root / bc2_sqrt + self.eps
-        second = torch.where(root > 0, s * m / (2 * denominator ** 2 * root.clamp(min=1e-300) * bc2_sqrt), 0.0)
-        return StepCoefficients(lr, t, {"precondition": s / denominator, "second": second, "gradient": d,
-                                        EXP_AVG: m, EXP_AVG_SQ: v})
+        denominator = (root / bc2_sqrt + self.eps) * root * (2 * bc2_sqrt)
+        return m / denominator.clamp(min=torch.finfo(denominator.dtype).tiny)
 
     def mix(self, adjoints: list[torch.Tensor], c: StepCoefficients) -> Gamma:
         """W_m = V_m - U P_t, W_v = V_v + U Q_t (in place); gamma = (1 - beta1) W_m + 2 (1 - beta2) W_v diag(d_t)."""
@@ -137,12 +146,24 @@ class WhitenedAdam(UpdateRule):
     with H~_t = R_t H_t R_t, rho_t = R_t^-1 R_{t-1}, so the rows it needs (record gradients, curvature
     rows, test gradients) are whitened *before* projection, where R is a rank-1 (row x column) factor
     per layer that the Kronecker trick can apply, and rho_t is taken as one number per layer and
-    step (``"ratio"``, a [dim] vector constant within layers). The second moment's own path is dropped.
+    step (``"ratio"``, a [dim] vector constant within layers). Without ``factored``
+    the second moment's path is dropped on whitened coordinates.
 
     Exact layers of the same store keep R = 1 and :class:`Adam`'s own linearisation: their coordinates
     have ratio 1 and Adam's P_t as ``"precondition"``, and with ``second_moment="full"`` the v path
     through ``"second"`` (Q_t) and ``"gradient"`` (d_t), zero on whitened coordinates.
     Coefficients: ``"precondition"`` per coordinate, ``"ratio"``, and the lr's decoupled decay.
+
+    ``factored`` (with ``second_moment="full"``): whitened coordinates follow v's path too, through
+    symmetric operators in place of Q_t and d_t (``operators["second"]`` and ``["gradient"]``, zero on
+    exact coordinates). Adam's coupling Q_u d_t / P_u = r_u d_t between a gradient at step t and the
+    update at step u >= t through v (r_u = m_u / (2 D_u sqrt(v_u) sqrt(1 - beta2^(u+1))), elementwise)
+    is taken as sign_u f_u f_t, with f_t = x_t y_t^T a rank-1 (row x column) fit of sqrt(|r_t d_t|) per
+    layer, captured from the optimizer (capture/whitening.py). On projected coordinates v's change is
+    kept projected, P(f_t (.) dd_t), and the operators are
+    ``"second"`` = s_t sign_t P diag(R_t f_t) P^+ and ``"gradient"`` = P diag(f_t / R_t) P^+ (P^+ the
+    pseudo-inverse; P^T for orthonormal rows), Kronecker products of k_out x k_out and k_in x k_in
+    factors (embed/factored.py).
     """
 
     kind = "whitened_adam"
@@ -151,6 +172,7 @@ class WhitenedAdam(UpdateRule):
     eps: float = 1e-8
     weight_decay: float = 0.0
     second_moment: SecondMoment = "frozen"  # "full": exact layers' coordinates follow v's path
+    factored: bool = False  # whitened coordinates follow v's path through factored operators too
 
     @property
     def buffers(self) -> tuple[str, ...]:
@@ -159,9 +181,10 @@ class WhitenedAdam(UpdateRule):
 
     def describe(self) -> str:
         """One line."""
+        projected = ("factored per layer in projected layers" if self.factored else
+                     "frozen in projected layers" if self.second_moment == "full" else "frozen")
         return (f"AdamW, betas ({self.beta1:g}, {self.beta2:g}), eps {self.eps:g}, weight decay {self.weight_decay:g}"
-                " (whitened, second moments frozen" + (" in projected layers)" if self.second_moment == "full"
-                                                       else ")"))
+                f" (whitened, second moments {projected})")
 
     def to_dict(self) -> dict:
         """JSON form."""
@@ -177,8 +200,14 @@ class WhitenedAdam(UpdateRule):
         return self.adam.step(params, grads, state, lr, t)
 
     def mix(self, adjoints: list[torch.Tensor], c: StepCoefficients) -> Gamma:
-        """W_m = V_m - U P_t, W_v = V_v + U Q_t (in place); gamma as :meth:`Adam.mix`."""
-        return self.adam.mix(adjoints, c)
+        """W_m = V_m - U P_t, W_v = V_v + U Q_t (in place); gamma as :meth:`Adam.mix`. With factored operators Q~,
+        d~ on whitened coordinates: W_v += U Q~ and gamma's v term 2 (1 - beta2) W_v (diag(d_t) + d~)."""
+        gamma = self.adam.mix(adjoints, c)
+        if "second" not in c.operators:
+            return gamma
+        w_v = adjoints[2].add_(c.operators["second"](adjoints[0]))
+        v_term = PlusDiagonal(c.operators["gradient"], c.diagonals["gradient"])
+        return Gamma(gamma.like, [*gamma.terms[:-1], (2.0 * (1.0 - self.beta2), w_v, v_term)])
 
     def settle(self, adjoints: list[torch.Tensor], gamma: Gamma, c: StepCoefficients) -> None:
         """U *= 1 - eta lambda, V_m = beta1 / rho_t W_m, V_v = beta2 W_v."""

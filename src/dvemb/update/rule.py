@@ -22,31 +22,71 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Mapping
+from typing import Callable, ClassVar, Mapping, Protocol, Union
 
 import torch
 
 Params = dict[str, torch.Tensor]
 
 
+class Operator(Protocol):
+    """A linear map M on a rule's coordinates, applied to rows x [n, p]: ``op(x)`` = x M and
+    ``op.transposed(x)`` = x M^T (new tensors)."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def transposed(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+class PlusDiagonal:
+    """The operator M + diag(d)."""
+
+    __slots__ = ("op", "d")
+
+    def __init__(self, op: Operator, d: torch.Tensor) -> None:
+        self.op, self.d = op, d
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x).addcmul_(x, self.d)
+
+    def transposed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op.transposed(x).addcmul_(x, self.d)
+
+
 @dataclass(frozen=True)
 class StepCoefficients:
-    """What one linearised step needs: its lr and index, and per-parameter scalings (rule-specific, [p])."""
+    """What one linearised step needs: its lr and index, per-parameter scalings (rule-specific, [p]), and
+    operators where a scaling is not diagonal (rule-specific, e.g. on projected coordinates)."""
 
     lr: float
     step: int
     diagonals: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    operators: Mapping[str, Operator] = field(default_factory=dict)
+
+
+Scale = Union[torch.Tensor, Operator, None]
+"""A term's scaling in :class:`Gamma`: diagonal [p], an operator, or none."""
+
+
+def _scaled(x: torch.Tensor, scale: Scale, transposed: bool = False) -> torch.Tensor:
+    """x diag(s), x M or (``transposed``) x M^T for rows x [n, p] (x itself when unscaled)."""
+    if scale is None:
+        return x
+    if isinstance(scale, torch.Tensor):
+        return x * scale
+    return scale.transposed(x) if transposed else scale(x)
 
 
 class Gamma:
-    """A lazy linear combination sum_k alpha_k T_k diag(s_k) of adjoint tensors [n_out, p] (s_k None: no scaling).
+    """A lazy linear combination sum_k alpha_k T_k S_k of adjoint tensors [n_out, p], S_k a diagonal scaling
+    diag(s_k), an operator, or none.
 
     Never formed as a matrix in the recursion: products with rows and additions go term by term.
     """
 
     __slots__ = ("terms", "like")
 
-    def __init__(self, like: torch.Tensor, terms: list[tuple[float, torch.Tensor, torch.Tensor | None]]) -> None:
+    def __init__(self, like: torch.Tensor, terms: list[tuple[float, torch.Tensor, Scale]]) -> None:
         self.like = like  # an adjoint tensor: gamma's shape
         self.terms = [t for t in terms if t[0] != 0.0]
 
@@ -55,8 +95,8 @@ class Gamma:
         """``x @ gamma.T`` for rows x [n, p]: [n, n_out]. ``product(a, b)`` computes a @ b.T (default: torch)."""
         mul = product or (lambda a, b: a @ b.t())
         out = None
-        for alpha, tensor, scale in self.terms:
-            part = mul(x if scale is None else x * scale, tensor)
+        for alpha, tensor, scale in self.terms:  # x (T S)^T = (x S^T) T^T
+            part = mul(_scaled(x, scale, transposed=True), tensor)
             out = part.mul_(alpha) if out is None else out.add_(part, alpha=alpha)
         return out if out is not None else x.new_zeros(x.shape[0], self.like.shape[0])
 
@@ -70,16 +110,16 @@ class Gamma:
                 continue
             if tensor is target:
                 raise ValueError("a scaled term of gamma cannot be added to itself in place")
-            if scale is None:
-                target.add_(tensor, alpha=alpha * a)
-            else:
+            if isinstance(scale, torch.Tensor):
                 target.addcmul_(tensor, scale, value=alpha * a)
+            else:
+                target.add_(_scaled(tensor, scale), alpha=alpha * a)
 
     def dense(self) -> torch.Tensor:
         """The combination as a new tensor (row vectors: the exact adjoint)."""
         out = torch.zeros_like(self.like)
         for a, tensor, scale in self.terms:
-            out.add_(tensor if scale is None else tensor * scale, alpha=a)
+            out.add_(_scaled(tensor, scale), alpha=a)
         return out
 
 

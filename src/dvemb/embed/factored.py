@@ -1,0 +1,110 @@
+"""Adam's second-moment path on projected coordinates: per step, Kronecker operators from factored rows.
+
+A store with ``second_factors`` holds, per projected layer and step, a rank-1 fit x y^T of
+sqrt(|r_t d_t|) and a sign (capture/whitening.py), next to the whitening factors R_t = exp(r) exp(c)^T.
+:class:`~dvemb.update.adam.WhitenedAdam` (``factored``) reads them through two symmetric operators on
+the layer's projected coordinates (rows P_out G P_in^T, k_out-major)::
+
+    "second"   = s_t sign_t (P_out diag(e^r x) P_out^+) (x) (P_in diag(e^c y) P_in^+)
+    "gradient" =            (P_out diag(x / e^r) P_out^+) (x) (P_in diag(y / e^c) P_in^+)
+
+P^+ = P^T (P P^T)^-1 maps projected coordinates back (P^T for fitted bases, whose rows are
+orthonormal; seeded projections have P P^T ~ (d / k) I, which P^T alone would count in). A row u,
+as a k_out x k_in matrix U, becomes u (A (x) B) = A^T U B. A part that sketches the layer (S, see
+plan.py) applies S^T-then-S around it: its coordinates are S of the layer's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ..store import Store, second_moment_factors, whitening_factors
+from .plan import Part
+
+
+@dataclass(frozen=True)
+class _Block:
+    """One part's place among a block's coordinates and its projection matrices."""
+
+    columns: slice
+    p_out: torch.Tensor  # [k_out, d_out]
+    p_in: torch.Tensor  # [k_in, d_in (+1)]
+    back_out: torch.Tensor  # P_out^+ [d_out, k_out]
+    back_in: torch.Tensor  # P_in^+ [d_in (+1), k_in]
+    sketch: torch.Tensor | None  # [width, k] (None: the part is the whole layer)
+
+
+class FactoredSecondMoment:
+    """The operators of each step for one block of parts (parts of layers that follow Adam elementwise, or of
+    stores without second factors, get none: zero there)."""
+
+    def __init__(self, store: Store, parts: Sequence[Part], dtype: torch.dtype, device: torch.device | None) -> None:
+        self._dtype, self._device = dtype, device
+        self._specs, self._rows, self._blocks = [], [], []
+        offset = 0
+        for part in parts:
+            spec = store.layers[part.layer]
+            width = part.width(store)
+            if not store.config.elementwise(part.layer):
+                sketch = None if part.sketch is None else part.matrix(spec.dim, dtype, device)
+                p_out, p_in = spec.proj_out.matrix(dtype, device), spec.proj_in.matrix(dtype, device)
+                self._blocks.append(_Block(slice(offset, offset + width), p_out, p_in, _back(p_out), _back(p_in),
+                                           sketch))
+                self._specs.append(spec)
+                self._rows.append(store.second_factors(part.layer))
+            offset += width
+
+    def at(self, t: int, s: float) -> dict[str, "KroneckerBlocks"]:
+        """Step t's ``"second"`` (with s_t = lr / (1 - beta1^(t+1))) and ``"gradient"`` operators."""
+        second, gradient = [], []
+        for block, spec, rows in zip(self._blocks, self._specs, self._rows):
+            r, c = (v.to(self._dtype) for v in whitening_factors(rows[t], spec))
+            x, y, sign = second_moment_factors(rows[t], spec)
+            x, y = x.to(self._dtype), y.to(self._dtype)
+            second.append((block, s * sign, self._side(block.p_out, x * r.exp(), block.back_out),
+                           self._side(block.p_in, y * c.exp(), block.back_in)))
+            gradient.append((block, 1.0, self._side(block.p_out, x / r.exp(), block.back_out),
+                             self._side(block.p_in, y / c.exp(), block.back_in)))
+        return {"second": KroneckerBlocks(second), "gradient": KroneckerBlocks(gradient)}
+
+    def _side(self, p: torch.Tensor, scale: torch.Tensor, back: torch.Tensor) -> torch.Tensor:
+        """P diag(scale) P^+."""
+        return (p * scale.to(device=p.device, dtype=p.dtype)) @ back
+
+    def __bool__(self) -> bool:
+        return bool(self._blocks)
+
+
+def _back(p: torch.Tensor) -> torch.Tensor:
+    """P^+ of a projection [k, d] with full row rank: P^T (P P^T)^-1 (P^T for orthonormal rows, up to round-off)."""
+    return torch.linalg.solve(p @ p.T, p).T
+
+
+class KroneckerBlocks:
+    """The operator M that is coefficient * A (x) B on each part's columns, zero elsewhere (:class:`Operator`)."""
+
+    def __init__(self, terms: list[tuple[_Block, float, torch.Tensor, torch.Tensor]]) -> None:
+        self._terms = terms
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x M: A^T X B per part."""
+        return self._apply(x, transposed=False)
+
+    def transposed(self, x: torch.Tensor) -> torch.Tensor:
+        """x M^T: A X B^T per part."""
+        return self._apply(x, transposed=True)
+
+    def _apply(self, x: torch.Tensor, transposed: bool) -> torch.Tensor:
+        out = torch.zeros_like(x)
+        for block, coefficient, a, b in self._terms:
+            left, right = (a, b.T) if transposed else (a.T, b)
+            z = x[:, block.columns]
+            if block.sketch is not None:
+                z = z @ block.sketch
+            y = torch.matmul(torch.matmul(left, z.reshape(-1, a.shape[0], b.shape[0])), right).reshape(z.shape)
+            out[:, block.columns] = (y if block.sketch is None else y @ block.sketch.T).mul_(coefficient)
+        return out
+
