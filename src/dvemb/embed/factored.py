@@ -16,7 +16,6 @@ plan.py) applies S^T-then-S around it: its coordinates are S of the layer's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -25,16 +24,33 @@ from ..store import Store, second_moment_factors, whitening_factors
 from .plan import Part
 
 
-@dataclass(frozen=True)
-class _Block:
-    """One part's place among a block's coordinates and its projection matrices."""
+class KroneckerBlock:
+    """One layer's (or part's) place among a block's coordinates, and its projections P_out [k_out, d_out] and
+    P_in [k_in, d_in (+1)] with their pseudo-inverses; ``sketch`` S [width, k_out k_in] for a sketched part."""
 
-    columns: slice
-    p_out: torch.Tensor  # [k_out, d_out]
-    p_in: torch.Tensor  # [k_in, d_in (+1)]
-    back_out: torch.Tensor  # P_out^+ [d_out, k_out]
-    back_in: torch.Tensor  # P_in^+ [d_in (+1), k_in]
-    sketch: torch.Tensor | None  # [width, k] (None: the part is the whole layer)
+    def __init__(self, columns: slice, p_out: torch.Tensor, p_in: torch.Tensor, sketch: torch.Tensor | None = None
+                 ) -> None:
+        self.columns, self.p_out, self.p_in, self.sketch = columns, p_out, p_in, sketch
+        self._back_out, self._back_in = _back(p_out), _back(p_in)
+
+    def sides(self, row: torch.Tensor, column: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(P_out diag(row) P_out^+, P_in diag(column) P_in^+): A (x) B is P diag(row column^T) P^+."""
+        return _side(self.p_out, row, self._back_out), _side(self.p_in, column, self._back_in)
+
+
+def _side(p: torch.Tensor, scale: torch.Tensor, back: torch.Tensor) -> torch.Tensor:
+    return (p * scale.to(device=p.device, dtype=p.dtype)) @ back
+
+
+def second_moment_operators(blocks: Sequence[tuple[KroneckerBlock, Sequence[torch.Tensor], float]], s: float
+                            ) -> dict[str, "KroneckerBlocks"]:
+    """A step's ``"second"`` and ``"gradient"`` operators from each block's (r, c, x, y) (log whitening factors,
+    second-moment factors) and sign, with s_t = lr / (1 - beta1^(t+1))."""
+    second, gradient = [], []
+    for block, (r, c, x, y), sign in blocks:
+        second.append((block, s * sign, *block.sides(x * r.exp(), y * c.exp())))
+        gradient.append((block, 1.0, *block.sides(x / r.exp(), y / c.exp())))
+    return {"second": KroneckerBlocks(second), "gradient": KroneckerBlocks(gradient)}
 
 
 class FactoredSecondMoment:
@@ -42,7 +58,7 @@ class FactoredSecondMoment:
     stores without second factors, get none: zero there)."""
 
     def __init__(self, store: Store, parts: Sequence[Part], dtype: torch.dtype, device: torch.device | None) -> None:
-        self._dtype, self._device = dtype, device
+        self._dtype = dtype
         self._specs, self._rows, self._blocks = [], [], []
         offset = 0
         for part in parts:
@@ -50,29 +66,20 @@ class FactoredSecondMoment:
             width = part.width(store)
             if not store.config.elementwise(part.layer):
                 sketch = None if part.sketch is None else part.matrix(spec.dim, dtype, device)
-                p_out, p_in = spec.proj_out.matrix(dtype, device), spec.proj_in.matrix(dtype, device)
-                self._blocks.append(_Block(slice(offset, offset + width), p_out, p_in, _back(p_out), _back(p_in),
-                                           sketch))
+                self._blocks.append(KroneckerBlock(slice(offset, offset + width), spec.proj_out.matrix(dtype, device),
+                                                   spec.proj_in.matrix(dtype, device), sketch))
                 self._specs.append(spec)
                 self._rows.append(store.second_factors(part.layer))
             offset += width
 
     def at(self, t: int, s: float) -> dict[str, "KroneckerBlocks"]:
-        """Step t's ``"second"`` (with s_t = lr / (1 - beta1^(t+1))) and ``"gradient"`` operators."""
-        second, gradient = [], []
+        """Step t's ``"second"`` and ``"gradient"`` operators."""
+        factors = []
         for block, spec, rows in zip(self._blocks, self._specs, self._rows):
-            r, c = (v.to(self._dtype) for v in whitening_factors(rows[t], spec))
             x, y, sign = second_moment_factors(rows[t], spec)
-            x, y = x.to(self._dtype), y.to(self._dtype)
-            second.append((block, s * sign, self._side(block.p_out, x * r.exp(), block.back_out),
-                           self._side(block.p_in, y * c.exp(), block.back_in)))
-            gradient.append((block, 1.0, self._side(block.p_out, x / r.exp(), block.back_out),
-                             self._side(block.p_in, y / c.exp(), block.back_in)))
-        return {"second": KroneckerBlocks(second), "gradient": KroneckerBlocks(gradient)}
-
-    def _side(self, p: torch.Tensor, scale: torch.Tensor, back: torch.Tensor) -> torch.Tensor:
-        """P diag(scale) P^+."""
-        return (p * scale.to(device=p.device, dtype=p.dtype)) @ back
+            vectors = [*whitening_factors(rows[t], spec), x, y]
+            factors.append((block, [v.to(self._dtype) for v in vectors], sign))
+        return second_moment_operators(factors, s)
 
     def __bool__(self) -> bool:
         return bool(self._blocks)
@@ -86,7 +93,7 @@ def _back(p: torch.Tensor) -> torch.Tensor:
 class KroneckerBlocks:
     """The operator M that is coefficient * A (x) B on each part's columns, zero elsewhere (:class:`Operator`)."""
 
-    def __init__(self, terms: list[tuple[_Block, float, torch.Tensor, torch.Tensor]]) -> None:
+    def __init__(self, terms: list[tuple[KroneckerBlock, float, torch.Tensor, torch.Tensor]]) -> None:
         self._terms = terms
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,9 @@ and step, from the mean square of the projected batch gradient), or ``"whitened"
 (:class:`~dvemb.update.adam.WhitenedAdam`: rows whitened by a rank-1 factor per layer of
 D_t^(-1/2) before projection; ``"whitened-lagged"`` takes D from the moments before the step,
 ``"whitened-elementwise"`` whitens elementwise, a reference the Kronecker trick cannot compute).
+With ``second_moment="full"``, ``projected_second_moment`` chooses what whitened coordinates do with v:
+``"factored"`` (the Recorder's model: per step the rank-1 fit of sqrt(|r_t d_t|) of each projected
+layer, from the replayed moments, through Kronecker operators, ``embed/factored.py``) or ``"frozen"``.
 
 Data value embeddings compute the same numbers as the adjoint with the same options, for every
 test point at once (tests/evaluate/test_adjoint.py checks this), so this is also their reference.
@@ -43,10 +46,12 @@ from torch.func import functional_call, vjp
 
 from ..progress import ProgressBar
 from ..update import Adam, StepCoefficients, UpdateRule
+from ..capture.whitening import leading_pair
+from ..embed.factored import KroneckerBlock, second_moment_operators
 from ..update.adam import WhitenedAdam
 from ..update.adam import EXP_AVG, EXP_AVG_SQ
-from .functions import (Projection, RunFunctions, Target, flatten, layer_projections, unflatten,
-                        with_steps)
+from .functions import (ComposedProjection, Projection, RunFunctions, Target, flatten, layer_projections,
+                        unflatten, with_steps)
 from .replay import Params, Record, Trajectory, record_weight
 
 AdjointCurvature = Literal["hessian", "ggn", "fisher", "gradient_outer", "none"]
@@ -64,6 +69,7 @@ class AdjointOptions:
     second_moment: Literal["full", "frozen"] = "full"
     preconditioner: Literal["layer", "whitened", "whitened-lagged", "whitened-elementwise"] = "whitened"
     whitening_clip: float | None = None  # with "whitened": R within [median / clip, median * clip] per layer
+    projected_second_moment: Literal["factored", "frozen"] = "factored"  # whitened coordinates and v (docstring)
     ggn_rank: int | None = None  # curvature="ggn": the Recorder's rank-k output factors (softmax cross-entropy)
     truncate: int | None = None  # curvature="ggn": each step's curvature (per block) cut to its top-r eigenvectors
 
@@ -137,7 +143,7 @@ def adjoint_estimate(trajectory: Trajectory, records: Sequence[Record], target: 
     rule, coefficients = _rule(spec.update, options), None
     whitening = None
     if isinstance(rule, Adam) and projections is not None and options.preconditioner != "layer":
-        whitening = _Whitening(run, coords, rule, options.preconditioner, options.whitening_clip)
+        whitening = _Whitening(run, coords, rule, options)
         rule, coefficients = whitening.rule, whitening
     coefficients = coefficients or _Coefficients(run, coords, rule)
     scale = whitening.scale if whitening else (lambda t, grads: grads)
@@ -272,17 +278,24 @@ class _Whitening:
     """Projected Adam in whitened coordinates: per step R_t (rank-1 per tracked layer, or elementwise), rho_t, s_t.
     Exact layers (identity projections) keep R = 1 and Adam's own P_t, Q_t, d_t, as the Recorder's stores do."""
 
-    def __init__(self, run: RunFunctions, coords: Coordinates, rule: Adam, mode: str, clip: float | None) -> None:
+    def __init__(self, run: RunFunctions, coords: Coordinates, rule: Adam, options: AdjointOptions) -> None:
         if not rule.decoupled and rule.weight_decay:
             raise ValueError("whitened projected Adam supports AdamW and Adam without weight decay")
+        mode, clip = options.preconditioner, options.whitening_clip
         self.run, self.coords, self.spec = run, coords, run.spec
         like = run.trajectory.final_params
         exact = {n for p in coords.projections if getattr(p, "exact", False) for n in (p.weight, p.bias) if n}
         self.exact = coords.project_flat(flatten({n: torch.full_like(x, float(n in exact)) for n, x in like.items()},
                                                  0)[None])[0] > 0.5
+        self.blocks = [(p, _kronecker_block(p, columns)) for p, columns in zip(coords.projections, coords.layers)
+                       if not getattr(p, "exact", False)]
+        factored = rule.second_moment == "full" and options.projected_second_moment == "factored" and bool(self.blocks)
+        if factored and mode == "whitened-elementwise":
+            raise ValueError("the factored second moment needs factored whitening: use projected_second_moment="
+                             "'frozen' with preconditioner='whitened-elementwise'")
         self.rule = WhitenedAdam(rule.beta1, rule.beta2, rule.eps, rule.weight_decay,
-                                 rule.second_moment if bool(self.exact.any()) else "frozen")
-        logs, self.elementwise, state = [], [], {}
+                                 rule.second_moment if bool(self.exact.any()) or factored else "frozen", factored)
+        logs, self.elementwise, self.second, state = [], [], [], {}
         for t in range(self.spec.num_steps):
             params = run.trajectory.params_at(t)
             c = rule.coefficients(self.spec.lr(t), t, state, flatten(run.step_gradient(t, params), 0),
@@ -294,6 +307,9 @@ class _Whitening:
             if clip is not None:
                 log_r = unflatten(self._clipped(log_r, clip), like)
             logs.append(log_r if mode == "whitened-elementwise" else self._factored(log_r))
+            if factored:
+                self.second.append(self._second_factors(logs[-1], unflatten(c.diagonals["second"] / c.diagonals[
+                    "precondition"] * c.diagonals["gradient"], like)))
             if self.exact.any():  # Adam's own coefficients, read on the exact layers' coordinates
                 self.elementwise.append({k: coords.project_flat(c.diagonals[k][None])[0]
                                          for k in ("precondition", "second", "gradient")})
@@ -326,6 +342,16 @@ class _Whitening:
                 out[p.bias] = fit[:, -1]
         return out
 
+    def _second_factors(self, log_r: Params, rho: Params) -> list:
+        """Per projected layer: its block, (r, c) of its factored log R, the leading pair (x, y) of sqrt(|rho|), and
+        the sign of sum(rho) (rho = r_t d_t elementwise: Adam's coupling through v, capture/whitening.py)."""
+        out = []
+        for p, block in self.blocks:
+            log = _layer_matrix(p, log_r)  # r_i + c_j, with c of mean zero
+            x, y = leading_pair(_layer_matrix(p, rho).abs().sqrt())
+            out.append((block, [log.mean(1), log.mean(0) - log.mean(), x, y], float(torch.sign(_layer_sum(p, rho)))))
+        return out
+
     @staticmethod
     def _layer_mean(log_r: Params, p) -> torch.Tensor:
         values = torch.cat([log_r[n].reshape(-1) for n in (p.weight, p.bias) if n])
@@ -348,4 +374,23 @@ class _Whitening:
         if self.elementwise:  # the exact layers' coordinates take Adam's own coefficients
             for name in diagonals.keys() - {"ratio"}:
                 diagonals[name][self.exact] = self.elementwise[t][name][self.exact]
-        return StepCoefficients(self.spec.lr(t), t, diagonals)
+        return StepCoefficients(self.spec.lr(t), t, diagonals,
+                                second_moment_operators(self.second[t], s) if self.second else {})
+
+
+def _kronecker_block(p, columns: slice) -> KroneckerBlock:
+    """A projected layer's Kronecker operator block: its own P_out and P_in, after a sketch for composed ones."""
+    if isinstance(p, ComposedProjection):
+        return KroneckerBlock(columns, p.inner.p_out, p.inner.p_in, p.matrix)
+    return KroneckerBlock(columns, p.p_out, p.p_in)
+
+
+def _layer_matrix(p, values: Params) -> torch.Tensor:
+    """A layer's parameter-shaped values as its [d_out, d_in (+1)] matrix (the rows' layout)."""
+    matrix = p.as_matrix(values[p.weight])
+    return torch.cat([matrix, values[p.bias][:, None]], 1) if p.bias is not None else matrix
+
+
+def _layer_sum(p, rho: Params) -> torch.Tensor:
+    """The sum of a layer's values."""
+    return sum(rho[n].sum() for n in (p.weight, p.bias) if n)

@@ -7,8 +7,8 @@ scored by the first-order adjoint (``dvemb.evaluate.adjoint``) under every combi
   matrix (= the true Fisher for softmax cross-entropy) and the exact Hessian;
 * blocking: per layer or global;
 * projection: the Recorder's per-layer Kronecker projection at ``--projection-dim``, or none;
-* for AdamW: the second moment's path followed or frozen (exact gradients; projected layers
-  get one preconditioner per layer and step and a frozen second moment, as the Recorder does).
+* for AdamW: the second moment's path followed or frozen (``/frozen-v``). Projected layers are whitened
+  and follow v through the rank-1 factored model, as the Recorder does (``dvemb.embed.factored``).
 
 The adjoint computes exactly what data value embeddings compute with the same options
 (tests/evaluate/test_adjoint.py), so each cell is what that configuration of dvemb would score,
@@ -58,10 +58,9 @@ def variants(projection_dim: int | None, adam: bool, curvatures=tuple(CURVATURE_
         for blocking in ("layer", "global"):
             for k in (projection_dim, None):
                 name = f"{curvature}/{blocking}/{'exact' if k is None else f'k{k}'}"
-                frozen = "frozen" if adam and k is not None else "full"
-                cells[name] = AdjointOptions(curvature, blocking, k, 0, frozen)
-                if adam and k is None:
-                    cells[name + "/frozen-v"] = AdjointOptions(curvature, blocking, None, 0, "frozen")
+                cells[name] = AdjointOptions(curvature, blocking, k, 0, "full")
+                if adam:
+                    cells[name + "/frozen-v"] = AdjointOptions(curvature, blocking, k, 0, "frozen")
     return cells
 
 
