@@ -20,6 +20,7 @@ CASES = {
     "recursion_efficiency": ["--steps", "2", "--dim", "16"],
     "curvature_cost": ["--steps", "2"],
     "curvature_cost_adamw": ["--steps", "2", "--optimizer", "adamw"],
+    "adam_recursion": ["--steps", "3", "--dim", "16"],
     "capture_overhead": ["--steps", "2", "--dims", "16"],
     "embedding_scale": ["--steps", "2", "--layers", "2"],
 }

@@ -2,7 +2,7 @@
 
 A store with ``second_factors`` holds, per projected layer and step, a rank-1 fit x y^T of
 sqrt(|r_t d_t|) and a sign (capture/whitening.py), next to the whitening factors R_t = exp(r) exp(c)^T.
-:class:`~dvemb.update.adam.WhitenedAdam` (``factored``) reads them through two symmetric operators on
+:class:`~dvemb.update.adam.WhitenedAdam` (``factored``) reads them through two operators on
 the layer's projected coordinates (rows P_out G P_in^T, k_out-major)::
 
     "second"   = s_t sign_t (P_out diag(e^r x) P_out^+) (x) (P_in diag(e^c y) P_in^+)

@@ -155,7 +155,7 @@ class WhitenedAdam(UpdateRule):
     Coefficients: ``"precondition"`` per coordinate, ``"ratio"``, and the lr's decoupled decay.
 
     ``factored`` (with ``second_moment="full"``): whitened coordinates follow v's path too, through
-    symmetric operators in place of Q_t and d_t (``operators["second"]`` and ``["gradient"]``, zero on
+    operators in place of Q_t and d_t (``operators["second"]`` and ``["gradient"]``, zero on
     exact coordinates). Adam's coupling Q_u d_t / P_u = r_u d_t between a gradient at step t and the
     update at step u >= t through v (r_u = m_u / (2 D_u sqrt(v_u) sqrt(1 - beta2^(u+1))), elementwise)
     is taken as sign_u f_u f_t, with f_t = x_t y_t^T a rank-1 (row x column) fit of sqrt(|r_t d_t|) per
