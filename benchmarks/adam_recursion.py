@@ -12,11 +12,11 @@ everywhere: two). Reported: the median seconds of each and the median of the run
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
-from common import alternate, base_parser, configure, median, mnist_mlp, print_table, ratios, seconds, write_results
+from common import (alternate, base_parser, configure, embedding_seconds_read_as, median, mnist_mlp, print_table, ratios,
+                    seconds, write_results)
 
 import torch
 import torch.nn.functional as F
@@ -43,15 +43,7 @@ def record(path: Path, sizes: tuple[int, ...], batch: int, steps: int, dim: int)
 
 def frozen_seconds(path: Path) -> float:
     """Seconds of ``compute_embeddings`` on the store read with the second moment frozen."""
-    manifest = path / "manifest.json"
-    plain = manifest.read_text()
-    data = json.loads(plain)
-    data["update"]["second_moment"] = "frozen"
-    manifest.write_text(json.dumps(data))
-    try:
-        return seconds(lambda: dvemb.compute_embeddings(path, show_progress=False))
-    finally:
-        manifest.write_text(plain)
+    return embedding_seconds_read_as(path, lambda data: data["update"].update(second_moment="frozen"))
 
 
 def main() -> None:

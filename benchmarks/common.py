@@ -131,6 +131,20 @@ def seconds(fn: Callable[[], object]) -> float:
     return elapsed(fn).wall
 
 
+def embedding_seconds_read_as(path: Path, change: Callable[[dict], None], **options: object) -> float:
+    """Seconds of ``dvemb.compute_embeddings(path, **options)`` with the store's manifest changed by ``change``
+    (in place, on its JSON), restored afterwards."""
+    manifest = path / "manifest.json"
+    plain = manifest.read_text()
+    data = json.loads(plain)
+    change(data)
+    manifest.write_text(json.dumps(data))
+    try:
+        return seconds(lambda: dvemb.compute_embeddings(path, show_progress=False, **options))
+    finally:
+        manifest.write_text(plain)
+
+
 def alternate(variants: Mapping[str, Callable[[], R]], runs: int) -> dict[str, list[R]]:
     """Call every variant once per run, rotating their order each run; return each variant's measurements."""
     names = list(variants)

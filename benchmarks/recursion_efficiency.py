@@ -16,12 +16,11 @@ U, V recursion: ``dvemb/update/sgd.py``). The ratios are medians over runs of th
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
-from common import (BATCH, EMBED_PAPER, MLP_SIZES, alternate, base_parser, configure, median, print_table, ratios, record_store,
-                    seconds, write_results)
+from common import (BATCH, EMBED_PAPER, MLP_SIZES, alternate, base_parser, configure, embedding_seconds_read_as, median,
+                    print_table, ratios, record_store, seconds, write_results)
 
 import torch
 
@@ -72,15 +71,8 @@ def rank_update_seconds(dims: list[int], batch: int, steps: int) -> float:
 
 def momentum_seconds(path: Path, momentum: float = 0.9) -> float:
     """Seconds of ``compute_embeddings`` on the same store read as recorded with SGD momentum (U, V recursion)."""
-    manifest = path / "manifest.json"
-    plain = manifest.read_text()
-    data = json.loads(plain)
-    data["update"] = SGD(momentum=momentum).to_dict()
-    manifest.write_text(json.dumps(data))
-    try:
-        return seconds(lambda: dvemb.compute_embeddings(path, show_progress=False, **EMBED_PAPER))
-    finally:
-        manifest.write_text(plain)
+    return embedding_seconds_read_as(path, lambda data: data.update(update=SGD(momentum=momentum).to_dict()),
+                                     **EMBED_PAPER)
 
 
 def main() -> None:
