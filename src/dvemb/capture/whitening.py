@@ -80,7 +80,8 @@ class Whitening:
 
     def _second(self, module: nn.Module, spec: LayerSpec, t: int) -> SecondFactors:
         if spec.exact:  # followed elementwise
-            return torch.zeros(spec.d_out, dtype=torch.float64), torch.zeros(spec.d_in + spec.bias, dtype=torch.float64), 0.0
+            zeros = torch.zeros(spec.d_out + spec.d_in + spec.bias, dtype=torch.float64)
+            return zeros[: spec.d_out], zeros[spec.d_out:], 0.0
         d = self._gradient(module, spec, torch.float32)  # the factors need no more: float32 halves their cost
         m, v = self.rule.moments({name: self._state(module, spec, name, d.dtype) for name in (EXP_AVG, EXP_AVG_SQ)}, d)
         rho = self.rule.coupling(m, v, t).mul_(d)
@@ -132,7 +133,7 @@ def leading_pair(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if norm == 0:
             return x, y
         x = matrix @ y / norm
-        y = matrix.T @ x / (x @ x).clamp(min=1e-300)
+        y = matrix.T @ x / (x @ x).clamp(min=torch.finfo(x.dtype).tiny)
     return x, y
 
 
