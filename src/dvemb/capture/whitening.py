@@ -73,7 +73,7 @@ class Whitening:
             return torch.zeros(spec.d_out, dtype=torch.float64), torch.zeros(spec.d_in + spec.bias, dtype=torch.float64)
         v = self._state(module, spec, EXP_AVG_SQ)
         if current:
-            v = self.rule.beta2 * v + (1 - self.rule.beta2) * self._gradient(module, spec) ** 2
+            _, v = self.rule.moments({EXP_AVG_SQ: v}, self._gradient(module, spec))
         log_r = -0.5 * torch.log((v / (1 - self.rule.beta2 ** steps)).sqrt() + self.rule.eps)
         mean = log_r.mean()
         return log_r.mean(1).cpu(), (log_r.mean(0) - mean).cpu()

@@ -308,8 +308,8 @@ class _Whitening:
                 log_r = unflatten(self._clipped(log_r, clip), like)
             logs.append(log_r if mode == "whitened-elementwise" else self._factored(log_r))
             if factored:
-                self.second.append(self._second_factors(logs[-1], unflatten(c.diagonals["second"] / c.diagonals[
-                    "precondition"] * c.diagonals["gradient"], like)))
+                rho = rule.coupling(c.diagonals[EXP_AVG], c.diagonals[EXP_AVG_SQ], t) * c.diagonals["gradient"]
+                self.second.append(self._second_factors(logs[-1], unflatten(rho, like)))
             if self.exact.any():  # Adam's own coefficients, read on the exact layers' coordinates
                 self.elementwise.append({k: coords.project_flat(c.diagonals[k][None])[0]
                                          for k in ("precondition", "second", "gradient")})
@@ -332,9 +332,7 @@ class _Whitening:
         """log R with each tracked layer's [W | b] replaced by its best row + column fit (rank 1 after exp)."""
         out = dict(log_r)
         for p in self.coords.projections:
-            matrix = p.as_matrix(log_r[p.weight])
-            if p.bias is not None:
-                matrix = torch.cat([matrix, log_r[p.bias][:, None]], 1)
+            matrix = _layer_matrix(p, log_r)
             fit = matrix.mean(1, keepdim=True) + matrix.mean(0, keepdim=True) - matrix.mean()
             _, back = vjp(p.as_matrix, log_r[p.weight])
             out[p.weight] = back(fit[:, : fit.shape[1] - (p.bias is not None)].contiguous())[0]
@@ -347,9 +345,9 @@ class _Whitening:
         the sign of sum(rho) (rho = r_t d_t elementwise: Adam's coupling through v, capture/whitening.py)."""
         out = []
         for p, block in self.blocks:
-            log = _layer_matrix(p, log_r)  # r_i + c_j, with c of mean zero
-            x, y = leading_pair(_layer_matrix(p, rho).abs().sqrt())
-            out.append((block, [log.mean(1), log.mean(0) - log.mean(), x, y], float(torch.sign(_layer_sum(p, rho)))))
+            log, coupling = _layer_matrix(p, log_r), _layer_matrix(p, rho)  # log: r_i + c_j, with c of mean zero
+            x, y = leading_pair(coupling.abs().sqrt())
+            out.append((block, [log.mean(1), log.mean(0) - log.mean(), x, y], float(torch.sign(coupling.sum()))))
         return out
 
     @staticmethod
@@ -389,8 +387,3 @@ def _layer_matrix(p, values: Params) -> torch.Tensor:
     """A layer's parameter-shaped values as its [d_out, d_in (+1)] matrix (the rows' layout)."""
     matrix = p.as_matrix(values[p.weight])
     return torch.cat([matrix, values[p.bias][:, None]], 1) if p.bias is not None else matrix
-
-
-def _layer_sum(p, rho: Params) -> torch.Tensor:
-    """The sum of a layer's values."""
-    return sum(rho[n].sum() for n in (p.weight, p.bias) if n)

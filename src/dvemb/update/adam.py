@@ -112,13 +112,19 @@ class Adam(UpdateRule):
         return m / denominator.clamp(min=torch.finfo(denominator.dtype).tiny)
 
     def mix(self, adjoints: list[torch.Tensor], c: StepCoefficients) -> Gamma:
-        """W_m = V_m - U P_t, W_v = V_v + U Q_t (in place); gamma = (1 - beta1) W_m + 2 (1 - beta2) W_v diag(d_t)."""
+        """W_m = V_m - U P_t, W_v = V_v + U Q_t (in place); gamma = (1 - beta1) W_m + 2 (1 - beta2) W_v diag(d_t).
+        Operators ``"second"`` and ``"gradient"`` in ``c`` add non-diagonal parts to Q_t and diag(d_t)
+        (:class:`WhitenedAdam`'s projected coordinates)."""
         u, diag = adjoints[0], c.diagonals
         w_m = adjoints[1].addcmul_(u, diag["precondition"], value=-1.0)
         terms = [(1.0 - self.beta1, w_m, None)]
         if self.second_moment == "full":
             w_v = adjoints[2].addcmul_(u, diag["second"])
-            terms.append((2.0 * (1.0 - self.beta2), w_v, diag["gradient"]))
+            gradient = diag["gradient"]
+            if "second" in c.operators:
+                w_v.add_(c.operators["second"](u))
+                gradient = PlusDiagonal(c.operators["gradient"], gradient)
+            terms.append((2.0 * (1.0 - self.beta2), w_v, gradient))
         return Gamma(u, terms)
 
     def settle(self, adjoints: list[torch.Tensor], gamma: Gamma, c: StepCoefficients) -> None:
@@ -200,14 +206,9 @@ class WhitenedAdam(UpdateRule):
         return self.adam.step(params, grads, state, lr, t)
 
     def mix(self, adjoints: list[torch.Tensor], c: StepCoefficients) -> Gamma:
-        """W_m = V_m - U P_t, W_v = V_v + U Q_t (in place); gamma as :meth:`Adam.mix`. With factored operators Q~,
-        d~ on whitened coordinates: W_v += U Q~ and gamma's v term 2 (1 - beta2) W_v (diag(d_t) + d~)."""
-        gamma = self.adam.mix(adjoints, c)
-        if "second" not in c.operators:
-            return gamma
-        w_v = adjoints[2].add_(c.operators["second"](adjoints[0]))
-        v_term = PlusDiagonal(c.operators["gradient"], c.diagonals["gradient"])
-        return Gamma(gamma.like, [*gamma.terms[:-1], (2.0 * (1.0 - self.beta2), w_v, v_term)])
+        """W_m = V_m - U P_t, W_v = V_v + U Q_t (in place); gamma as :meth:`Adam.mix`, whose operators carry the
+        factored Q~ and d~ of whitened coordinates: W_v += U Q~, gamma's v term 2 (1 - beta2) W_v (diag(d_t) + d~)."""
+        return self.adam.mix(adjoints, c)
 
     def settle(self, adjoints: list[torch.Tensor], gamma: Gamma, c: StepCoefficients) -> None:
         """U *= 1 - eta lambda, V_m = beta1 / rho_t W_m, V_v = beta2 W_v."""
