@@ -15,11 +15,10 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from common import (alternate, base_parser, configure, embedding_seconds_read_as, median, mnist_mlp, print_table, ratios,
-                    seconds, write_results)
+from common import (alternate, backward, base_parser, configure, embedding_seconds_read_as, median, mnist_mlp,
+                    print_table, ratios, seconds, write_results)
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import dvemb
@@ -34,9 +33,8 @@ def record(path: Path, sizes: tuple[int, ...], batch: int, steps: int, dim: int)
     gen = torch.Generator().manual_seed(0)
     with dvemb.Recorder(model, path, projection_dim=dim, optimizer=opt) as rec:
         for t in range(steps):
-            x, y = torch.randn(batch, sizes[0], generator=gen), torch.randint(0, sizes[-1], (batch,), generator=gen)
-            with rec.step(range(t * batch, (t + 1) * batch)):
-                F.cross_entropy(model(x), y).backward()
+            data = torch.randn(batch, sizes[0], generator=gen), torch.randint(0, sizes[-1], (batch,), generator=gen)
+            backward(model, data, rec, first_id=t * batch)
             opt.step()
             opt.zero_grad()
 

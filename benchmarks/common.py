@@ -77,15 +77,22 @@ def random_batches(n: int, batch: int = BATCH, seed: int = 0) -> Iterator[Batch]
         yield torch.randn(batch, MLP_SIZES[0], generator=gen), torch.randint(0, MLP_SIZES[-1], (batch,), generator=gen)
 
 
-def sgd_step(model: nn.Module, batch: Batch, rec: dvemb.Recorder | None = None, first_id: int = 0,
-             lr: float = LR) -> None:
-    """One plain SGD step (forward, mean cross-entropy, backward, update by hand), recorded when ``rec`` is given."""
+def backward(model: nn.Module, batch: Batch, rec: dvemb.Recorder | None = None, first_id: int = 0,
+             lr: float | None = None) -> None:
+    """Forward, mean cross-entropy and backward of one batch, recorded when ``rec`` is given (with ``lr``, or the
+    Recorder's optimizer's)."""
     x, y = batch
     if rec is None:
         F.cross_entropy(model(x), y).backward()
     else:
         with rec.step(range(first_id, first_id + len(x)), lr=lr):
             F.cross_entropy(model(x), y).backward()
+
+
+def sgd_step(model: nn.Module, batch: Batch, rec: dvemb.Recorder | None = None, first_id: int = 0,
+             lr: float = LR) -> None:
+    """One plain SGD step (forward, mean cross-entropy, backward, update by hand), recorded when ``rec`` is given."""
+    backward(model, batch, rec, first_id, lr)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(p.grad, alpha=-lr)

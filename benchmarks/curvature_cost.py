@@ -24,11 +24,10 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
-from common import (Batch, Elapsed, alternate, base_parser, configure, elapsed, median, mnist_mlp, print_table,
-                    ratios, sgd_step, write_results)
+from common import (Batch, Elapsed, alternate, backward, base_parser, configure, elapsed, median, mnist_mlp,
+                    print_table, ratios, sgd_step, write_results)
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import dvemb
@@ -56,12 +55,7 @@ def train(model: nn.Module, batches: list[Batch], rec: dvemb.Recorder | None,
         if optimizer is None:
             sgd_step(model, batch, rec, first_id=t * len(batch[0]), lr=LR)
             continue
-        x, y = batch
-        if rec is None:
-            F.cross_entropy(model(x), y).backward()
-        else:
-            with rec.step(range(t * len(x), (t + 1) * len(x))):
-                F.cross_entropy(model(x), y).backward()
+        backward(model, batch, rec, first_id=t * len(batch[0]))
         optimizer.step()
         optimizer.zero_grad()
     if rec is not None:
