@@ -157,3 +157,31 @@ def test_operators_on_sketched_parts_conjugate_by_the_sketch(tmp_path):
             torch.testing.assert_close(ops[name].transposed(x)[:, columns], x[:, columns] @ sk @ m.T @ sk.T,
                                        rtol=1e-9, atol=1e-12)
         offset = columns.stop
+
+
+def _finals(store: Store) -> np.ndarray:
+    return np.concatenate([np.array(a.read(store.n_records)) for a in final_arrays(store, "float64")], 1)
+
+
+def test_second_moment_can_be_frozen(tmp_path):
+    """``second_moment="frozen"`` drops v's path (its equality with the adjoint is in test_adjoint); it is recorded
+    in the plan, keeps no v buffer in Algorithm 2's files, composes like Algorithm 1, and `dvemb embed` takes it."""
+    from dvemb.cli import main
+    from dvemb.embed.layout import SEGMENTS_DIR, embedding_info, embedding_plan, embeddings_dir
+
+    _run(tmp_path / "s")
+    store = Store(tmp_path / "s")
+    dvemb.compute_embeddings(tmp_path / "s", blocking="global", show_progress=False)
+    followed = _finals(store)
+    dvemb.compute_embeddings(tmp_path / "s", blocking="global", second_moment="frozen", checkpoints=[2, 4],
+                             show_progress=False)
+    assert embedding_plan(embedding_info(store)).second_moment == "frozen"
+    assert not list((embeddings_dir(store) / SEGMENTS_DIR).glob("*exp_avg_sq*"))
+    frozen = _finals(store)
+    assert np.abs(frozen - followed).max() > 1e-3 * np.abs(followed).max()
+    assert main(["embed", str(tmp_path / "s"), "--blocking", "global", "--second-moment", "frozen",
+                 "--no-progress"]) == 0
+    # one segment against three composed, float64: round-off only
+    np.testing.assert_allclose(_finals(store), frozen, rtol=1e-9, atol=1e-12 * np.abs(frozen).max())
+    with pytest.raises(ValueError, match="second_moment must be one of"):
+        dvemb.compute_embeddings(tmp_path / "s", second_moment="none", show_progress=False)

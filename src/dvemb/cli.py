@@ -137,6 +137,9 @@ def _parser(argv: Sequence[str]) -> argparse.ArgumentParser:
                             "layer (the paper's), global, hierarchical")
     embed.add_argument("--memory", type=positive_int, default=768, metavar="MiB",
                        help="budget for the propagators beyond one per layer (default: 768)")
+    embed.add_argument("--second-moment", choices=("followed", "frozen"), default="followed",
+                       help="Adam's second moment: followed (default: a record's effect on v is followed, exactly in "
+                            "exact layers and factored in projected layers) or frozen (held fixed; cheaper)")
     embed.add_argument("--workers", type=positive_int, default=1, metavar="N",
                        help="processes sharing the segments and layers (default: 1)")
     embed.add_argument("--device", default=None, metavar="DEVICE",
@@ -181,7 +184,7 @@ def _embed(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     info = compute_embeddings(args.store, checkpoints=args.checkpoints, workers=args.workers,
                               precision=args.precision, blocking=args.blocking, memory=args.memory << 20,
-                              show_progress=not args.no_progress, device=args.device, allow_tf32=args.allow_tf32)
+                              second_moment=args.second_moment, show_progress=not args.no_progress, device=args.device, allow_tf32=args.allow_tf32)
     print(f"embeddings of {info.committed_records} records over {info.committed_steps} steps "
           f"({info.precision}) written to {info.path} in {time.perf_counter() - start:.2f} s")
     return 0

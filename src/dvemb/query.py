@@ -277,7 +277,7 @@ def _ensure_embeddings(store: Store, checkpoints: Checkpoints, blocking: Blockin
         if info is not None and info.get("layout_version") == LAYOUT_VERSION:
             options = {"checkpoints": checkpoints or _interior(info, store.n_steps),
                        "blocking": blocking or info["blocking"], "memory": info["memory"],
-                       "step_rank": embedding_plan(info).step_rank}
+                       "step_rank": embedding_plan(info).step_rank, "second_moment": embedding_plan(info).second_moment}
             warnings.warn(f"{store.path}: the embeddings are stale ({stale}); recomputing them with the same "
                           "options", stacklevel=4)
         compute_embeddings(store.path, show_progress=show_progress, **options)

@@ -126,17 +126,19 @@ def test_approximations_equal_data_value_embeddings_with_the_same_options(tmp_pa
 
 @pytest.mark.parametrize("blocking", ["layer", "global"])
 @pytest.mark.parametrize("k", [8, 12])  # 12: the 3 x 8 output layer stays exact and follows Adam with v's path
-def test_whitened_adam_equals_the_adjoint_in_whitened_coordinates(tmp_path, blocking, k):
+@pytest.mark.parametrize("second_moment", ["followed", "frozen"])
+def test_whitened_adam_equals_the_adjoint_in_whitened_coordinates(tmp_path, blocking, k, second_moment):
     spec, validation = make_spec(Adam(weight_decay=0.05), 0.02)
     model = record_run(spec, tmp_path / "s", dtype=torch.float64, projection_dim=k, fit_steps=1)
     store = Store(tmp_path / "s")
     assert store.config.whitening and [s.exact for s in store.layers] == [False, k == 12]
+    dvemb.compute_embeddings(tmp_path / "s", blocking=blocking, second_moment=second_moment, show_progress=False)
     x, y = validation
     inf = dvemb.influence(tmp_path / "s", model, lambda: F.cross_entropy(model(x), y, reduction="none"),
                           blocking=blocking)
     records = list(zip(inf.steps.tolist(), inf.sample_ids.tolist()))
-    options = AdjointOptions("ggn", blocking, k, ggn_rank=3, second_moment="full", preconditioner="whitened-lagged",
-                             truncate=TRUNCATE)  # 6 records per step: cut to 3
+    options = AdjointOptions("ggn", blocking, k, ggn_rank=3, second_moment="full" if second_moment == "followed" else
+                             "frozen", preconditioner="whitened-lagged", truncate=TRUNCATE)  # 6 records per step: cut to 3
     estimate = adjoint_estimate(train(spec), records, mean_loss(validation), options,
                                 projections=store_projections(tmp_path / "s", model))[0]
     np.testing.assert_allclose(inf.scores.mean(axis=0), estimate, **TOL)

@@ -15,6 +15,7 @@ its per-layer and per-step scale.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -24,15 +25,18 @@ from ..store import Store, to_torch, whitening_level
 from ..update import Adam, StepCoefficients, UpdateRule
 from ..update.adam import WhitenedAdam
 from .factored import FactoredSecondMoment
-from .plan import Part
+from .plan import Part, SecondMoment
 
 CoefficientsAt = Callable[[int], StepCoefficients]
 
 
-def linearised_rule(store: Store) -> UpdateRule:
+def linearised_rule(store: Store, second_moment: SecondMoment = "followed") -> UpdateRule:
     """The rule the recursion follows: the store's, or Adam in whitened coordinates for whitened rows (with v's
-    path where exact layers follow Adam elementwise and the store's rule follows it)."""
+    path where exact layers follow Adam elementwise and the store's rule follows it); ``second_moment="frozen"``
+    drops v's path from an Adam rule."""
     rule, config = store.config.update, store.config
+    if second_moment == "frozen" and isinstance(rule, Adam):
+        rule = replace(rule, second_moment="frozen")
     if config.whitening and isinstance(rule, Adam):
         elementwise = any(config.elementwise(i) for i in range(len(store.layers)))
         followed = rule.second_moment if elementwise or config.second_factors else "frozen"

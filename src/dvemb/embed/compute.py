@@ -25,7 +25,7 @@ from .checkpointing import Checkpoints, compose, segment_boundaries
 from .coefficients import linearised_rule
 from .layout import (LAYOUT_VERSION, PARTS_DIR, SEGMENTS_DIR, embeddings_dir, final_arrays, part_final_arrays,
                      propagator_arrays, segment_arrays, state_blocks)
-from .plan import DEFAULT_MEMORY, STEP_RANK, Blocking, Plan, make_plan
+from .plan import DEFAULT_MEMORY, SECOND_MOMENTS, STEP_RANK, Blocking, Plan, SecondMoment, make_plan
 from .recursion import CHUNK_BYTES, TORCH_DTYPES, Precision, default_precision, rows_per_chunk, run_recursion
 
 
@@ -75,6 +75,7 @@ def compute_embeddings(
     blocking: Blocking = "auto",
     memory: int = DEFAULT_MEMORY,
     step_rank: float | None = STEP_RANK,
+    second_moment: SecondMoment = "followed",
     chunk_rows: int | None = None,
     show_progress: bool = True,
     device: Device = None,
@@ -88,6 +89,10 @@ def compute_embeddings(
     over each layer's leading coordinates for the cross-layer curvature); ``"layer"`` is the
     paper's one per layer; ``"global"`` and ``"hierarchical"`` force those plans. Stored curvature rows
     are cut, step by step, to their top eigenvectors, ``step_rank`` of the step's records (None: whole).
+    ``second_moment`` (Adam): ``"followed"`` (default) follows how a record changes the second moment v,
+    exactly in exact layers and through the store's factored operators in projected layers
+    (``embed/factored.py``); ``"frozen"`` holds v fixed, so a record changes only the first moment (cheaper: two
+    propagator matrices per block instead of three). Other update rules ignore it.
     ``checkpoints`` splits the run into K evenly spaced segments (an int) or at given steps (a
     sequence), run independently (Algorithm 2) and composed; their boundaries become checkpoints
     for ``influence(..., checkpoint=l)``. ``workers`` processes share the segments and, when
@@ -102,8 +107,10 @@ def compute_embeddings(
     boundaries = segment_boundaries(store.n_steps, checkpoints)
     precision = _checked(store, precision, workers)
     device = resolve_device(device)
-    plan = make_plan(store, blocking, memory, linearised_rule(store).parts, TORCH_DTYPES[precision].itemsize,
-                     step_rank)
+    if second_moment not in SECOND_MOMENTS:
+        raise ValueError(f"second_moment must be one of {SECOND_MOMENTS}, got {second_moment!r}")
+    plan = replace(make_plan(store, blocking, memory, linearised_rule(store, second_moment).parts,
+                             TORCH_DTYPES[precision].itemsize, step_rank), second_moment=second_moment)
     _check_resources(store, plan, precision, len(boundaries) - 1, workers, device)
     out_dir = embeddings_dir(store)
     lock = StoreLock(out_dir, "computed")  # one computation at a time; recording may go on beside it
@@ -151,7 +158,7 @@ def _check_resources(store: Store, plan: Plan, precision: str, n_segments: int, 
                      device: torch.device) -> None:
     """Refuse up front a computation whose propagators exceed memory or whose files exceed the free disk."""
     itemsize = TORCH_DTYPES[precision].itemsize
-    matrices = linearised_rule(store).parts
+    matrices = linearised_rule(store, plan.second_moment).parts
     widths = [sum(plan.parts[i].width(store) for i in block) for block in plan.blocks]
     held = matrices * itemsize * sum(w * w for w in widths)
     on_device = device.type != "cpu"  # each worker holds its tasks' propagators: one GPU each, or this machine

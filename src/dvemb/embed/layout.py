@@ -56,27 +56,27 @@ def part_final_arrays(store: Store, plan: Plan, precision: str) -> list[Appendab
                             (p.width(store),)) for p in plan.parts]
 
 
-def state_parts(store: Store) -> int:
+def state_parts(store: Store, plan: Plan) -> int:
     """Parts of a record's local embedding: its effect on theta, and on each buffer of the update rule."""
-    return linearised_rule(store).parts
+    return linearised_rule(store, plan.second_moment).parts
 
 
 def state_blocks(store: Store, plan: Plan) -> list[list[int]]:
     """Per block, indices into :func:`segment_arrays`: its parts' theta parts, then their buffer parts."""
     n = len(plan.parts)
-    return [[i + k * n for k in range(state_parts(store)) for i in block] for block in plan.blocks]
+    return [[i + k * n for k in range(state_parts(store, plan)) for i in block] for block in plan.blocks]
 
 
 def segment_arrays(store: Store, plan: Plan, precision: str) -> list[AppendableArray]:
     """Per-part embeddings relative to the end of their segment, then each buffer's part for every part."""
-    suffixes = [""] + [f".{name}" for name in linearised_rule(store).buffers]
+    suffixes = [""] + [f".{name}" for name in linearised_rule(store, plan.second_moment).buffers]
     return [AppendableArray(embeddings_dir(store) / SEGMENTS_DIR / f"{p.name}{suffix}.npy", _float(precision),
                             (p.width(store),)) for suffix in suffixes for p in plan.parts]
 
 
 def propagator_arrays(store: Store, plan: Plan, precision: str) -> list[AppendableArray]:
     """Per-block stacks of segment propagators [K, dim_b, dim_b] ([K, parts dim_b, parts dim_b] with buffers)."""
-    dims = [state_parts(store) * sum(plan.parts[i].width(store) for i in block) for block in plan.blocks]
+    dims = [state_parts(store, plan) * sum(plan.parts[i].width(store) for i in block) for block in plan.blocks]
     return [AppendableArray(embeddings_dir(store) / SEGMENTS_DIR / f"block-{b}.propagators.npy", _float(precision),
                             (d, d)) for b, d in enumerate(dims)]
 

@@ -31,6 +31,10 @@ from ..store import Store
 
 Blocking = Literal["auto", "layer", "global", "hierarchical"]
 BLOCKINGS = ("auto", "layer", "global", "hierarchical")
+SecondMoment = Literal["followed", "frozen"]
+SECOND_MOMENTS = ("followed", "frozen")
+"""Adam's second moment in the recursion: its first-order path followed where the store allows (exactly in exact
+layers, through factored operators in projected layers whose store has second factors), or held fixed."""
 DEFAULT_MEMORY = 768 << 20
 """Default budget (bytes) for the propagators beyond one per layer."""
 TIME_BUDGET = 3.0
@@ -96,13 +100,15 @@ def _sketch_on(rows: int, dim: int, seed: int, dtype: torch.dtype, device: torch
 
 @dataclass(frozen=True)
 class Plan:
-    """Parts, the blocks (tuples of part indices) that share one propagator, and the share of each step's
-    records to which its curvature rows are cut (None: kept whole)."""
+    """Parts, the blocks (tuples of part indices) that share one propagator, the share of each step's
+    records to which its curvature rows are cut (None: kept whole), and how Adam's second moment is read
+    (:data:`SECOND_MOMENTS`)."""
 
     kind: str
     parts: tuple[Part, ...]
     blocks: tuple[tuple[int, ...], ...]
     step_rank: float | None = STEP_RANK
+    second_moment: SecondMoment = "followed"
 
     @property
     def trivial(self) -> bool:
@@ -113,13 +119,13 @@ class Plan:
     def to_dict(self) -> dict:
         """JSON form for the embeddings manifest."""
         return {"kind": self.kind, "parts": [p.to_dict() for p in self.parts], "blocks": [list(b) for b in self.blocks],
-                "step_rank": self.step_rank}
+                "step_rank": self.step_rank, "second_moment": self.second_moment}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Plan":
         """Inverse of :meth:`to_dict`."""
         return cls(d["kind"], tuple(Part.from_dict(p) for p in d["parts"]), tuple(tuple(b) for b in d["blocks"]),
-                   d.get("step_rank"))
+                   d.get("step_rank"), d.get("second_moment", "followed"))
 
 
 def make_plan(store: Store, blocking: Blocking = "auto", memory: int = DEFAULT_MEMORY, matrices: int = 1,

@@ -134,7 +134,7 @@ def run_recursion(
     layers = sorted({p.layer for block in parts for p in block})
     passes = store.curvature_passes
     arrays = [store.grads(i) for i in layers] + ([store.curvature(i) for i in layers] if passes else [])
-    rule = linearised_rule(store)
+    rule = linearised_rule(store, plan.second_moment)
     buffer = buffer and rule.parts > 1
     coefficients = [step_coefficients(store, rule, block, start, stop, dtype, device) for block in parts]
     states = [_State(sum(p.width(store) for p in block), dtype, rule, buffer, device) for block in parts]

@@ -225,7 +225,7 @@ def jsonable_config(config: Mapping[str, object]) -> dict[str, object]:
     return {k: str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else v for k, v in config.items()}
 
 
-EMBEDDING_OPTIONS = ("blocking", "step_rank", "memory", "precision")
+EMBEDDING_OPTIONS = ("blocking", "step_rank", "second_moment", "memory", "precision")
 """Keys of a DVEmb configuration that go to ``compute_embeddings``; the others go to the Recorder."""
 
 

@@ -520,6 +520,7 @@ def check_embeddings_manifest(info: object, source: str | os.PathLike, layout_ve
         plan.number("step_rank")
         if not 0 < step_rank <= 1:
             plan.fail(f"plan.'step_rank' must lie in (0, 1], got {_show(step_rank)}")
+    plan.text("second_moment", ("followed", "frozen"), optional=True)
     parts = plan.array("parts")
     if not parts:
         plan.fail("plan.'parts' is empty")

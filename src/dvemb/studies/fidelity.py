@@ -359,7 +359,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"(default: {DEFAULT_PROJECTION_DIM})")
     parser.add_argument("--config", action="append", default=[], metavar="NAME=JSON", type=config_argument,
                         help="an extra DVEmb configuration: Recorder keyword arguments (and compute_embeddings' "
-                             "blocking, step_rank, memory, precision) as a JSON object, e.g. "
+                             "blocking, step_rank, second_moment, memory, precision) as a JSON object, e.g. "
                              "'full={\"step_rank\": null}', with --projection-dim unless it sets projection_dim; "
                              "dtypes by name (repeatable)")
     parser.add_argument("--resamples", type=positive_int, default=1000, metavar="N",
