@@ -130,33 +130,29 @@ def test_recursion_follows_the_factored_second_moment(tmp_path, checkpoints):
     torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-12 * float(want.abs().max()))
 
 
-def test_operators_on_sketched_parts_conjugate_by_the_sketch(tmp_path):
-    """A hierarchical plan's coarse parts hold S z of a layer's coordinates z: their operators are S M S^T
-    (and S M^T S^T transposed), with M the layer's dense P diag(.) P^+ Kronecker product."""
+def test_sketched_parts_hold_v_fixed(tmp_path):
+    """A hierarchical plan's coarse parts (S z of a layer's coordinates z) get no operators; whole parts in the same
+    block keep theirs: P diag(.) P^+ Kronecker products, against dense matrices."""
     _run(tmp_path / "s")
     store = Store(tmp_path / "s")
     plan = hierarchical(store, q=5)
     sketched = [p for p in plan.parts if p.sketch is not None]
-    assert sketched
-    factored = FactoredSecondMoment(store, sketched, torch.float64, None)
+    assert sketched and not FactoredSecondMoment(store, sketched, torch.float64, None)
+    mixed = [plan.parts[0], sketched[0]]
     t, s = 3, 0.7
-    ops = factored.at(t, s)
-    x = torch.randn(4, sum(p.width(store) for p in sketched), dtype=torch.float64)
-    offset = 0
-    for part in sketched:
-        spec = store.layers[part.layer]
-        r, c = whitening_factors(store.whitening(part.layer)[t], spec)
-        fx, fy, sign = second_moment_factors(store.second_factors(part.layer)[t], spec)
-        p_out, p_in = spec.proj_out.matrix(torch.float64), spec.proj_in.matrix(torch.float64)
-        sk = part.matrix(spec.dim, torch.float64)
-        columns = slice(offset, offset + part.width(store))
-        for name, m in (("second", s * sign * _operator(p_out, p_in, fx * r.exp(), fy * c.exp())),
-                        ("gradient", _operator(p_out, p_in, fx / r.exp(), fy / c.exp()))):
-            # float64 products of a few small matrices in another order: round-off only
-            torch.testing.assert_close(ops[name](x)[:, columns], x[:, columns] @ sk @ m @ sk.T, rtol=1e-9, atol=1e-12)
-            torch.testing.assert_close(ops[name].transposed(x)[:, columns], x[:, columns] @ sk @ m.T @ sk.T,
-                                       rtol=1e-9, atol=1e-12)
-        offset = columns.stop
+    ops = FactoredSecondMoment(store, mixed, torch.float64, None).at(t, s)
+    spec = store.layers[mixed[0].layer]
+    x = torch.randn(4, spec.dim + sketched[0].sketch, dtype=torch.float64)
+    r, c = whitening_factors(store.whitening(mixed[0].layer)[t], spec)
+    fx, fy, sign = second_moment_factors(store.second_factors(mixed[0].layer)[t], spec)
+    p_out, p_in = spec.proj_out.matrix(torch.float64), spec.proj_in.matrix(torch.float64)
+    whole = slice(0, spec.dim)
+    for name, m in (("second", s * sign * _operator(p_out, p_in, fx * r.exp(), fy * c.exp())),
+                    ("gradient", _operator(p_out, p_in, fx / r.exp(), fy / c.exp()))):
+        # float64 products of a few small matrices in another order: round-off only
+        torch.testing.assert_close(ops[name](x)[:, whole], x[:, whole] @ m, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(ops[name].transposed(x)[:, whole], x[:, whole] @ m.T, rtol=1e-9, atol=1e-12)
+        assert not ops[name](x)[:, spec.dim:].any() and not ops[name].transposed(x)[:, spec.dim:].any()
 
 
 def _finals(store: Store) -> np.ndarray:

@@ -147,7 +147,8 @@ def test_whitened_adam_equals_the_adjoint_in_whitened_coordinates(tmp_path, bloc
 def test_hierarchical_plan_keeps_exact_adam_layers_whole_in_the_global_block(tmp_path, monkeypatch):
     """With one layer projected (whitened) and one exact (Adam elementwise: no sketch may mix its coordinates),
     the hierarchical plan sketches only the projected layer: its scores equal the adjoint's per-layer scores, plus
-    its global ones over [S P_0, exact layer], minus its per-layer ones over [S P_0, exact layer]."""
+    its global ones over [S P_0, exact layer], minus its per-layer ones over [S P_0, exact layer], the sketched
+    coordinates holding v fixed."""
     from dvemb.embed.plan import make_plan
 
     spec, validation = make_spec(Adam(weight_decay=0.05), 0.02)
@@ -164,12 +165,15 @@ def test_hierarchical_plan_keeps_exact_adam_layers_whole_in_the_global_block(tmp
     base = store_projections(tmp_path / "s", model)
     coarse = [ComposedProjection(base[0], plan.parts[1].matrix(store.layers[0].dim, torch.float64)), base[1]]
 
-    def adjoint(blocking: str, projections) -> np.ndarray:
+    def adjoint(blocking: str, projections, projected_second_moment="factored") -> np.ndarray:
         options = AdjointOptions("ggn", blocking, 12, ggn_rank=3, second_moment="full",
-                                 preconditioner="whitened-lagged", truncate=18)  # 6 records x 3 rows: no cut
+                                 preconditioner="whitened-lagged", truncate=18,  # 6 records x 3 rows: no cut
+                                 projected_second_moment=projected_second_moment)
         return adjoint_estimate(train(spec), records, mean_loss(validation), options, projections=projections)[0]
 
-    want = adjoint("layer", base) + adjoint("global", coarse) - adjoint("layer", coarse)
+    with pytest.raises(ValueError, match="sketched coordinates hold v fixed"):
+        adjoint("global", coarse)
+    want = adjoint("layer", base) + adjoint("global", coarse, "frozen") - adjoint("layer", coarse, "frozen")
     np.testing.assert_allclose(inf.scores.mean(axis=0), want, **TOL)
 
 

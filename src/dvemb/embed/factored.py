@@ -10,8 +10,13 @@ the layer's projected coordinates (rows P_out G P_in^T, k_out-major)::
 
 P^+ = P^T (P P^T)^-1 maps projected coordinates back (P^T for fitted bases, whose rows are
 orthonormal; seeded projections have P P^T ~ (d / k) I, which P^T alone would count in). A row u,
-as a k_out x k_in matrix U, becomes u (A (x) B) = A^T U B. A part that sketches the layer (S, see
-plan.py) applies S^T-then-S around it: its coordinates are S of the layer's.
+as a k_out x k_in matrix U, becomes u (A (x) B) = A^T U B.
+
+Parts that sketch a layer (a hierarchical plan's coarse parts, plan.py) get no operators: their
+coordinates hold v fixed. Conjugated by the sketch (S M S^T) the operators followed the wrong
+structure: on the GPT-2 study (``dvemb evaluate lm-fidelity --data plays.tar.gz``, 2026-12-07) the
+defaults scored -0.138 all-epoch Spearman (Pearson -0.474) with them, 0.102 (Pearson 0.162) without,
+and 0.101 with v frozen on every projected coordinate (docs/results.md, "Language model").
 """
 
 from __future__ import annotations
@@ -25,12 +30,11 @@ from .plan import Part
 
 
 class KroneckerBlock:
-    """One layer's (or part's) place among a block's coordinates, and its projections P_out [k_out, d_out] and
-    P_in [k_in, d_in (+1)] with their pseudo-inverses; ``sketch`` S [width, k_out k_in] for a sketched part."""
+    """One layer's place among a block's coordinates, and its projections P_out [k_out, d_out] and
+    P_in [k_in, d_in (+1)] with their pseudo-inverses."""
 
-    def __init__(self, columns: slice, p_out: torch.Tensor, p_in: torch.Tensor, sketch: torch.Tensor | None = None
-                 ) -> None:
-        self.columns, self.p_out, self.p_in, self.sketch = columns, p_out, p_in, sketch
+    def __init__(self, columns: slice, p_out: torch.Tensor, p_in: torch.Tensor) -> None:
+        self.columns, self.p_out, self.p_in = columns, p_out, p_in
         self._back_out, self._back_in = _back(p_out), _back(p_in)
 
     def sides(self, row: torch.Tensor, column: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,8 +58,8 @@ def second_moment_operators(blocks: Sequence[tuple[KroneckerBlock, Sequence[torc
 
 
 class FactoredSecondMoment:
-    """The operators of each step for one block of parts (parts of layers that follow Adam elementwise, or of
-    stores without second factors, get none: zero there)."""
+    """The operators of each step for one block of parts (parts of layers that follow Adam elementwise, sketched
+    parts, and parts of stores without second factors get none: zero there)."""
 
     def __init__(self, store: Store, parts: Sequence[Part], dtype: torch.dtype, device: torch.device | None) -> None:
         self._dtype = dtype
@@ -64,10 +68,9 @@ class FactoredSecondMoment:
         for part in parts:
             spec = store.layers[part.layer]
             width = part.width(store)
-            if not store.config.elementwise(part.layer):
-                sketch = None if part.sketch is None else part.matrix(spec.dim, dtype, device)
+            if not store.config.elementwise(part.layer) and part.sketch is None:
                 self._blocks.append(KroneckerBlock(slice(offset, offset + width), spec.proj_out.matrix(dtype, device),
-                                                   spec.proj_in.matrix(dtype, device), sketch))
+                                                   spec.proj_in.matrix(dtype, device)))
                 self._specs.append(spec)
                 self._rows.append(store.second_factors(part.layer))
             offset += width
@@ -109,9 +112,7 @@ class KroneckerBlocks:
         for block, coefficient, a, b in self._terms:
             left, right = (a, b.T) if transposed else (a.T, b)
             z = x[:, block.columns]
-            if block.sketch is not None:
-                z = z @ block.sketch
             y = torch.matmul(torch.matmul(left, z.reshape(-1, a.shape[0], b.shape[0])), right).reshape(z.shape)
-            out[:, block.columns] = (y if block.sketch is None else y @ block.sketch.T).mul_(coefficient)
+            out[:, block.columns] = y.mul_(coefficient)
         return out
 

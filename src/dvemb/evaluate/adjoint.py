@@ -25,7 +25,8 @@ D_t^(-1/2) before projection; ``"whitened-lagged"`` takes D from the moments bef
 ``"whitened-elementwise"`` whitens elementwise, a reference the Kronecker trick cannot compute).
 With ``second_moment="full"``, ``projected_second_moment`` chooses what whitened coordinates do with v:
 ``"factored"`` (the Recorder's model: per step the rank-1 fit of sqrt(|r_t d_t|) of each projected
-layer, from the replayed moments, through Kronecker operators, ``embed/factored.py``) or ``"frozen"``.
+layer, from the replayed moments, through Kronecker operators, ``embed/factored.py``) or ``"frozen"``;
+composed (sketched) projections, a hierarchical plan's coarse coordinates, take ``"frozen"`` only.
 
 Data value embeddings compute the same numbers as the adjoint with the same options, for every
 test point at once (tests/evaluate/test_adjoint.py checks this), so this is also their reference.
@@ -287,12 +288,16 @@ class _Whitening:
         exact = {n for p in coords.projections if getattr(p, "exact", False) for n in (p.weight, p.bias) if n}
         self.exact = coords.project_flat(flatten({n: torch.full_like(x, float(n in exact)) for n, x in like.items()},
                                                  0)[None])[0] > 0.5
-        self.blocks = [(p, _kronecker_block(p, columns)) for p, columns in zip(coords.projections, coords.layers)
-                       if not getattr(p, "exact", False)]
-        factored = rule.second_moment == "full" and options.projected_second_moment == "factored" and bool(self.blocks)
+        projected = [(p, columns) for p, columns in zip(coords.projections, coords.layers)
+                     if not getattr(p, "exact", False)]
+        factored = rule.second_moment == "full" and options.projected_second_moment == "factored" and bool(projected)
         if factored and mode == "whitened-elementwise":
             raise ValueError("the factored second moment needs factored whitening: use projected_second_moment="
                              "'frozen' with preconditioner='whitened-elementwise'")
+        if factored and any(isinstance(p, ComposedProjection) for p, _ in projected):
+            raise ValueError("sketched coordinates hold v fixed, as a hierarchical plan's coarse parts do: use "
+                             "projected_second_moment='frozen' with composed projections")
+        self.blocks = [(p, KroneckerBlock(columns, p.p_out, p.p_in)) for p, columns in projected] if factored else []
         self.rule = WhitenedAdam(rule.beta1, rule.beta2, rule.eps, rule.weight_decay,
                                  rule.second_moment if bool(self.exact.any()) or factored else "frozen", factored)
         logs, self.elementwise, self.second, state = [], [], [], {}
@@ -374,13 +379,6 @@ class _Whitening:
                 diagonals[name][self.exact] = self.elementwise[t][name][self.exact]
         return StepCoefficients(self.spec.lr(t), t, diagonals,
                                 second_moment_operators(self.second[t], s) if self.second else {})
-
-
-def _kronecker_block(p, columns: slice) -> KroneckerBlock:
-    """A projected layer's Kronecker operator block: its own P_out and P_in, after a sketch for composed ones."""
-    if isinstance(p, ComposedProjection):
-        return KroneckerBlock(columns, p.inner.p_out, p.inner.p_in, p.matrix)
-    return KroneckerBlock(columns, p.p_out, p.p_in)
 
 
 def _layer_matrix(p, values: Params) -> torch.Tensor:
