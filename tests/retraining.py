@@ -50,13 +50,16 @@ def digits_run(seed: int = 0, n_train: int = 256, batch: int = 16, epochs: int =
 
 
 def train(x, y, batches, make_optimizer: MakeOptimizer, removed: tuple[int, int] | None = None,
-          record: Callable[[nn.Module, torch.optim.Optimizer], dvemb.Recorder] | None = None) -> nn.Module:
-    """The run (recorded with ``record``), or the same run with record (step, sample) removed."""
+          record: Callable[[nn.Module, torch.optim.Optimizer], dvemb.Recorder] | None = None,
+          warm: int = 0) -> nn.Module:
+    """The run (recorded with ``record`` from step ``warm`` on), or the same run with record (step, sample) removed."""
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10)).double()
     opt = make_optimizer(model.parameters())
-    recorder = record(model, opt) if record else None
+    recorder = None
     for t, ids in enumerate(batches):
+        if record is not None and t == warm:
+            recorder = record(model, opt)
         w = torch.full((len(ids),), 1.0 / len(ids), dtype=torch.float64)
         if removed is not None and removed[0] == t:
             w[ids.index(removed[1])] = 0.0  # weight 0 at that step only; the divisor stays B
@@ -83,18 +86,21 @@ class Agreement:
     ignored_scale: float
 
 
-def against_retraining(path: Path, make_optimizer: MakeOptimizer, ignored: dict, records: int = 30,
+def against_retraining(path: Path, make_optimizer: MakeOptimizer, ignored: dict, records: int = 30, warm: int = 0,
                        **recorder_kwargs) -> Agreement:
-    """Record the digits run at ``path``, score its last 10 steps' records and retrain without each."""
+    """Record the digits run at ``path`` (from step ``warm`` on), score its last 10 steps' records and retrain
+    without each."""
     x, y, xv, yv, batches = digits_run()
     model = train(x, y, batches, make_optimizer,
-                  record=lambda m, o: dvemb.Recorder(m, path, optimizer=o, dtype=torch.float64, **recorder_kwargs))
+                  record=lambda m, o: dvemb.Recorder(m, path, optimizer=o, dtype=torch.float64, **recorder_kwargs),
+                  warm=warm)
     loss = lambda m: float(F.cross_entropy(m(xv), yv).detach())  # noqa: E731
     closure = lambda: F.cross_entropy(model(xv), yv, reduction="none")  # noqa: E731
     inf = dvemb.influence(path, model, closure)
-    chosen = np.random.default_rng(0).choice(np.flatnonzero(inf.steps >= len(batches) - 10), records, replace=False)
+    chosen = np.random.default_rng(0).choice(np.flatnonzero(inf.steps >= len(batches) - warm - 10), records,
+                                             replace=False)
     base = loss(model)
-    truth = np.array([loss(train(x, y, batches, make_optimizer, (int(inf.steps[r]), int(inf.sample_ids[r]))))
+    truth = np.array([loss(train(x, y, batches, make_optimizer, (warm + int(inf.steps[r]), int(inf.sample_ids[r]))))
                       - base for r in chosen])
     manifest = json.loads((path / "manifest.json").read_text())
     (path / "manifest.json").write_text(json.dumps({**manifest, **ignored}))

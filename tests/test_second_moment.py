@@ -18,13 +18,18 @@ from dvemb.store import Store, second_moment_factors, to_torch, whitening_factor
 STEPS, BATCH = 6, 5
 
 
-def _run(path, **recorder):
-    """A float64 tanh MLP trained with AdamW under a projecting Recorder; returns, per step, the optimizer's
-    moments before the step and the batch gradient (by parameter name)."""
+def _run(path, warm: int = 0, **recorder):
+    """A float64 tanh MLP trained with AdamW (``warm`` steps unrecorded, then STEPS) under a projecting Recorder;
+    returns, per recorded step, the optimizer's moments before the step and the batch gradient (by parameter
+    name)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(10, 8), nn.Tanh(), nn.Linear(8, 4)).double()
     x, y = torch.randn(STEPS * BATCH, 10, dtype=torch.float64), torch.randint(0, 4, (STEPS * BATCH,))
     opt = torch.optim.AdamW(model.parameters(), lr=0.02, weight_decay=0.1)
+    for t in range(warm):  # on the run's first batches, again
+        F.cross_entropy(model(x[t * BATCH: (t + 1) * BATCH]), y[t * BATCH: (t + 1) * BATCH]).backward()
+        opt.step()
+        opt.zero_grad()
     seen = []
     options = {"projection_dim": 12, "projection": "gaussian", "curvature": "gradient_outer", **recorder}
     with dvemb.Recorder(model, path, dtype=torch.float64, optimizer=opt, **options) as rec:
@@ -48,17 +53,19 @@ def _coupling(moments: dict, grad: torch.Tensor, name: str, t: int, beta1=0.9, b
     return m * grad / (2 * (v.sqrt() / c2 + eps) * v.sqrt() * c2)
 
 
-def test_second_factors_are_the_leading_pair_of_adams_coupling(tmp_path):
-    seen = _run(tmp_path / "s")
+@pytest.mark.parametrize("warm", [0, 3])  # 3: recording starts on an optimizer with state
+def test_second_factors_are_the_leading_pair_of_adams_coupling(tmp_path, warm):
+    seen = _run(tmp_path / "s", warm)
     store = Store(tmp_path / "s")
     assert store.config.second_factors and "second moment factored per layer" in store.summary()
     assert "factored" in dvemb.embed.coefficients.linearised_rule(store).describe()
     for i, spec in enumerate(store.layers):
         rows = store.second_factors(i)
         for t, (moments, grads) in enumerate(seen):
-            rho = torch.cat([_coupling(moments[f"{spec.name}.weight"], grads[f"{spec.name}.weight"], spec.name, t),
-                             _coupling(moments[f"{spec.name}.bias"], grads[f"{spec.name}.bias"], spec.name, t)[:, None]],
-                            1)
+            count = t + warm  # the optimizer's own step
+            rho = torch.cat([_coupling(moments[f"{spec.name}.weight"], grads[f"{spec.name}.weight"], spec.name, count),
+                             _coupling(moments[f"{spec.name}.bias"], grads[f"{spec.name}.bias"], spec.name,
+                                       count)[:, None]], 1)
             u, s, vh = torch.linalg.svd(rho.abs().sqrt())
             x, y, sign = second_moment_factors(rows[t], spec)
             assert sign == float(torch.sign(rho.sum()))
@@ -87,7 +94,7 @@ def simulated(store: Store) -> torch.Tensor:
     per_step = []
     for k in range(store.n_steps):
         eta = float(lrs[steps == k][0])
-        s = eta / (1 - adam.beta1 ** (k + 1))
+        s = eta / (1 - adam.beta1 ** (k + 1 + adam.initial_step))
         ratios, q, d = [], [], []
         for i, spec in enumerate(store.layers):
             white, second = store.whitening(i), store.second_factors(i)
@@ -116,9 +123,9 @@ def simulated(store: Store) -> torch.Tensor:
     return out
 
 
-@pytest.mark.parametrize("checkpoints", [None, [2, 4]])
-def test_recursion_follows_the_factored_second_moment(tmp_path, checkpoints):
-    _run(tmp_path / "s")
+@pytest.mark.parametrize("checkpoints, warm", [(None, 0), ([2, 4], 0), (None, 3)])
+def test_recursion_follows_the_factored_second_moment(tmp_path, checkpoints, warm):
+    _run(tmp_path / "s", warm)
     store = Store(tmp_path / "s")
     dvemb.compute_embeddings(tmp_path / "s", blocking="global", checkpoints=checkpoints, step_rank=None,
                              show_progress=False)

@@ -9,7 +9,7 @@ import math
 import os
 import warnings
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -124,10 +124,8 @@ class Recorder:
         o = self.options
         specs = [layer_spec(name, m, o.projection_dim, o.seed, o.projection) for name, m in chosen]
         rule = rule_of(optimizer, self._modules)
-        projected = not all(s.proj_in.is_identity and s.proj_out.is_identity for s in specs)
-        self._whitening = whiten.Whitening(optimizer, self._modules, specs, rule) if (
-            isinstance(rule, Adam) and projected) else None
-        self._second_factors = self._whitening is not None and rule.second_moment == "full"
+        whitened = isinstance(rule, Adam) and not all(s.proj_in.is_identity and s.proj_out.is_identity for s in specs)
+        self._second_factors = whitened and rule.second_moment == "full"
         self._sink = sink_for(path, o.fsync)
         self._specs, self._rule = _resumed_specs(self._path, specs), rule
         self._capture = GhostCapture(model, self._modules, self._specs, curvature=o.curvature,
@@ -136,8 +134,11 @@ class Recorder:
         self._fit_steps = o.fit_steps
         self._pending: list[_Step] = []
         _refuse_oversized(self._specs)
-        self._open(mode)
+        self._open(mode, whitened)
         self._steps = self._sink.committed_steps()
+        if isinstance(rule, Adam):  # resumed: the store's start, which the optimizer's count was checked against
+            self._rule = replace(rule, initial_step=rule.initial_step - self._steps)
+        self._whitening = whiten.Whitening(optimizer, self._modules, specs, self._rule) if whitened else None
         self._capture.attach()
         self._current: _Step | None = None
         self._open_lr: float | None = None
@@ -295,12 +296,16 @@ class Recorder:
             step.rows = self._capture.realize(step.rows)
             self._write(step, check=False)
 
-    def _open(self, mode: Mode) -> None:
-        """Create (or resume) the store; fitted bases are stored when they are known (before the first step)."""
+    def _open(self, mode: Mode, whitened: bool) -> None:
+        """Create (or resume) the store; fitted bases are stored when they are known (before the first step), and
+        Adam's moments of the layers it follows elementwise when the optimizer already has state."""
         config = StoreConfig(tuple(self._specs), self.options.dtype, self.options.reduction, self.options.curvature,
-                             self.options.projection, self.options.seed, self._rule, self._whitening is not None,
+                             self.options.projection, self.options.seed, self._rule, whitened,
                              second_factors=self._second_factors)
-        self._sink.open(config, mode)
+        followed = [i for i in range(len(self._specs)) if config.elementwise(i)]
+        started = isinstance(self._rule, Adam) and self._rule.initial_step and followed
+        self._sink.open(config, mode, whiten.initial_moments(self.optimizer, [self._modules[i] for i in followed],
+                                                             [self._specs[i] for i in followed]) if started else None)
         self._capture.set_specs(self._specs)
         if self._sink.committed_steps():
             try:

@@ -22,9 +22,11 @@ class LocalSink:
         self.path, self.fsync = Path(path), fsync
         self._writer: BackgroundWriter | None = None
 
-    def open(self, config: StoreConfig, mode: Mode = "new") -> None:
-        """Create the store, or resume it after its last commit (at most 4 steps in flight)."""
-        self._writer = BackgroundWriter(StoreWriter(self.path, config, fsync=self.fsync, mode=mode))
+    def open(self, config: StoreConfig, mode: Mode = "new", initial_moments: dict | None = None) -> None:
+        """Create the store (with Adam's ``initial_moments``, see StoreWriter), or resume it after its last commit
+        (at most 4 steps in flight)."""
+        self._writer = BackgroundWriter(StoreWriter(self.path, config, fsync=self.fsync, mode=mode,
+                                                    initial_moments=initial_moments))
 
     def committed_steps(self) -> int:
         """Steps of the store before this recorder's (0 before it was opened)."""
@@ -82,8 +84,9 @@ class DistributedSink:
         self._index: DistributedIndex | None = None
         self._writer: StoreWriter | None = None
 
-    def open(self, config: StoreConfig, mode: Mode = "new") -> None:
-        """Rank 0 creates or resumes the top manifest; every rank its shard, rolled back to the global commit.
+    def open(self, config: StoreConfig, mode: Mode = "new", initial_moments: dict | None = None) -> None:
+        """Rank 0 creates or resumes the top manifest; every rank its shard (with Adam's ``initial_moments``), rolled
+        back to the global commit.
 
         A rank that cannot open makes every rank fail (no rank waits for the others forever)."""
         error = None
@@ -95,7 +98,7 @@ class DistributedSink:
         shard_mode = "resume" if committed or mode == "resume" else "overwrite"  # rank 0 decided for the store
         error = self._together(lambda: setattr(self, "_writer", StoreWriter(
             shard_path(self.path, self.rank), config, fsync=self.fsync, rollback_to_steps=committed,
-            mode=shard_mode)), None)
+            mode=shard_mode, initial_moments=initial_moments)), None)
         self._raise_together(error, "another rank could not open its shard")
 
     @staticmethod

@@ -68,7 +68,7 @@ class Whitening:
         return [self._second(m, s, t) for m, s in zip(self.modules, self.specs)]
 
     def _factors(self, module: nn.Module, spec: LayerSpec, t: int, current: bool) -> Factors:
-        steps = t + 1 if current else t
+        steps = (t + 1 if current else t) + self.rule.initial_step  # the optimizer's own count
         if steps == 0 or spec.exact:  # exact layers follow Adam elementwise: identity factors
             return torch.zeros(spec.d_out, dtype=torch.float64), torch.zeros(spec.d_in + spec.bias, dtype=torch.float64)
         v = self._state(module, spec, EXP_AVG_SQ)
@@ -90,14 +90,7 @@ class Whitening:
 
     def _state(self, module: nn.Module, spec: LayerSpec, name: str, dtype: torch.dtype = torch.float64
                ) -> torch.Tensor:
-        """An optimizer buffer of the layer as one [d_out, d_in (+1)] matrix (zeros before the first step), in
-        ``dtype`` or wider."""
-        tensors = []
-        for p in _params(module, spec):  # FSDP: state and gradient are shards, gathered (every rank calls this)
-            value = self.optimizer.state.get(p, {}).get(name)
-            tensors.append(torch.zeros(p.shape, dtype=torch.promote_types(p.dtype, dtype), device=p.device)
-                           if value is None else _widened(full_tensor(value.detach()), dtype))
-        return _as_matrix(module, spec, tensors)
+        return state_matrix(self.optimizer, module, spec, name, dtype)
 
     def _gradient(self, module: nn.Module, spec: LayerSpec, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """The layer's batch gradient (``.grad``) as one [d_out, d_in (+1)] matrix, in ``dtype`` or wider."""
@@ -107,6 +100,26 @@ class Whitening:
                 raise RuntimeError(f"layer {spec.name!r} has no gradient at the end of the step")
             grads.append(_widened(full_tensor(p.grad.detach()), dtype))
         return _as_matrix(module, spec, grads)
+
+
+def state_matrix(optimizer: torch.optim.Optimizer, module: nn.Module, spec: LayerSpec, name: str,
+                 dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """An optimizer buffer of the layer as one [d_out, d_in (+1)] matrix (zeros before the first step), in
+    ``dtype`` or wider."""
+    tensors = []
+    for p in _params(module, spec):  # FSDP: state and gradient are shards, gathered (every rank calls this)
+        value = optimizer.state.get(p, {}).get(name)
+        tensors.append(torch.zeros(p.shape, dtype=torch.promote_types(p.dtype, dtype), device=p.device)
+                       if value is None else _widened(full_tensor(value.detach()), dtype))
+    return _as_matrix(module, spec, tensors)
+
+
+def initial_moments(optimizer: torch.optim.Optimizer, modules: Sequence[nn.Module], specs: Sequence[LayerSpec]
+                    ) -> dict[str, torch.Tensor]:
+    """Adam's moments of the given (exact) layers as they are now, as rows in the store's layout (float64 on the
+    CPU), by ``<layer>.exp_avg`` and ``<layer>.exp_avg_sq``: what ``Store.initial_moments`` reads back."""
+    return {f"{spec.name}.{name}": state_matrix(optimizer, module, spec, name).reshape(-1).cpu().double().contiguous()
+            for module, spec in zip(modules, specs) for name in (EXP_AVG, EXP_AVG_SQ)}
 
 
 def _widened(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -4,8 +4,8 @@ SGD needs only the lr. Whitened rows (projected Adam, see capture/whitening.py) 
 :class:`~dvemb.update.adam.WhitenedAdam`, whose coefficients come from the lr and the stored
 whitening of each layer and step; the exact layers of such a store keep Adam's own coefficients.
 Adam's P_t, Q_t and d_t depend on its moments, which are replayed from step 0 over the stored
-per-sample gradients: the batch gradient of step t is sum_i w_ti g_ti, what the optimizer
-applied. Exact layers (no projection) get the moments elementwise. A
+per-sample gradients (from the optimizer's state before step 0 where the store keeps one): the batch
+gradient of step t is sum_i w_ti g_ti, what the optimizer applied. Exact layers (no projection) get the moments elementwise. A
 projected layer gets one second moment per layer, the mean square of its batch gradient,
 ||P_out G P_in^T||^2 / size (the projections keep squared norms in expectation), and its v path
 is dropped (frozen second moment): an approximation of Adam's per-parameter scaling that keeps
@@ -41,7 +41,7 @@ def linearised_rule(store: Store, second_moment: SecondMoment = "followed") -> U
         elementwise = any(config.elementwise(i) for i in range(len(store.layers)))
         followed = rule.second_moment if elementwise or config.second_factors else "frozen"
         return WhitenedAdam(rule.beta1, rule.beta2, rule.eps, rule.weight_decay, followed,
-                            config.second_factors and followed == "full")
+                            config.second_factors and followed == "full", rule.initial_step)
     return rule
 
 
@@ -70,7 +70,7 @@ def _adam_table(store: Store, rule: Adam, block: Sequence[int], start: int, stop
     weights = np.ascontiguousarray(store.records["weight"], dtype=np.float64)
     starts = store.step_starts
     exact = [s.proj_in.is_identity and s.proj_out.is_identity for s in specs]
-    state = [{} for _ in specs]
+    state = [store.initial_moments(i) or {} for i in block]  # exact layers: the optimizer's state before step 0
     dim = sum(s.dim for s in specs)
     full = rule.second_moment == "full"
     table = {k: torch.zeros(stop - start, dim, dtype=dtype) for k in (["precondition", "second", "gradient"] if full
@@ -114,7 +114,7 @@ def _whitened(store: Store, rule: WhitenedAdam, parts: Sequence[Part], start: in
 
     def at(t: int) -> StepCoefficients:
         ratio = np.exp(levels[:, t - 1] - levels[:, t]) if t > 0 else np.ones(len(parts))
-        s = step_lr[t] / (1 - rule.beta1 ** (t + 1))
+        s = step_lr[t] / (1 - rule.beta1 ** rule.adam.count(t))
         diagonals = {name: torch.full((sum(dims),), s if name == "precondition" else 0.0, dtype=dtype, device=device)
                      for name in names}
         for layer, columns in exact:
@@ -130,5 +130,6 @@ def _layer_preconditioner(rule: Adam, state: dict, batch: torch.Tensor, spec, lr
     """One P_t for a projected layer, from the EMA of its batch gradient's mean square (kept in ``state``)."""
     square = batch @ batch / (spec.d_out * (spec.d_in + spec.bias))
     state["v"] = rule.beta2 * state.get("v", 0.0) + (1 - rule.beta2) * float(square)
-    scale = lr / (1 - rule.beta1 ** (t + 1))
-    return torch.tensor(scale / (math.sqrt(state["v"] / (1 - rule.beta2 ** (t + 1))) + rule.eps), dtype=torch.float64)
+    scale = lr / (1 - rule.beta1 ** rule.count(t))
+    return torch.tensor(scale / (math.sqrt(state["v"] / (1 - rule.beta2 ** rule.count(t))) + rule.eps),
+                        dtype=torch.float64)

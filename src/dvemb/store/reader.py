@@ -7,11 +7,15 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
+import torch
 
+from ..update import Adam
+from ..update.adam import EXP_AVG, EXP_AVG_SQ
 from .arrays import AppendableArray, check_array, read_json, release_pages
-from .schema import (_STORAGE, EMBEDDINGS_DIR, EMBEDDINGS_LAYOUT, MANIFEST, READABLE_VERSIONS, RECORD_DTYPE,
-                     WHITENING_DTYPE, LayerSpec, StoreConfig, StoreError, _show, check_embeddings_manifest,
-                     read_config, read_layers, store_fingerprint, validate_manifest, whitening_width)
+from .schema import (_STORAGE, ADAM_STATE, EMBEDDINGS_DIR, EMBEDDINGS_LAYOUT, MANIFEST, READABLE_VERSIONS,
+                     RECORD_DTYPE, WHITENING_DTYPE, LayerSpec, StoreConfig, StoreError, _show,
+                     check_embeddings_manifest, load_tensors, read_config, read_layers, store_fingerprint,
+                     validate_manifest, whitening_width)
 
 
 SHARDS_DIR = "shards"
@@ -81,6 +85,35 @@ class Store:
             self._open_shards()
         else:
             self._check_files()
+        self._initial = self._read_initial_moments()
+
+    def _read_initial_moments(self) -> dict[str, torch.Tensor]:
+        """Adam's moments before step 0 of the layers it follows elementwise, checked (a StoreError names what is
+        missing); empty when the optimizer started fresh."""
+        rule = self._config.update
+        layers = [s for i, s in enumerate(self.layers) if self._config.elementwise(i)]
+        if not (isinstance(rule, Adam) and rule.initial_step and layers):
+            return {}
+        if self._shards:
+            return self._shards[0]._initial
+        file = self.path / ADAM_STATE
+        values = load_tensors(file, "optimizer state before its first step") if file.exists() else {}
+        for spec in layers:
+            for name in (EXP_AVG, EXP_AVG_SQ):
+                value = values.get(f"{spec.name}.{name}")
+                if value is None or value.shape != (spec.dim,) or value.dtype != torch.float64:
+                    raise StoreError(f"{file}: the store starts at optimizer step {rule.initial_step}, but its "
+                                     f"{spec.name}.{name} [{spec.dim}] float64 is missing or malformed")
+        return values
+
+    def initial_moments(self, layer: int) -> dict[str, torch.Tensor] | None:
+        """Adam's ``exp_avg`` and ``exp_avg_sq`` [dim] (float64) of a layer it follows elementwise, as they were
+        before the store's first step; None when the optimizer started fresh or the layer is not followed
+        elementwise."""
+        name = self.layers[layer].name
+        if f"{name}.{EXP_AVG}" not in self._initial:
+            return None
+        return {k: self._initial[f"{name}.{k}"] for k in (EXP_AVG, EXP_AVG_SQ)}
 
     def _check_files(self) -> None:
         """Each array file against the committed counts (headers and sizes only), and the records' steps.

@@ -4,6 +4,8 @@ A store is a directory::
 
     manifest.json          format, tracked layers (sizes, projections), dtype, update rule, committed counts
     projections.safetensors   fitted projection bases (stores recorded with projection="fitted")
+    adam_state.safetensors    Adam's moments of the layers it follows elementwise before the first recorded
+                              step (stores whose optimizer had state: the rule's ``initial_step`` > 0)
     records.npy            one row per record: step, sample_id, weight, lr, rank
     grads/<layer>.npy      per-layer projected per-sample gradients, rows = records
     curv/<layer>.npy       curvature rows (passes x dim per record) for curvature='fisher'/'ggn'
@@ -46,6 +48,7 @@ READABLE_VERSIONS = (1, 2, 3)  # 1: update rule as 'sgd' and 'adam'; 1-2: old la
 LEGACY_KINDS = {"conv1d": "hf_conv1d", "torch_conv1d": "conv1d"}  # kinds of format 1 and 2 -> today's
 MANIFEST = "manifest.json"
 PROJECTIONS = "projections.safetensors"  # fitted projection bases (see capture/fitting.py)
+ADAM_STATE = "adam_state.safetensors"  # Adam's moments before the first recorded step (Store.initial_moments)
 EMBEDDINGS_DIR = "embeddings"  # its layout: embed/layout.py
 EMBEDDINGS_LAYOUT = 3  # version of that layout (3: plans of parts and blocks)
 
@@ -460,15 +463,20 @@ def _check_layer(d: object, source: str | os.PathLike, index: int) -> dict:
 
 
 def _load_projections(path: Path) -> dict[str, torch.Tensor]:
+    return load_tensors(path / PROJECTIONS, "fitted projections")
+
+
+def load_tensors(file: Path, what: str) -> dict[str, torch.Tensor]:
+    """The tensors of a store's safetensors file (never executes code); a StoreError names ``what`` failed."""
     from safetensors.torch import load_file
 
     try:
-        return load_file(str(path / PROJECTIONS))
+        return load_file(str(file))
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as exc:  # safetensors' own errors (and a Rust panic) on a corrupt file
         text = " ".join(str(exc).split()) or type(exc).__name__
-        raise StoreError(f"{path / PROJECTIONS}: the store's fitted projections cannot be read ({text})") from None
+        raise StoreError(f"{file}: the store's {what} cannot be read ({text})") from None
 
 
 def read_layers(path: Path, layers: list[dict], version: int = FORMAT_VERSION) -> list[LayerSpec]:
@@ -550,16 +558,20 @@ def check_embeddings_manifest(info: object, source: str | os.PathLike, layout_ve
 def write_projections(path: Path, layers: Sequence[LayerSpec], fsync: bool = False) -> None:
     """Store the layers' fitted bases, atomically (temp file + rename); nothing when none is fitted."""
     values = {k: v.detach().to("cpu", torch.float64).contiguous() for s in layers for k, v in s.fitted_values().items()}
-    if not values:
-        return
+    if values:
+        save_tensors(path / PROJECTIONS, values, fsync)
+
+
+def save_tensors(file: Path, values: dict[str, torch.Tensor], fsync: bool = False) -> None:
+    """Write tensors as safetensors, atomically (temp file + rename)."""
     from safetensors.torch import save_file
 
-    tmp = path / (PROJECTIONS + ".tmp")
+    tmp = file.with_name(file.name + ".tmp")
     save_file(values, str(tmp))
     if fsync:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-    os.replace(tmp, path / PROJECTIONS)
+    os.replace(tmp, file)
 
 
 def new_manifest(config: StoreConfig) -> dict:

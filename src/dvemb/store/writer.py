@@ -20,13 +20,15 @@ from pathlib import Path
 from typing import Literal, Protocol, Sequence
 
 import numpy as np
+import torch
 
-from ..update import SGD
+from ..update import SGD, Adam, UpdateRule
 from .lock import LOCK_FILE, StoreLock
 from .arrays import AppendableArray, read_json, write_json_atomic, write_text_atomic
 from .reader import Store
-from .schema import (_VOLATILE, MANIFEST, PROJECTIONS, RECORD_DTYPE, WHITENING_DTYPE, LayerSpec, StepRecord,
-                     StoreConfig, StoreError, _spec_difference, check_name, new_manifest, write_projections)
+from .schema import (_VOLATILE, ADAM_STATE, MANIFEST, PROJECTIONS, RECORD_DTYPE, WHITENING_DTYPE, LayerSpec,
+                     StepRecord, StoreConfig, StoreError, _spec_difference, check_name, new_manifest, save_tensors,
+                     write_projections)
 
 
 def _check_new_dir(path: Path) -> None:
@@ -36,7 +38,7 @@ def _check_new_dir(path: Path) -> None:
 
 Mode = Literal["new", "resume", "overwrite"]
 MODES = ("new", "resume", "overwrite")
-_ENTRIES = (MANIFEST, PROJECTIONS, "records.npy", "grads", "curv", "whitening", "embeddings", "checkpoints", "shards")
+_ENTRIES = (MANIFEST, PROJECTIONS, ADAM_STATE, "records.npy", "grads", "curv", "whitening", "embeddings", "checkpoints", "shards")
 
 
 def prepare(path: Path, mode: Mode) -> bool:
@@ -86,6 +88,25 @@ def _write_failure(path: Path, exc: OSError, steps: int) -> str:
             "recording can resume once the cause is fixed (mode='resume')")
 
 
+def _check_rule_resumes(found: UpdateRule, wanted: UpdateRule, steps: int) -> None:
+    """The optimizer continues the store's rule: the same settings (SGD: its momentum buffer is filled by now;
+    Adam: its step count is the store's start plus its ``steps``)."""
+    if isinstance(found, SGD) and isinstance(wanted, SGD):
+        same = dataclasses.replace(found, fresh=True) == dataclasses.replace(wanted, fresh=True)
+    elif isinstance(found, Adam) and isinstance(wanted, Adam):
+        same = dataclasses.replace(wanted, initial_step=found.initial_step) == found
+        if same and wanted.initial_step != found.initial_step + steps:
+            raise StoreError(f"cannot resume: the optimizer has taken {wanted.initial_step} steps, the store "
+                             f"continues from step {found.initial_step + steps} ({steps} recorded after "
+                             f"{found.initial_step}): load the optimizer state the recorded run ended with "
+                             "(optimizer.load_state_dict) before resuming")
+    else:
+        same = found == wanted
+    if not same:
+        raise StoreError(f"cannot resume: store was recorded with {found.describe()}, the optimizer has "
+                         f"{wanted.describe()}")
+
+
 class _Committed:
     """Committed counts read from a writer's manifest."""
 
@@ -106,26 +127,30 @@ class StoreWriter(_Committed):
     """Appends committed steps to a store; creates it or resumes after its last commit.
 
     ``rollback_to_steps`` drops steps committed beyond that count (a distributed shard
-    that ran ahead of the global commit).
+    that ran ahead of the global commit). ``initial_moments``: Adam's moments before the first step, by
+    ``<layer>.exp_avg`` / ``<layer>.exp_avg_sq``, written with a new store whose rule starts at
+    ``initial_step`` > 0 (``Store.initial_moments``).
     """
 
     def __init__(self, path: str | os.PathLike, config: StoreConfig, *, fsync: bool = False,
-                 rollback_to_steps: int | None = None, mode: Mode = "new") -> None:
+                 rollback_to_steps: int | None = None, mode: Mode = "new",
+                 initial_moments: dict[str, torch.Tensor] | None = None) -> None:
         self.path = Path(path)
         self.fsync = fsync
         check_names(config)
         self._lock = StoreLock(self.path)
         try:
-            self._open(config, rollback_to_steps, mode)
+            self._open(config, rollback_to_steps, mode, initial_moments or {})
         except BaseException:
             self._lock.release()
             raise
 
-    def _open(self, config: StoreConfig, rollback_to_steps: int | None, mode: Mode) -> None:
+    def _open(self, config: StoreConfig, rollback_to_steps: int | None, mode: Mode,
+              initial_moments: dict[str, torch.Tensor]) -> None:
         """Resume the store at ``path`` (its settings must match) or create it, as ``mode`` allows."""
         if prepare(self.path, mode):
             store = Store(self.path)
-            self.check_resume(store.config, config)
+            self.check_resume(store.config, config, store.n_steps)
             self.manifest = store.manifest
             if rollback_to_steps is not None and rollback_to_steps < store.n_steps:  # (whitening rows follow)
                 self.manifest["committed_steps"] = rollback_to_steps
@@ -133,6 +158,8 @@ class StoreWriter(_Committed):
         else:
             (self.path / "grads").mkdir(parents=True, exist_ok=True)
             write_projections(self.path, config.layers, self.fsync)
+            if initial_moments:
+                save_tensors(self.path / ADAM_STATE, initial_moments, self.fsync)
             self.manifest = new_manifest(config)
         self.config = config
         self._static_json: str | None = None
@@ -153,8 +180,9 @@ class StoreWriter(_Committed):
         self._write_manifest()
 
     @staticmethod
-    def check_resume(found: StoreConfig, wanted: StoreConfig) -> None:
-        """Raise a StoreError naming what differs between a store's settings and the requested ones."""
+    def check_resume(found: StoreConfig, wanted: StoreConfig, steps: int) -> None:
+        """Raise a StoreError naming what differs between a store's settings and the requested ones (an optimizer
+        with state must have taken the store's ``steps`` since it started)."""
         for a, b in zip(found.layers, wanted.layers):
             if a != b:
                 raise StoreError(f"cannot resume: layer {b.name!r} differs from the store's {a.name!r}: "
@@ -170,13 +198,7 @@ class StoreWriter(_Committed):
             if getattr(found, key) != getattr(wanted, key):
                 raise StoreError(f"cannot resume: store has {key}={getattr(found, key)!r}, "
                                  f"recorder asks {getattr(wanted, key)!r}")
-        if not isinstance(wanted.update, SGD):
-            raise StoreError(f"cannot resume: the store follows {found.update.describe()}, and the optimizer's state "
-                             "before this run (its moments) cannot be recovered; record the run in one process")
-        if not isinstance(found.update, SGD) or (dataclasses.replace(found.update, fresh=True)
-                                                 != dataclasses.replace(wanted.update, fresh=True)):
-            raise StoreError(f"cannot resume: store was recorded with {found.update.describe()}, the optimizer has "
-                             f"{wanted.update.describe()}")
+        _check_rule_resumes(found.update, wanted.update, steps)
 
     def set_layers(self, layers: Sequence[LayerSpec]) -> None:
         """Replace the layers' projections (fitted bases) of a store that has no step yet."""
@@ -453,7 +475,8 @@ class DistributedIndex(_Committed):
             if self.manifest.get("world_size", 1) != world_size:
                 raise StoreError(f"cannot resume: {self.path} was recorded by {self.manifest.get('world_size', 1)} "
                                  f"ranks, this run has {world_size}")
-            StoreWriter.check_resume(Store(self.path).config, config)
+            store = Store(self.path)
+            StoreWriter.check_resume(store.config, config, store.n_steps)
         else:
             self.path.mkdir(parents=True, exist_ok=True)
             write_projections(self.path, config.layers, self.fsync)

@@ -12,6 +12,11 @@ and V_m, V_v those of m_t, v_t: W_m = V_m - U P_t, W_v = V_v + U Q_t,
 gamma = (1 - beta1) W_m + 2 (1 - beta2) W_v diag(d_t); then U *= 1 - eta lambda (AdamW) or
 U += lambda gamma (L2), V_m = beta1 W_m, V_v = beta2 W_v.
 ``second_moment="frozen"`` drops v's path (W_v = 0): the record then changes only m.
+
+``initial_step``: the steps the optimizer had taken before the store's first step (recording started
+on an optimizer with state, e.g. after warm-up or from a checkpoint). Bias corrections count from
+there (t + 1 + initial_step), and the moments start from the state the store keeps
+(``Store.initial_moments``) instead of zero.
 """
 
 from __future__ import annotations
@@ -40,12 +45,19 @@ class Adam(UpdateRule):
     weight_decay: float = 0.0
     decoupled: bool = True
     second_moment: SecondMoment = "full"
+    initial_step: int = 0
 
     def __post_init__(self) -> None:
         if not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0) or self.eps < 0 or self.weight_decay < 0:
             raise ValueError(f"unsupported Adam settings {self}")
         if self.second_moment not in ("full", "frozen"):
             raise ValueError(f"second_moment must be 'full' or 'frozen', got {self.second_moment!r}")
+        if isinstance(self.initial_step, bool) or not isinstance(self.initial_step, int) or self.initial_step < 0:
+            raise ValueError(f"initial_step must be an integer >= 0, got {self.initial_step!r}")
+
+    def count(self, t: int) -> int:
+        """The optimizer's own step count at the store's step t (its bias corrections' exponent)."""
+        return t + 1 + self.initial_step
 
     @property
     def buffers(self) -> tuple[str, ...]:
@@ -58,7 +70,8 @@ class Adam(UpdateRule):
         return (f"{name}, betas ({self.beta1:g}, {self.beta2:g}), eps {self.eps:g}"
                 + (f", {'decoupled ' if self.decoupled else 'L2 '}weight decay {self.weight_decay:g}"
                    if self.weight_decay else "")
-                + ("" if self.second_moment == "full" else " (second moments frozen)"))
+                + ("" if self.second_moment == "full" else " (second moments frozen)")
+                + (f", from optimizer step {self.initial_step}" if self.initial_step else ""))
 
     def to_dict(self) -> dict:
         """JSON form for the manifest."""
@@ -70,7 +83,7 @@ class Adam(UpdateRule):
     def step(self, params: Params, grads: Params, state: Params, lr: float, t: int) -> tuple[Params, Params]:
         """torch's single-tensor Adam(W), functionally (same operations: a replay matches it to round-off)."""
         new_params, new_state = {}, {}
-        bc1, bc2_sqrt = 1 - self.beta1 ** (t + 1), (1 - self.beta2 ** (t + 1)) ** 0.5
+        bc1, bc2_sqrt = 1 - self.beta1 ** self.count(t), (1 - self.beta2 ** self.count(t)) ** 0.5
         for name, p in params.items():
             g = grads[name]
             if self.weight_decay and self.decoupled:
@@ -93,8 +106,8 @@ class Adam(UpdateRule):
             raise ValueError("Adam's linearised step needs the batch gradient")
         d = grad if self.decoupled or not self.weight_decay else grad + self.weight_decay * params
         m, v = self.moments(state or {}, d)
-        s = lr / (1 - self.beta1 ** (t + 1))
-        precondition = s / (v.sqrt() / math.sqrt(1 - self.beta2 ** (t + 1)) + self.eps)
+        s = lr / (1 - self.beta1 ** self.count(t))
+        precondition = s / (v.sqrt() / math.sqrt(1 - self.beta2 ** self.count(t)) + self.eps)
         return StepCoefficients(lr, t, {"precondition": precondition, "second": precondition * self.coupling(m, v, t),
                                         "gradient": d, EXP_AVG: m, EXP_AVG_SQ: v})
 
@@ -106,7 +119,7 @@ class Adam(UpdateRule):
     def coupling(self, m: torch.Tensor, v: torch.Tensor, t: int) -> torch.Tensor:
         """r_t = m_t / (2 D_t sqrt(v_t) sqrt(1 - beta2^(t+1))) elementwise, so that Q_t = P_t r_t (0 where v_t = 0,
         where every d so far, and so m_t, was 0)."""
-        bc2_sqrt = math.sqrt(1 - self.beta2 ** (t + 1))
+        bc2_sqrt = math.sqrt(1 - self.beta2 ** self.count(t))
         root = v.sqrt()
         denominator = (root / bc2_sqrt + self.eps) * root * (2 * bc2_sqrt)
         return m / denominator.clamp(min=torch.finfo(denominator.dtype).tiny)
@@ -179,6 +192,7 @@ class WhitenedAdam(UpdateRule):
     weight_decay: float = 0.0
     second_moment: SecondMoment = "frozen"  # "full": exact layers' coordinates follow v's path
     factored: bool = False  # whitened coordinates follow v's path through factored operators too
+    initial_step: int = 0  # as Adam's
 
     @property
     def buffers(self) -> tuple[str, ...]:
@@ -190,7 +204,8 @@ class WhitenedAdam(UpdateRule):
         projected = ("factored per layer in projected layers" if self.factored else
                      "frozen in projected layers" if self.second_moment == "full" else "frozen")
         return (f"AdamW, betas ({self.beta1:g}, {self.beta2:g}), eps {self.eps:g}, weight decay {self.weight_decay:g}"
-                f" (whitened, second moments {projected})")
+                f" (whitened, second moments {projected})"
+                + (f", from optimizer step {self.initial_step}" if self.initial_step else ""))
 
     def to_dict(self) -> dict:
         """JSON form."""
@@ -199,7 +214,7 @@ class WhitenedAdam(UpdateRule):
     @functools.cached_property
     def adam(self) -> Adam:
         """The AdamW rule whose linearisation the coordinates follow (built once: mix and settle run every step)."""
-        return Adam(self.beta1, self.beta2, self.eps, self.weight_decay, True, self.second_moment)
+        return Adam(self.beta1, self.beta2, self.eps, self.weight_decay, True, self.second_moment, self.initial_step)
 
     def step(self, params: Params, grads: Params, state: Params, lr: float, t: int) -> tuple[Params, Params]:
         """The forward step is AdamW's."""

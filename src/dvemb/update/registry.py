@@ -116,12 +116,15 @@ def _adam(optimizer: torch.optim.Adam, groups: list[dict], params: set[int]) -> 
     weight_decay = _weight_decay(groups, params)
     if amsgrad or maximize:
         return None, "with amsgrad or maximize is not modelled"
-    if any(optimizer.state.get(p) for g in groups for p in g["params"] if id(p) in params):
-        return None, "already has state (the moments before recording are unknown)"
+    counts = {_plain(optimizer.state[p].get("step", 0)) if p in optimizer.state else 0
+              for g in groups for p in g["params"] if id(p) in params}
+    if len(counts) > 1:
+        return None, f"has taken different numbers of steps ({sorted(counts)}) on the tracked layers"
     decoupled = bool(decoupled) or isinstance(optimizer, torch.optim.AdamW)
     if weight_decay and not decoupled:
         return None, "with L2 weight decay needs theta_t in its moments, which the store does not keep (use AdamW)"
-    return Adam(float(beta1), float(beta2), float(eps), float(weight_decay), decoupled), ""
+    return Adam(float(beta1), float(beta2), float(eps), float(weight_decay), decoupled,
+                initial_step=int(counts.pop())), ""
 
 
 def make_optimizer(rule: UpdateRule, params, lr: float) -> torch.optim.Optimizer:
