@@ -134,6 +134,15 @@ def test_recording_may_start_on_an_optimizer_with_state(tmp_path):
         torch.testing.assert_close(got, simulated_embeddings(store, layer, start, offset=3), rtol=1e-9, atol=1e-12)
         fresh = simulated_embeddings(store, layer)
         assert (got - fresh).abs().max() > 1e-2 * got.abs().max()
+    from safetensors.torch import save_file
+
+    state = tmp_path / "s" / "adam_state.safetensors"
+    save_file({k: v for k, v in moments.items() if k != "2.exp_avg"}, str(state))
+    with pytest.raises(dvemb.store.StoreError, match=r"2\.exp_avg \[36\] float64 is missing or malformed"):
+        Store(tmp_path / "s")
+    state.write_bytes(b"not a safetensors file")
+    with pytest.raises(dvemb.store.StoreError, match="cannot be read"):
+        Store(tmp_path / "s")
 
 
 @pytest.mark.parametrize("projection_dim", [None, 12])
