@@ -188,3 +188,24 @@ def test_second_moment_can_be_frozen(tmp_path):
     np.testing.assert_allclose(_finals(store), frozen, rtol=1e-9, atol=1e-12 * np.abs(frozen).max())
     with pytest.raises(ValueError, match="second_moment must be one of"):
         dvemb.compute_embeddings(tmp_path / "s", second_moment="none", show_progress=False)
+
+
+def test_hierarchical_plan_keeps_v_only_on_blocks_where_it_moves(tmp_path):
+    """Under a hierarchical plan the whole layers' blocks follow v (three propagator matrices); the coarse,
+    sketched blocks hold it fixed, so they keep two. Algorithm 2 composes both kinds to Algorithm 1's result."""
+    from dvemb.embed.layout import embedding_info, embedding_plan, propagator_arrays
+
+    _run(tmp_path / "s")
+    store = Store(tmp_path / "s")
+    dvemb.compute_embeddings(tmp_path / "s", blocking="hierarchical", step_rank=None, show_progress=False)
+    whole = _finals(store)
+    dvemb.compute_embeddings(tmp_path / "s", blocking="hierarchical", step_rank=None, checkpoints=[2, 4],
+                             show_progress=False)
+    # float64; three segments composed against one: round-off only
+    np.testing.assert_allclose(_finals(store), whole, rtol=1e-9, atol=1e-12 * np.abs(whole).max())
+    plan = embedding_plan(embedding_info(store))
+    sides = [np.load(a.path, mmap_mode="r").shape[1] for a in propagator_arrays(store, plan, "float64")]
+    widths = [sum(plan.parts[i].width(store) for i in block) for block in plan.blocks]
+    coarse = [all(plan.parts[i].sketch is not None for i in block) for block in plan.blocks]
+    assert any(coarse) and not all(coarse)
+    assert sides == [(2 if c else 3) * w for c, w in zip(coarse, widths)]

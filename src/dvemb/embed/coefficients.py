@@ -25,7 +25,7 @@ from ..store import Store, to_torch, whitening_level
 from ..update import Adam, StepCoefficients, UpdateRule
 from ..update.adam import WhitenedAdam
 from .factored import FactoredSecondMoment
-from .plan import Part, SecondMoment
+from .plan import Part, Plan, SecondMoment
 
 CoefficientsAt = Callable[[int], StepCoefficients]
 
@@ -43,6 +43,20 @@ def linearised_rule(store: Store, second_moment: SecondMoment = "followed") -> U
         return WhitenedAdam(rule.beta1, rule.beta2, rule.eps, rule.weight_decay, followed,
                             config.second_factors and followed == "full", rule.initial_step)
     return rule
+
+
+def block_rule(store: Store, plan: Plan, block: Sequence[int]) -> UpdateRule:
+    """The rule one block of ``plan`` (indices of its parts) follows: the store's linearised rule, less v's path
+    where it is zero on every coordinate of the block (whitened Adam with no layer followed elementwise and no
+    whole projected layer with second factors: sketched parts hold v fixed, embed/factored.py). The block then
+    keeps two propagator matrices instead of three."""
+    rule = linearised_rule(store, plan.second_moment)
+    if not isinstance(rule, WhitenedAdam) or rule.second_moment != "full":
+        return rule
+    parts = [plan.parts[i] for i in block]
+    if any(store.config.elementwise(p.layer) or (rule.factored and p.sketch is None) for p in parts):
+        return rule
+    return replace(rule, second_moment="frozen", factored=False)
 
 
 def step_coefficients(store: Store, rule: UpdateRule, parts: Sequence[Part], start: int, stop: int,

@@ -24,7 +24,7 @@ from ..store.schema import store_fingerprint
 from .checkpointing import Checkpoints, compose, segment_boundaries
 from .coefficients import linearised_rule
 from .layout import (LAYOUT_VERSION, PARTS_DIR, SEGMENTS_DIR, embeddings_dir, final_arrays, part_final_arrays,
-                     propagator_arrays, segment_arrays, state_blocks)
+                     propagator_arrays, segment_arrays, state_blocks, state_parts)
 from .plan import DEFAULT_MEMORY, SECOND_MOMENTS, STEP_RANK, Blocking, Plan, SecondMoment, make_plan
 from .recursion import CHUNK_BYTES, TORCH_DTYPES, Precision, default_precision, rows_per_chunk, run_recursion
 
@@ -158,9 +158,8 @@ def _check_resources(store: Store, plan: Plan, precision: str, n_segments: int, 
                      device: torch.device) -> None:
     """Refuse up front a computation whose propagators exceed memory or whose files exceed the free disk."""
     itemsize = TORCH_DTYPES[precision].itemsize
-    matrices = linearised_rule(store, plan.second_moment).parts
     widths = [sum(plan.parts[i].width(store) for i in block) for block in plan.blocks]
-    held = matrices * itemsize * sum(w * w for w in widths)
+    held = itemsize * sum(m * w * w for m, w in zip(state_parts(store, plan), widths))
     on_device = device.type != "cpu"  # each worker holds its tasks' propagators: one GPU each, or this machine
     held_here = held * (1 if on_device else max(1, min(workers, n_segments)))
     check_memory(held_here + 2 * CHUNK_BYTES, f"compute_embeddings ({plan.kind} plan, {len(widths)} blocks, "

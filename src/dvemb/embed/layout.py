@@ -25,7 +25,7 @@ from ..store import MANIFEST, AppendableArray, Store, StoreError, read_json
 from ..store.arrays import check_array
 from ..store.schema import (EMBEDDINGS_DIR, EMBEDDINGS_LAYOUT, MAX_PART_NAME, check_embeddings_manifest,
                             check_name)
-from .coefficients import linearised_rule
+from .coefficients import block_rule, linearised_rule
 from .plan import Plan
 
 SEGMENTS_DIR = "segments"
@@ -56,15 +56,17 @@ def part_final_arrays(store: Store, plan: Plan, precision: str) -> list[Appendab
                             (p.width(store),)) for p in plan.parts]
 
 
-def state_parts(store: Store, plan: Plan) -> int:
-    """Parts of a record's local embedding: its effect on theta, and on each buffer of the update rule."""
-    return linearised_rule(store, plan.second_moment).parts
+def state_parts(store: Store, plan: Plan) -> list[int]:
+    """Per block, the parts of a record's local embedding: its effect on theta, and on each buffer of the block's
+    update rule (:func:`~dvemb.embed.coefficients.block_rule`)."""
+    return [block_rule(store, plan, block).parts for block in plan.blocks]
 
 
 def state_blocks(store: Store, plan: Plan) -> list[list[int]]:
-    """Per block, indices into :func:`segment_arrays`: its parts' theta parts, then their buffer parts."""
+    """Per block, indices into :func:`segment_arrays`: its parts' theta parts, then their buffer parts (a block whose
+    rule keeps fewer buffers than the store's leaves the others' files unused)."""
     n = len(plan.parts)
-    return [[i + k * n for k in range(state_parts(store, plan)) for i in block] for block in plan.blocks]
+    return [[i + k * n for k in range(parts) for i in block] for block, parts in zip(plan.blocks, state_parts(store, plan))]
 
 
 def segment_arrays(store: Store, plan: Plan, precision: str) -> list[AppendableArray]:
@@ -76,7 +78,8 @@ def segment_arrays(store: Store, plan: Plan, precision: str) -> list[AppendableA
 
 def propagator_arrays(store: Store, plan: Plan, precision: str) -> list[AppendableArray]:
     """Per-block stacks of segment propagators [K, dim_b, dim_b] ([K, parts dim_b, parts dim_b] with buffers)."""
-    dims = [state_parts(store, plan) * sum(plan.parts[i].width(store) for i in block) for block in plan.blocks]
+    dims = [parts * sum(plan.parts[i].width(store) for i in block)
+            for block, parts in zip(plan.blocks, state_parts(store, plan))]
     return [AppendableArray(embeddings_dir(store) / SEGMENTS_DIR / f"block-{b}.propagators.npy", _float(precision),
                             (d, d)) for b, d in enumerate(dims)]
 

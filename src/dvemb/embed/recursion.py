@@ -30,7 +30,7 @@ from .. import gemm
 from ..devices import HostCopies, to_device
 from ..store import RowFile, Store, to_torch
 from ..update import StepCoefficients, UpdateRule
-from .coefficients import linearised_rule, step_coefficients
+from .coefficients import block_rule, step_coefficients
 from .plan import Part, Plan
 
 Precision = Literal["float32", "float64"]
@@ -134,10 +134,11 @@ def run_recursion(
     layers = sorted({p.layer for block in parts for p in block})
     passes = store.curvature_passes
     arrays = [store.grads(i) for i in layers] + ([store.curvature(i) for i in layers] if passes else [])
-    rule = linearised_rule(store, plan.second_moment)
-    buffer = buffer and rule.parts > 1
-    coefficients = [step_coefficients(store, rule, block, start, stop, dtype, device) for block in parts]
-    states = [_State(sum(p.width(store) for p in block), dtype, rule, buffer, device) for block in parts]
+    rules = [block_rule(store, plan, plan.blocks[b]) for b in blocks]
+    coefficients = [step_coefficients(store, rule, block, start, stop, dtype, device)
+                    for rule, block in zip(rules, parts)]
+    states = [_State(sum(p.width(store) for p in block), dtype, rule, buffer and rule.parts > 1, device)
+              for rule, block in zip(rules, parts)]
     copies = HostCopies(device)
     chunk_rows = rows_per_chunk(sum(a.dtype.itemsize * a.shape[1] for a in arrays), chunk_rows)
     for t, r0, r1, rows in store.iter_steps_backward(arrays, chunk_rows, start, stop):
