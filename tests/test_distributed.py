@@ -31,10 +31,21 @@ def data():
 
 
 def make_optimizer(params, kind: str) -> torch.optim.Optimizer:
-    """Plain SGD, SGD with momentum 0.9, or AdamW: each followed by the embeddings."""
-    if kind == "adamw":
+    """Plain SGD, SGD with momentum 0.9, or AdamW (``adamw-warm``: 2 unrecorded steps first, :func:`warm_up`): each
+    followed by the embeddings."""
+    if kind.startswith("adamw"):
         return torch.optim.AdamW(params, lr=0.05)
     return torch.optim.SGD(params, lr=LR, momentum=0.9 if kind == "momentum" else 0.0)
+
+
+def warm_up(model: nn.Module, opt: torch.optim.Optimizer, kind: str, ids) -> None:
+    """For ``adamw-warm``: 2 unrecorded steps on the first batches (the Recorder then starts on an optimizer with
+    state); ``ids(t)``: this process's samples of step t."""
+    x, y = data()
+    for t in range(2 if kind == "adamw-warm" else 0):
+        F.cross_entropy(model(x[ids(t)]), y[ids(t)]).backward()
+        opt.step()
+        opt.zero_grad()
 
 
 def rank_main(rank: int, world: int, path: str, rendezvous: str, kind: str, projection: str) -> None:
@@ -44,6 +55,7 @@ def rank_main(rank: int, world: int, path: str, rendezvous: str, kind: str, proj
     opt = make_optimizer(ddp.parameters(), kind)
     x, y = data()
     local = GLOBAL_BATCH // world
+    warm_up(ddp, opt, kind, lambda t: list(range(t * GLOBAL_BATCH + rank * local, t * GLOBAL_BATCH + (rank + 1) * local)))
     with dvemb.Recorder(ddp, path, projection_dim=12, dtype=torch.float64, save_checkpoints=[3], optimizer=opt,
                         projection=projection) as rec:
         for t in range(STEPS):
@@ -60,6 +72,7 @@ def record_single(path, kind: str, projection: str, **recorder) -> nn.Module:
     model = make_model()
     opt = make_optimizer(model.parameters(), kind)
     x, y = data()
+    warm_up(model, opt, kind, lambda t: list(range(t * GLOBAL_BATCH, (t + 1) * GLOBAL_BATCH)))
     recorder = {"projection_dim": 12, "dtype": torch.float64, **recorder}
     with dvemb.Recorder(model, path, optimizer=opt, projection=projection, **recorder) as rec:
         for t in range(STEPS):
@@ -72,13 +85,18 @@ def record_single(path, kind: str, projection: str, **recorder) -> nn.Module:
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
-@pytest.mark.parametrize("kind, projection", [("sgd", "gaussian"), ("momentum", "fitted"), ("adamw", "fitted")])
+@pytest.mark.parametrize("kind, projection", [("sgd", "gaussian"), ("momentum", "fitted"), ("adamw", "fitted"),
+                                              ("adamw-warm", "fitted")])
 def test_two_rank_ddp_store_equals_single_process(tmp_path, kind, projection):
     mp.spawn(rank_main, args=(2, str(tmp_path / "ddp"), str(tmp_path / "rdv"), kind, projection), nprocs=2, join=True)
     model = record_single(tmp_path / "one", kind, projection)
     ddp_store, one = Store(tmp_path / "ddp"), Store(tmp_path / "one")
     assert replace(ddp_store.config, layers=()) == replace(one.config, layers=())
-    assert (ddp_store.config.update.kind == "adam") == (kind == "adamw")
+    assert (ddp_store.config.update.kind == "adam") == kind.startswith("adamw")
+    if kind == "adamw-warm":  # the exact output layer's moments after the warm-up, kept by every shard
+        assert ddp_store.config.update.initial_step == 2 and one.config.update.initial_step == 2
+        for k, v in one.initial_moments(1).items():  # DDP's averaged gradients: round-off apart
+            torch.testing.assert_close(ddp_store.initial_moments(1)[k], v, rtol=1e-9, atol=1e-15)
     shards = [Store(tmp_path / "ddp" / "shards" / f"rank-{r:05d}") for r in (0, 1)]
     assert shards[0].layers == shards[1].layers == ddp_store.layers  # every rank fitted the same bases
     for a, b in zip(ddp_store.layers, one.layers):  # the ranks' summed moments: the one process's up to round-off
