@@ -149,3 +149,34 @@ def test_error_inside_a_step_keeps_the_committed_steps(tmp_path):
         trainer.train()
     assert Store(tmp_path / "s").n_steps == 1
     assert not any(m._forward_hooks for m in net.modules())
+
+
+def test_adamw_training_resumed_from_a_checkpoint_continues_the_store(tmp_path):
+    """AdamW, checkpointed after the first epoch (3 steps), then resumed with ``resume_from_checkpoint``: the
+    Trainer restores the optimizer's state, and the store continues it; records, rows and embeddings equal those
+    of the run trained in one go."""
+    common = dict(optim="adamw_torch", learning_rate=1e-3, lr_scheduler_type="constant", save_strategy="steps",
+                  save_steps=3)
+
+    def train(path, run: str, max_steps: int, resume: str | None = None) -> None:
+        trainer = DVEmbTrainer(model=model(), args=arguments(tmp_path / run, max_steps=max_steps, **common),
+                               train_dataset=Sequences(), data_collator=collate,
+                               callbacks=[DVEmbCallback(path, projection_dim=PROJECTION, modules=LAYERS,
+                                                        fit_steps=1,  # both fit the bases on step 0
+                                                        curvature="gradient_outer")])  # no sampled passes
+        trainer.train(resume_from_checkpoint=resume)
+
+    train(tmp_path / "whole", "one-go", 6)
+    train(tmp_path / "resumed", "split", 3)
+    train(tmp_path / "resumed", "split", 6, resume=str(tmp_path / "split" / "trainer" / "checkpoint-3"))
+    got, want = Store(tmp_path / "resumed"), Store(tmp_path / "whole")
+    assert got.n_steps == want.n_steps == 6 and got.config.update == want.config.update
+    assert want.config.update.kind == "adam" and want.config.update.initial_step == 0
+    for field in ("step", "sample_id", "weight", "lr"):
+        np.testing.assert_array_equal(got.records[field], want.records[field])
+    embeddings = []
+    for store in (got, want):
+        dvemb.compute_embeddings(store.path, show_progress=False)
+        embeddings.append(np.concatenate([np.array(a.read(store.n_records)) for a in
+                                          dvemb.embed.layout.final_arrays(store, "float32")], 1))
+    np.testing.assert_array_equal(embeddings[0], embeddings[1])  # the same operations on the same values
