@@ -89,10 +89,9 @@ def compute_embeddings(
     over each layer's leading coordinates for the cross-layer curvature); ``"layer"`` is the
     paper's one per layer; ``"global"`` and ``"hierarchical"`` force those plans. Stored curvature rows
     are cut, step by step, to their top eigenvectors, ``step_rank`` of the step's records (None: whole).
-    ``second_moment`` (Adam): ``"followed"`` (default) follows how a record changes the second moment v,
-    exactly in exact layers and through the store's factored operators in projected layers
-    (``embed/factored.py``); ``"frozen"`` holds v fixed, so a record changes only the first moment (cheaper: two
-    propagator matrices per block instead of three). Other update rules ignore it.
+    ``second_moment`` (Adam): ``"followed"`` (default) follows a record's change of v, exactly in exact layers and
+    factored in projected ones (``embed/factored.py``); ``"frozen"`` holds v fixed (two propagator matrices per
+    block instead of three). Other update rules ignore it.
     ``checkpoints`` splits the run into K evenly spaced segments (an int) or at given steps (a
     sequence), run independently (Algorithm 2) and composed; their boundaries become checkpoints
     for ``influence(..., checkpoint=l)``. ``workers`` processes share the segments and, when
@@ -107,10 +106,7 @@ def compute_embeddings(
     boundaries = segment_boundaries(store.n_steps, checkpoints)
     precision = _checked(store, precision, workers)
     device = resolve_device(device)
-    if second_moment not in SECOND_MOMENTS:
-        raise ValueError(f"second_moment must be one of {SECOND_MOMENTS}, got {second_moment!r}")
-    plan = replace(make_plan(store, blocking, memory, linearised_rule(store, second_moment).parts,
-                             TORCH_DTYPES[precision].itemsize, step_rank), second_moment=second_moment)
+    plan = _plan(store, blocking, memory, precision, step_rank, second_moment)
     _check_resources(store, plan, precision, len(boundaries) - 1, workers, device)
     out_dir = embeddings_dir(store)
     lock = StoreLock(out_dir, "computed")  # one computation at a time; recording may go on beside it
@@ -129,6 +125,15 @@ def compute_embeddings(
         lock.release()
     return EmbeddingInfo(out_dir, store.n_steps, store.n_records, tuple(boundaries), precision, plan.kind, workers,
                          seconds)
+
+
+def _plan(store: Store, blocking: Blocking, memory: int, precision: str, step_rank: float | None,
+          second_moment: SecondMoment) -> Plan:
+    """The plan for the options (``second_moment`` checked and recorded in it)."""
+    if second_moment not in SECOND_MOMENTS:
+        raise ValueError(f"second_moment must be one of {SECOND_MOMENTS}, got {second_moment!r}")
+    return replace(make_plan(store, blocking, memory, linearised_rule(store, second_moment).parts,
+                             TORCH_DTYPES[precision].itemsize, step_rank), second_moment=second_moment)
 
 
 def _compute(store: Store, plan: Plan, boundaries: Sequence[int], run: _Run, workers: int,
