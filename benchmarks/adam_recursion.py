@@ -15,7 +15,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from common import (alternate, backward, base_parser, configure, embedding_seconds_read_as, median, mnist_mlp,
+from common import (alternate, backward, base_parser, configure, median, mnist_mlp,
                     print_table, ratios, seconds, write_results)
 
 import torch
@@ -41,7 +41,7 @@ def record(path: Path, sizes: tuple[int, ...], batch: int, steps: int, dim: int)
 
 def frozen_seconds(path: Path) -> float:
     """Seconds of ``compute_embeddings`` on the store read with the second moment frozen."""
-    return embedding_seconds_read_as(path, lambda data: data["update"].update(second_moment="frozen"))
+    return seconds(lambda: dvemb.compute_embeddings(path, second_moment="frozen", show_progress=False))
 
 
 def main() -> None:
