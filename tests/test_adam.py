@@ -206,10 +206,15 @@ def test_scores_follow_retraining_when_recording_starts_after_warm_up(tmp_path):
 
 def test_adam_settings_that_cannot_be_followed_fall_back_with_a_warning(tmp_path):
     model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
-    for opt, why in [(torch.optim.Adam(model.parameters(), weight_decay=0.1), "use AdamW"),
-                     (torch.optim.Adam(model.parameters(), amsgrad=True), "amsgrad")]:
+    uneven = torch.optim.AdamW(model.parameters())
+    model[0].weight.grad = torch.ones_like(model[0].weight)
+    uneven.step()  # one tracked parameter has taken a step, the others none
+    model.zero_grad()
+    for k, (opt, why) in enumerate([(torch.optim.Adam(model.parameters(), weight_decay=0.1), "use AdamW"),
+                                    (torch.optim.Adam(model.parameters(), amsgrad=True), "amsgrad"),
+                                    (uneven, r"different numbers of steps \(\[0, 1\.0\]\)")]):
         with pytest.warns(UserWarning, match=why):
-            with dvemb.Recorder(model, tmp_path / why.replace(" ", "_"), optimizer=opt) as rec:
+            with dvemb.Recorder(model, tmp_path / str(k), optimizer=opt) as rec:
                 pass
         assert Store(rec.path).config.update.kind == "sgd"
     with dvemb.Recorder(model, tmp_path / "ok", optimizer=torch.optim.AdamW(model.parameters(), betas=(0.8, 0.9))):
