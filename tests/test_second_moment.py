@@ -179,6 +179,7 @@ def test_second_moment_can_be_frozen(tmp_path):
     dvemb.compute_embeddings(tmp_path / "s", blocking="global", second_moment="frozen", checkpoints=[2, 4],
                              show_progress=False)
     assert embedding_plan(embedding_info(store)).second_moment == "frozen"
+    assert "second moment held fixed" in Store(tmp_path / "s").summary()
     assert not list((embeddings_dir(store) / SEGMENTS_DIR).glob("*exp_avg_sq*"))
     frozen = _finals(store)
     assert np.abs(frozen - followed).max() > 1e-3 * np.abs(followed).max()

@@ -307,7 +307,8 @@ class Store:
                 check(self, info)
         except StoreError as exc:
             return f"unusable: {exc}" + ("" if "dvemb embed" in str(exc) else " (dvemb embed STORE recomputes them)")
-        return f"stale: {stale}" if stale else f"up to date ({info['precision']} recursion)"
+        frozen = ", second moment held fixed" if info["plan"].get("second_moment") == "frozen" else ""
+        return f"stale: {stale}" if stale else f"up to date ({info['precision']} recursion{frozen})"
 
     def embeddings_staleness(self, info: dict) -> str | None:
         """Why embeddings described by ``info`` (a checked embeddings manifest) do not fit this store as it is
