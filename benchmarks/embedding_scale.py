@@ -40,7 +40,7 @@ CONFIGS = {"paper": {"passes": 0, "blocking": "layer", "curvature": "gradient_ou
            "default": {"passes": PASSES, "blocking": "auto", "curvature": "ggn"}}
 
 
-def write_store(path: Path, layers: int, steps: int, passes: int, curvature: str, adam: bool) -> None:
+def write_store(path: Path, layers: int, steps: int, passes: int, curvature: str, adam: bool = False) -> None:
     """A store of random float32 rows shaped like the 48-block MLP's run (under AdamW with ``adam``)."""
     specs = tuple(layer_spec(str(i), nn.Linear(WIDTH, WIDTH), DIM, 0, "gaussian") for i in range(layers))
     rule = Adam(weight_decay=0.01) if adam else SGD()
