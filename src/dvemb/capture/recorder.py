@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import hashlib
 import math
 import os
@@ -304,8 +305,9 @@ class Recorder:
                              second_factors=self._second_factors)
         followed = [i for i in range(len(self._specs)) if config.elementwise(i)]
         started = isinstance(self._rule, Adam) and self._rule.initial_step and followed
-        self._sink.open(config, mode, whiten.initial_moments(self.optimizer, [self._modules[i] for i in followed],
-                                                             [self._specs[i] for i in followed]) if started else None)
+        moments = functools.partial(whiten.initial_moments, self.optimizer, [self._modules[i] for i in followed],
+                                    [self._specs[i] for i in followed])  # read only if the store is created
+        self._sink.open(config, mode, moments if started else None)
         self._capture.set_specs(self._specs)
         if self._sink.committed_steps():
             try:

@@ -9,7 +9,7 @@ import torch
 
 from ..store import (MANIFEST, BackgroundWriter, DistributedIndex, StepRecord, StoreConfig, StoreError, StoreWriter,
                      read_json, shard_path)
-from ..store.writer import Mode
+from ..store.writer import InitialMoments, Mode
 from .distributed import DistributedContext
 
 
@@ -22,7 +22,7 @@ class LocalSink:
         self.path, self.fsync = Path(path), fsync
         self._writer: BackgroundWriter | None = None
 
-    def open(self, config: StoreConfig, mode: Mode = "new", initial_moments: dict | None = None) -> None:
+    def open(self, config: StoreConfig, mode: Mode = "new", initial_moments: InitialMoments | None = None) -> None:
         """Create the store (with Adam's ``initial_moments``, see StoreWriter), or resume it after its last commit
         (at most 4 steps in flight)."""
         self._writer = BackgroundWriter(StoreWriter(self.path, config, fsync=self.fsync, mode=mode,
@@ -84,7 +84,7 @@ class DistributedSink:
         self._index: DistributedIndex | None = None
         self._writer: StoreWriter | None = None
 
-    def open(self, config: StoreConfig, mode: Mode = "new", initial_moments: dict | None = None) -> None:
+    def open(self, config: StoreConfig, mode: Mode = "new", initial_moments: InitialMoments | None = None) -> None:
         """Rank 0 creates or resumes the top manifest; every rank its shard (with Adam's ``initial_moments``), rolled
         back to the global commit.
 
@@ -96,9 +96,12 @@ class DistributedSink:
         self._raise_together(error, "rank 0 could not open the store")
         committed = read_json(self.path / MANIFEST)["committed_steps"]
         shard_mode = "resume" if committed or mode == "resume" else "overwrite"  # rank 0 decided for the store
+        if initial_moments is not None and not committed:  # read here, by every rank together (FSDP gathers them)
+            moments = initial_moments()
+            initial_moments = lambda: moments  # noqa: E731
         error = self._together(lambda: setattr(self, "_writer", StoreWriter(
             shard_path(self.path, self.rank), config, fsync=self.fsync, rollback_to_steps=committed,
-            mode=shard_mode, initial_moments=initial_moments)), None)
+            mode=shard_mode, initial_moments=initial_moments if not committed else None)), None)
         self._raise_together(error, "another rank could not open its shard")
 
     @staticmethod

@@ -17,7 +17,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Literal, Protocol, Sequence
+from typing import Callable, Literal, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -38,7 +38,10 @@ def _check_new_dir(path: Path) -> None:
 
 Mode = Literal["new", "resume", "overwrite"]
 MODES = ("new", "resume", "overwrite")
-_ENTRIES = (MANIFEST, PROJECTIONS, ADAM_STATE, "records.npy", "grads", "curv", "whitening", "embeddings", "checkpoints", "shards")
+InitialMoments = Callable[[], dict[str, torch.Tensor]]
+"""Returns Adam's moments before a new store's first step (read from the optimizer only when the store is created)."""
+_ENTRIES = (MANIFEST, PROJECTIONS, ADAM_STATE, "records.npy", "grads", "curv", "whitening", "embeddings", "checkpoints",
+            "shards")
 
 
 def prepare(path: Path, mode: Mode) -> bool:
@@ -127,26 +130,26 @@ class StoreWriter(_Committed):
     """Appends committed steps to a store; creates it or resumes after its last commit.
 
     ``rollback_to_steps`` drops steps committed beyond that count (a distributed shard
-    that ran ahead of the global commit). ``initial_moments``: Adam's moments before the first step, by
-    ``<layer>.exp_avg`` / ``<layer>.exp_avg_sq``, written with a new store whose rule starts at
-    ``initial_step`` > 0 (``Store.initial_moments``).
+    that ran ahead of the global commit). ``initial_moments`` returns Adam's moments before the first step, by
+    ``<layer>.exp_avg`` / ``<layer>.exp_avg_sq``: called, and written, only when the store is created (its rule
+    starts at ``initial_step`` > 0; ``Store.initial_moments`` reads them).
     """
 
     def __init__(self, path: str | os.PathLike, config: StoreConfig, *, fsync: bool = False,
                  rollback_to_steps: int | None = None, mode: Mode = "new",
-                 initial_moments: dict[str, torch.Tensor] | None = None) -> None:
+                 initial_moments: InitialMoments | None = None) -> None:
         self.path = Path(path)
         self.fsync = fsync
         check_names(config)
         self._lock = StoreLock(self.path)
         try:
-            self._open(config, rollback_to_steps, mode, initial_moments or {})
+            self._open(config, rollback_to_steps, mode, initial_moments)
         except BaseException:
             self._lock.release()
             raise
 
     def _open(self, config: StoreConfig, rollback_to_steps: int | None, mode: Mode,
-              initial_moments: dict[str, torch.Tensor]) -> None:
+              initial_moments: InitialMoments | None) -> None:
         """Resume the store at ``path`` (its settings must match) or create it, as ``mode`` allows."""
         if prepare(self.path, mode):
             store = Store(self.path)
@@ -158,8 +161,8 @@ class StoreWriter(_Committed):
         else:
             (self.path / "grads").mkdir(parents=True, exist_ok=True)
             write_projections(self.path, config.layers, self.fsync)
-            if initial_moments:
-                save_tensors(self.path / ADAM_STATE, initial_moments, self.fsync)
+            if initial_moments is not None:
+                save_tensors(self.path / ADAM_STATE, initial_moments(), self.fsync)
             self.manifest = new_manifest(config)
         self.config = config
         self._static_json: str | None = None
