@@ -24,7 +24,7 @@ import torch
 from ..store import Store, to_torch, whitening_level
 from ..update import Adam, StepCoefficients, UpdateRule
 from ..update.adam import WhitenedAdam
-from .factored import FactoredSecondMoment
+from .factored import FactoredSecondMoment, has_operators
 from .plan import Part, Plan, SecondMoment
 
 CoefficientsAt = Callable[[int], StepCoefficients]
@@ -54,7 +54,7 @@ def block_rule(store: Store, plan: Plan, block: Sequence[int]) -> UpdateRule:
     if not isinstance(rule, WhitenedAdam) or rule.second_moment != "full":
         return rule
     parts = [plan.parts[i] for i in block]
-    if any(store.config.elementwise(p.layer) or (rule.factored and p.sketch is None) for p in parts):
+    if any(store.config.elementwise(p.layer) or (rule.factored and has_operators(store, p)) for p in parts):
         return rule
     return replace(rule, second_moment="frozen", factored=False)
 

@@ -57,6 +57,11 @@ def second_moment_operators(blocks: Sequence[tuple[KroneckerBlock, Sequence[torc
     return {"second": KroneckerBlocks(second), "gradient": KroneckerBlocks(gradient)}
 
 
+def has_operators(store: Store, part: Part) -> bool:
+    """Whether a part's coordinates get v's operators: a whole layer that Adam does not follow elementwise."""
+    return part.sketch is None and not store.config.elementwise(part.layer)
+
+
 class FactoredSecondMoment:
     """The operators of each step for one block of parts (parts of layers that follow Adam elementwise, sketched
     parts, and parts of stores without second factors get none: zero there)."""
@@ -68,7 +73,7 @@ class FactoredSecondMoment:
         for part in parts:
             spec = store.layers[part.layer]
             width = part.width(store)
-            if not store.config.elementwise(part.layer) and part.sketch is None:
+            if has_operators(store, part):
                 self._blocks.append(KroneckerBlock(slice(offset, offset + width), spec.proj_out.matrix(dtype, device),
                                                    spec.proj_in.matrix(dtype, device)))
                 self._specs.append(spec)
