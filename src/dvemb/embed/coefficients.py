@@ -128,7 +128,7 @@ def _whitened(store: Store, rule: WhitenedAdam, parts: Sequence[Part], start: in
 
     def at(t: int) -> StepCoefficients:
         ratio = np.exp(levels[:, t - 1] - levels[:, t]) if t > 0 else np.ones(len(parts))
-        s = step_lr[t] / (1 - rule.beta1 ** rule.adam.count(t))
+        s = rule.adam.step_size(step_lr[t], t)
         diagonals = {name: torch.full((sum(dims),), s if name == "precondition" else 0.0, dtype=dtype, device=device)
                      for name in names}
         for layer, columns in exact:
@@ -144,6 +144,5 @@ def _layer_preconditioner(rule: Adam, state: dict, batch: torch.Tensor, spec, lr
     """One P_t for a projected layer, from the EMA of its batch gradient's mean square (kept in ``state``)."""
     square = batch @ batch / (spec.d_out * (spec.d_in + spec.bias))
     state["v"] = rule.beta2 * state.get("v", 0.0) + (1 - rule.beta2) * float(square)
-    scale = lr / (1 - rule.beta1 ** rule.count(t))
-    return torch.tensor(scale / (math.sqrt(state["v"] / (1 - rule.beta2 ** rule.count(t))) + rule.eps),
+    return torch.tensor(rule.step_size(lr, t) / (math.sqrt(state["v"] / (1 - rule.beta2 ** rule.count(t))) + rule.eps),
                         dtype=torch.float64)

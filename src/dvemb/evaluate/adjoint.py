@@ -269,7 +269,7 @@ class _Coefficients:
             g = coords.project({n: x.unsqueeze(0) for n, x in run.step_gradient(t, run.trajectory.params_at(t)).items()})[0]
             square = torch.stack([g[part] @ g[part] for part in coords.layers]) / sizes
             v = rule.beta2 * v + (1 - rule.beta2) * square
-            s = run.spec.lr(t) / (1 - rule.beta1 ** (t + 1))
+            s = rule.step_size(run.spec.lr(t), t)
             scale = s / ((v / (1 - rule.beta2 ** (t + 1))).sqrt() + rule.eps)
             out[t] = torch.cat([scale[k].expand(part.stop - part.start) for k, part in enumerate(coords.layers)])
         return out
@@ -369,7 +369,7 @@ class _Whitening:
 
     def at(self, t: int, params: Params) -> StepCoefficients:
         """s_t and rho_t of step t (exact layers' coordinates: Adam's P_t, Q_t and d_t, and rho 1)."""
-        s = self.spec.lr(t) / (1 - self.rule.beta1 ** (t + 1))
+        s = self.rule.adam.step_size(self.spec.lr(t), t)
         diagonals = {"precondition": torch.full((self.coords.dim,), s, dtype=self.spec.dtype), "ratio": self.ratios[t]}
         if self.rule.second_moment == "full":
             diagonals.update(second=torch.zeros(self.coords.dim, dtype=self.spec.dtype), gradient=torch.zeros(

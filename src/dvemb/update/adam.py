@@ -59,6 +59,10 @@ class Adam(UpdateRule):
         """The optimizer's own step count at the store's step t (its bias corrections' exponent)."""
         return t + 1 + self.initial_step
 
+    def step_size(self, lr: float, t: int) -> float:
+        """s_t = eta_t / (1 - beta1^count): the lr with the first moment's bias correction."""
+        return lr / (1 - self.beta1 ** self.count(t))
+
     @property
     def buffers(self) -> tuple[str, ...]:
         """Adjoint order: the first moment, and with ``second_moment="full"`` the second."""
@@ -83,7 +87,7 @@ class Adam(UpdateRule):
     def step(self, params: Params, grads: Params, state: Params, lr: float, t: int) -> tuple[Params, Params]:
         """torch's single-tensor Adam(W), functionally (same operations: a replay matches it to round-off)."""
         new_params, new_state = {}, {}
-        bc1, bc2_sqrt = 1 - self.beta1 ** self.count(t), (1 - self.beta2 ** self.count(t)) ** 0.5
+        step_size, bc2_sqrt = self.step_size(lr, t), (1 - self.beta2 ** self.count(t)) ** 0.5
         for name, p in params.items():
             g = grads[name]
             if self.weight_decay and self.decoupled:
@@ -93,7 +97,7 @@ class Adam(UpdateRule):
             m = state.get(f"{EXP_AVG}:{name}", torch.zeros_like(p)).lerp(g, 1 - self.beta1)
             v = state.get(f"{EXP_AVG_SQ}:{name}", torch.zeros_like(p)).mul(self.beta2).addcmul(g, g, value=1 - self.beta2)
             new_state[f"{EXP_AVG}:{name}"], new_state[f"{EXP_AVG_SQ}:{name}"] = m, v
-            new_params[name] = p.addcdiv(m, (v.sqrt() / bc2_sqrt).add(self.eps), value=-lr / bc1)
+            new_params[name] = p.addcdiv(m, (v.sqrt() / bc2_sqrt).add(self.eps), value=-step_size)
         return new_params, new_state
 
     def coefficients(self, lr: float, t: int, state: Params | None = None, grad: torch.Tensor | None = None,
@@ -106,7 +110,7 @@ class Adam(UpdateRule):
             raise ValueError("Adam's linearised step needs the batch gradient")
         d = grad if self.decoupled or not self.weight_decay else grad + self.weight_decay * params
         m, v = self.moments(state or {}, d)
-        s = lr / (1 - self.beta1 ** self.count(t))
+        s = self.step_size(lr, t)
         precondition = s / (v.sqrt() / math.sqrt(1 - self.beta2 ** self.count(t)) + self.eps)
         return StepCoefficients(lr, t, {"precondition": precondition, "second": precondition * self.coupling(m, v, t),
                                         "gradient": d, EXP_AVG: m, EXP_AVG_SQ: v})
