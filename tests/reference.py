@@ -4,12 +4,21 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from dvemb.capture.layers import rule_for
-from dvemb.store import LayerSpec
+from dvemb.embed.layout import embedding_info, final_arrays
+from dvemb.store import LayerSpec, Store
+
+
+def final_embeddings(path) -> np.ndarray:
+    """A store's computed embeddings relative to its last step, its layers' columns side by side [records, dims]."""
+    store = Store(path)
+    precision = embedding_info(store)["precision"]
+    return np.concatenate([np.array(a.read(store.n_records)) for a in final_arrays(store, precision)], 1)
 
 
 def per_sample_gradients(

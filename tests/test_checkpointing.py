@@ -9,16 +9,9 @@ import torch.nn.functional as F
 
 import dvemb
 from dvemb.embed.checkpointing import segment_boundaries
-from dvemb.embed.layout import final_arrays
 from dvemb.store import Store
-from reference import per_sample_gradients, project
+from reference import final_embeddings, per_sample_gradients, project
 from test_recursion import explicit_embeddings, train_recorded
-
-
-def final_embeddings(path) -> np.ndarray:
-    store = Store(path)
-    info = dvemb.embed.layout.embedding_info(store)
-    return np.concatenate([np.array(a.read(store.n_records)) for a in final_arrays(store, info["precision"])], 1)
 
 
 @pytest.fixture(scope="module")

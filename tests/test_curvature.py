@@ -12,9 +12,8 @@ from torch.func import functional_call, jacrev, vmap
 import dvemb
 from dvemb.capture import curvature as curvature_module
 from dvemb.capture import ghost as ghost_module
-from dvemb.embed.layout import final_arrays
 from dvemb.store import Store, to_torch
-from reference import per_sample_gradients
+from reference import final_embeddings, per_sample_gradients
 from test_recursion import explicit_embeddings
 
 
@@ -182,14 +181,14 @@ def test_recursion_with_curvature_rows_and_blocks_matches_product_formula(tmp_pa
     model, x, y = tiny(tmp_path / "s", curvature, samples=2 if curvature == "fisher" else None, steps=5, batch=4)
     dvemb.compute_embeddings(tmp_path / "s", blocking=blocking, step_rank=None, show_progress=False)
     store = Store(tmp_path / "s")
-    got = np.concatenate([np.array(a.read(store.n_records)) for a in final_arrays(store, "float64")], 1)
+    got = final_embeddings(tmp_path / "s")
     blocks = [[0, 1]] if blocking == "global" else [[0], [1]]
     want = torch.cat([explicit_embeddings(store, b) for b in blocks], 1).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12 * np.abs(want).max())
     # Algorithm 2 with the same blocks agrees, and checkpoint queries work through block propagators
     dvemb.compute_embeddings(tmp_path / "s", blocking=blocking, checkpoints=[2], workers=1, step_rank=None,
                              show_progress=False)
-    got2 = np.concatenate([np.array(a.read(store.n_records)) for a in final_arrays(store, "float64")], 1)
+    got2 = final_embeddings(tmp_path / "s")
     np.testing.assert_allclose(got2, want, rtol=1e-9, atol=1e-12 * np.abs(want).max())
     xt, yt = torch.randn(2, 5, dtype=torch.float64), torch.tensor([0, 2])
     inf = dvemb.influence(tmp_path / "s", model, lambda: F.cross_entropy(model(xt), yt, reduction="none"),
@@ -206,7 +205,7 @@ def test_each_steps_curvature_is_cut_to_its_leading_eigenvectors(tmp_path, block
     tiny(tmp_path / "s", "ggn", samples=2, steps=5, batch=4)
     dvemb.compute_embeddings(tmp_path / "s", blocking=blocking, step_rank=0.5, show_progress=False)
     store = Store(tmp_path / "s")
-    got = np.concatenate([np.array(a.read(store.n_records)) for a in final_arrays(store, "float64")], 1)
+    got = final_embeddings(tmp_path / "s")
     blocks = [[0, 1]] if blocking == "global" else [[0], [1]]
     rec = store.records
     steps, w, lr = rec["step"], torch.from_numpy(rec["weight"].copy()), torch.from_numpy(rec["lr"].copy())

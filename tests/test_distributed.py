@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import dvemb
-from dvemb.embed.layout import final_arrays
 from dvemb.store import Store, to_torch
+from reference import final_embeddings
 
 STEPS, GLOBAL_BATCH, LR = 6, 8, 0.3
 
@@ -114,8 +114,7 @@ def test_two_rank_ddp_store_equals_single_process(tmp_path, kind, projection):
                                    to_torch(np.array(one.grads(i)), "float64"), rtol=1e-6, atol=1e-12)
     for path in (tmp_path / "ddp", tmp_path / "one"):
         dvemb.compute_embeddings(path, show_progress=False)
-    emb = [np.concatenate([np.array(a.read(s.n_records)) for a in final_arrays(s, "float64")], 1)
-           for s in (ddp_store, one)]
+    emb = [final_embeddings(path) for path in (tmp_path / "ddp", tmp_path / "one")]
     assert np.linalg.norm(emb[0] - emb[1]) / np.linalg.norm(emb[1]) < 1e-6
     xt, yt = torch.randn(3, 6, dtype=torch.float64), torch.tensor([0, 1, 2])
     # the DDP store is queried with the unwrapped model: layer names match without "module."

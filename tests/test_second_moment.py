@@ -11,9 +11,9 @@ from torch import nn
 
 import dvemb
 from dvemb.embed.factored import FactoredSecondMoment
-from dvemb.embed.layout import final_arrays
 from dvemb.embed.plan import hierarchical
 from dvemb.store import Store, second_moment_factors, to_torch, whitening_factors, whitening_level
+from reference import final_embeddings
 
 STEPS, BATCH = 6, 5
 
@@ -129,8 +129,7 @@ def test_recursion_follows_the_factored_second_moment(tmp_path, checkpoints, war
     store = Store(tmp_path / "s")
     dvemb.compute_embeddings(tmp_path / "s", blocking="global", checkpoints=checkpoints, step_rank=None,
                              show_progress=False)
-    got = torch.from_numpy(np.concatenate([np.array(a.read(store.n_records)) for a in final_arrays(store, "float64")],
-                                          1))
+    got = torch.from_numpy(final_embeddings(tmp_path / "s"))
     want = simulated(store)
     assert want.abs().max() > 0
     # float64 throughout; the backward recursion and the forward simulation sum in other orders: round-off only
@@ -162,10 +161,6 @@ def test_sketched_parts_hold_v_fixed(tmp_path):
         assert not ops[name](x)[:, spec.dim:].any() and not ops[name].transposed(x)[:, spec.dim:].any()
 
 
-def _finals(store: Store) -> np.ndarray:
-    return np.concatenate([np.array(a.read(store.n_records)) for a in final_arrays(store, "float64")], 1)
-
-
 def test_second_moment_can_be_frozen(tmp_path):
     """``second_moment="frozen"`` drops v's path (its equality with the adjoint is in test_adjoint); it is recorded
     in the plan, keeps no v buffer in Algorithm 2's files, composes like Algorithm 1, and `dvemb embed` takes it."""
@@ -175,18 +170,18 @@ def test_second_moment_can_be_frozen(tmp_path):
     _run(tmp_path / "s")
     store = Store(tmp_path / "s")
     dvemb.compute_embeddings(tmp_path / "s", blocking="global", show_progress=False)
-    followed = _finals(store)
+    followed = final_embeddings(tmp_path / "s")
     dvemb.compute_embeddings(tmp_path / "s", blocking="global", second_moment="frozen", checkpoints=[2, 4],
                              show_progress=False)
     assert embedding_plan(embedding_info(store)).second_moment == "frozen"
     assert "second moment held fixed" in Store(tmp_path / "s").summary()
     assert not list((embeddings_dir(store) / SEGMENTS_DIR).glob("*exp_avg_sq*"))
-    frozen = _finals(store)
+    frozen = final_embeddings(tmp_path / "s")
     assert np.abs(frozen - followed).max() > 1e-3 * np.abs(followed).max()
     assert main(["embed", str(tmp_path / "s"), "--blocking", "global", "--second-moment", "frozen",
                  "--no-progress"]) == 0
     # one segment against three composed, float64: round-off only
-    np.testing.assert_allclose(_finals(store), frozen, rtol=1e-9, atol=1e-12 * np.abs(frozen).max())
+    np.testing.assert_allclose(final_embeddings(tmp_path / "s"), frozen, rtol=1e-9, atol=1e-12 * np.abs(frozen).max())
     with pytest.raises(ValueError, match="second_moment must be one of"):
         dvemb.compute_embeddings(tmp_path / "s", second_moment="none", show_progress=False)
 
@@ -199,11 +194,11 @@ def test_hierarchical_plan_keeps_v_only_on_blocks_where_it_moves(tmp_path):
     _run(tmp_path / "s")
     store = Store(tmp_path / "s")
     dvemb.compute_embeddings(tmp_path / "s", blocking="hierarchical", step_rank=None, show_progress=False)
-    whole = _finals(store)
+    whole = final_embeddings(tmp_path / "s")
     dvemb.compute_embeddings(tmp_path / "s", blocking="hierarchical", step_rank=None, checkpoints=[2, 4],
                              show_progress=False)
     # float64; three segments composed against one: round-off only
-    np.testing.assert_allclose(_finals(store), whole, rtol=1e-9, atol=1e-12 * np.abs(whole).max())
+    np.testing.assert_allclose(final_embeddings(tmp_path / "s"), whole, rtol=1e-9, atol=1e-12 * np.abs(whole).max())
     plan = embedding_plan(embedding_info(store))
     sides = [np.load(a.path, mmap_mode="r").shape[1] for a in propagator_arrays(store, plan, "float64")]
     widths = [sum(plan.parts[i].width(store) for i in block) for block in plan.blocks]

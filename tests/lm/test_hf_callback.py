@@ -15,7 +15,7 @@ import dvemb  # noqa: E402
 from dvemb.studies.lm import GPT2Size, build_gpt2  # noqa: E402
 from dvemb.integrations.hf import DVEmbCallback, DVEmbTrainer  # noqa: E402
 from dvemb.store import Store, to_torch  # noqa: E402
-from reference import rel_err  # noqa: E402
+from reference import final_embeddings, rel_err  # noqa: E402
 
 VOCAB, MAX_LEN, N_SAMPLES = 100, 16, 14
 MICRO, ACCUMULATE, EPOCHS, LR = 3, 2, 2, 0.2
@@ -177,6 +177,5 @@ def test_adamw_training_resumed_from_a_checkpoint_continues_the_store(tmp_path):
     embeddings = []
     for store in (got, want):
         dvemb.compute_embeddings(store.path, show_progress=False)
-        embeddings.append(np.concatenate([np.array(a.read(store.n_records)) for a in
-                                          dvemb.embed.layout.final_arrays(store, "float32")], 1))
+        embeddings.append(final_embeddings(store.path))
     np.testing.assert_array_equal(embeddings[0], embeddings[1])  # the same operations on the same values
