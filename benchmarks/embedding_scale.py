@@ -92,7 +92,8 @@ def main() -> None:
     results: dict[str, list[dict]] = {name: [] for name in CONFIGS}
     with tempfile.TemporaryDirectory() as tmp:
         for name, c in CONFIGS.items():
-            write_store(Path(tmp) / name, args.layers, args.steps, c["passes"], c["curvature"], args.optimizer == "adamw")
+            write_store(Path(tmp) / name, args.layers, args.steps, c["passes"], c["curvature"],
+                        args.optimizer == "adamw")
         for _ in range(args.runs):
             for name, c in CONFIGS.items():
                 results[name].append(run(Path(tmp) / name, c["blocking"], args.threads))
@@ -104,9 +105,10 @@ def main() -> None:
     print_table(["configuration", "plan", "seconds", "peak RSS MiB"],
                 [[n, results[n][0]["blocking"], median(seconds[n]), peak[n]] for n in CONFIGS])
     print(f"default / paper: time {time_ratio:.2f}x, peak memory {peak['default'] - peak['paper']:+.0f} MiB")
-    write_results("embedding_scale" + ("_adamw" if args.optimizer == "adamw" else ""), args, {"layers": args.layers, "dim": DIM, "batch": BATCH, "steps": args.steps,
-                                            "runs": results, "time_ratio": time_ratio,
-                                            "peak_mib": peak, "extra_mib": peak["default"] - peak["paper"]})
+    name = "embedding_scale" + ("_adamw" if args.optimizer == "adamw" else "")
+    write_results(name, args, {"layers": args.layers, "dim": DIM, "batch": BATCH, "steps": args.steps,
+                               "runs": results, "time_ratio": time_ratio,
+                               "peak_mib": peak, "extra_mib": peak["default"] - peak["paper"]})
 
 
 if __name__ == "__main__":

@@ -160,7 +160,8 @@ def test_recording_resumes_with_the_optimizers_state(tmp_path, projection_dim):
     np.testing.assert_array_equal(got[0], got[1])  # the same operations on the same values
     model = nn.Sequential(nn.Linear(10, 8), nn.Tanh(), nn.Linear(8, 4)).double()
     with pytest.raises(dvemb.store.StoreError, match="load the optimizer state"):
-        dvemb.Recorder(model, tmp_path / "whole", mode="resume", optimizer=torch.optim.AdamW(model.parameters(), weight_decay=0.1),
+        dvemb.Recorder(model, tmp_path / "whole", mode="resume",
+                       optimizer=torch.optim.AdamW(model.parameters(), weight_decay=0.1),
                        dtype=torch.float64, projection="gaussian", curvature="gradient_outer",
                        projection_dim=projection_dim)
 

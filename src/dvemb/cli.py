@@ -184,7 +184,8 @@ def _embed(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     info = compute_embeddings(args.store, checkpoints=args.checkpoints, workers=args.workers,
                               precision=args.precision, blocking=args.blocking, memory=args.memory << 20,
-                              second_moment=args.second_moment, show_progress=not args.no_progress, device=args.device, allow_tf32=args.allow_tf32)
+                              second_moment=args.second_moment, show_progress=not args.no_progress,
+                              device=args.device, allow_tf32=args.allow_tf32)
     print(f"embeddings of {info.committed_records} records over {info.committed_steps} steps "
           f"({info.precision}) written to {info.path} in {time.perf_counter() - start:.2f} s")
     return 0

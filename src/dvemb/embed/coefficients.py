@@ -5,7 +5,8 @@ SGD needs only the lr. Whitened rows (projected Adam, see capture/whitening.py) 
 whitening of each layer and step; the exact layers of such a store keep Adam's own coefficients.
 Adam's P_t, Q_t and d_t depend on its moments, which are replayed from step 0 over the stored
 per-sample gradients (from the optimizer's state before step 0 where the store keeps one): the batch
-gradient of step t is sum_i w_ti g_ti, what the optimizer applied. Exact layers (no projection) get the moments elementwise. A
+gradient of step t is sum_i w_ti g_ti, what the optimizer applied. Exact layers (no projection) get the
+moments elementwise. A
 projected layer gets one second moment per layer, the mean square of its batch gradient,
 ||P_out G P_in^T||^2 / size (the projections keep squared norms in expectation), and its v path
 is dropped (frozen second moment): an approximation of Adam's per-parameter scaling that keeps

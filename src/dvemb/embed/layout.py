@@ -66,7 +66,8 @@ def state_blocks(store: Store, plan: Plan) -> list[list[int]]:
     """Per block, indices into :func:`segment_arrays`: its parts' theta parts, then their buffer parts (a block whose
     rule keeps fewer buffers than the store's leaves the others' files unused)."""
     n = len(plan.parts)
-    return [[i + k * n for k in range(parts) for i in block] for block, parts in zip(plan.blocks, state_parts(store, plan))]
+    return [[i + k * n for k in range(parts) for i in block]
+            for block, parts in zip(plan.blocks, state_parts(store, plan))]
 
 
 def segment_arrays(store: Store, plan: Plan, precision: str) -> list[AppendableArray]:
